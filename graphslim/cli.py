@@ -1,0 +1,185 @@
+"""The ``graphslim`` command line.
+
+Exit codes: 0 success; 1 internal error; 2 bad input or usage (unreadable or invalid model,
+unknown pass or option, bad data file); 3 a budget was missed (outputs are still written).
+Errors print one line on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from graphslim import __version__
+from graphslim.errors import EXIT_INTERNAL, EXIT_OK, GraphslimError
+
+__all__ = ["main"]
+
+log = logging.getLogger("graphslim")
+
+EPILOG = """exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 budget missed"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="graphslim", description="Compress and compile ONNX models.", epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"graphslim {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    ap.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    o = sub.add_parser("optimize", help="run a pass pipeline on a model and write OUT_DIR", epilog=EPILOG)
+    o.add_argument("model", help="input .onnx file (never modified)")
+    o.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
+                   help="output folder: model.onnx, report.json, report.md (replaced whole, atomically)")
+    g = o.add_mutually_exclusive_group()
+    g.add_argument("--passes", metavar="PIPELINE", help="pipeline text, e.g. 'fold-batchnorm,prune-channels{ratio=0.5}'")
+    g.add_argument("--recipe", metavar="FILE", help="pipeline as a JSON or YAML recipe file")
+    o.add_argument("--data", metavar="FILE.npz", help="inputs named after the model inputs, optional 'labels'")
+    o.add_argument("--target", metavar="NAME", help="deployment target (recorded; compilation comes with the backend)")
+    o.add_argument("--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact")
+    o.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
+    o.add_argument("--print-pipeline", action="store_true", help="print the normalized pipeline and exit")
+    o.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime latency measurement")
+    _add_common(o)
+
+    i = sub.add_parser("inspect", help="parameters, MACs, size, sparsity per layer")
+    i.add_argument("model")
+    i.add_argument("--layers", action="store_true", help="print the per-layer table")
+    _add_common(i)
+
+    p = sub.add_parser("passes", help="list the registered passes with their options")
+    _add_common(p)
+    return ap
+
+
+def _pipeline_from_args(args: argparse.Namespace):
+    from graphslim.passes import DEFAULT_PIPELINE
+    from graphslim.pipeline import Pipeline
+
+    if args.recipe:
+        return Pipeline.from_recipe(args.recipe)
+    return Pipeline.parse(args.passes if args.passes is not None else DEFAULT_PIPELINE)
+
+
+def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.optimize import optimize
+
+    pipeline = _pipeline_from_args(args)  # usage errors before any work
+    if args.print_pipeline:
+        return EXIT_OK, {"pipeline": str(pipeline)} if args.json else str(pipeline)
+    res = optimize(args.model, args.output, pipeline=pipeline, data=args.data, target=args.target,
+                   verify=args.verify, seed=args.seed, measure_latency=not args.no_latency)
+    rep = res.report
+    if args.json:
+        return EXIT_OK, rep
+    c, b, a = rep["compression"], rep["before"], rep["after"]
+    lines = [f"wrote {args.output}/model.onnx and report.json",
+             f"  params {b['params']:,} -> {a['params']:,} (r = {c['r_params']})",
+             f"  MACs   {b['macs']:,} -> {a['macs']:,}",
+             f"  bytes  {b['size_bytes']:,} -> {a['size_bytes']:,}"]
+    if rep.get("accuracy"):
+        acc = rep["accuracy"]
+        lines.append(f"  accuracy {acc['before']:.4f} -> {acc['after']:.4f} ({acc['samples']} samples)")
+    for r in rep["passes"]:
+        lines.append(f"  {r['pipeline']}: {'changed' if r['changed'] else 'no change'} {r['stats']}")
+    return EXIT_OK, "\n".join(lines)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.analysis import cost_model
+    from graphslim.ir import Graph, load_model
+
+    graph = Graph.from_model(load_model(args.model))
+    graph.infer_shapes()
+    rep = cost_model(graph)
+    if args.json:
+        return EXIT_OK, rep.to_dict()
+    lines = [f"{args.model}: {rep.nodes} nodes, {rep.params:,} parameters, {rep.macs:,} MACs, "
+             f"{rep.size_bytes:,} bytes, weight sparsity {rep.sparsity:.2%}",
+             "  inputs:  " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in rep.inputs),
+             "  outputs: " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in rep.outputs),
+             "  ops:     " + ", ".join(f"{k} {v}" for k, v in rep.op_counts.items())]
+    if args.layers:
+        lines.append(f"  {'layer':<32} {'op':<20} {'params':>10} {'MACs':>14} {'sparsity':>9}")
+        for lc in rep.layers:
+            if lc.params or lc.macs:
+                lines.append(f"  {lc.name[:32]:<32} {lc.op:<20} {lc.params:>10,} {lc.macs:>14,} {lc.sparsity:>9.2%}")
+    return EXIT_OK, "\n".join(lines)
+
+
+def _describe_options(cls: type) -> list[dict[str, Any]]:
+    hints = typing.get_type_hints(cls.Options)
+    out = []
+    for f in dataclasses.fields(cls.Options):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append({"name": f.name, "type": str(hints[f.name]).replace("typing.", ""),
+                    "default": list(default) if isinstance(default, tuple) else default})
+    return out
+
+
+def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.passmanager import registered_passes
+
+    items = []
+    for name, cls in registered_passes().items():
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+        items.append({"name": name, "exact": cls.exact, "doc": doc, "options": _describe_options(cls)})
+    if args.json:
+        return EXIT_OK, {"passes": items}
+    lines = []
+    for it in items:
+        opts = ", ".join(f"{o['name']}={o['default']}" for o in it["options"])
+        lines.append(f"{it['name']}{{{opts}}}" if opts else it["name"])
+        lines.append("    " + it["doc"].splitlines()[0] if it["doc"] else "")
+    return EXIT_OK, "\n".join(lines)
+
+
+COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "passes": _cmd_passes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    level = logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING)
+    logging.basicConfig(level=level, stream=sys.stderr, format="graphslim: %(levelname)s: %(message)s")
+    if not args.command:
+        ap.print_help(sys.stderr)
+        return 2
+    try:
+        code, out = COMMANDS[args.command](args)
+    except GraphslimError as e:
+        if args.debug:
+            log.exception("failed")
+        print(f"graphslim: error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("graphslim: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug in graphslim: one line unless --debug
+        if args.debug:
+            raise
+        print(f"graphslim: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    if getattr(args, "json", False) and not isinstance(out, str):
+        print(json.dumps(out, indent=2, default=str))
+    elif out:
+        print(out)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""The ONNX IR layer: checked loading, atomic saving, and a graph facade with use-def links.
+
+Every pass works on :class:`Graph`, a thin facade over onnx-graphsurgeon (a well-kept NVIDIA library
+whose producer/consumer links stay in sync as the graph is edited). graphsurgeon's names mislead
+(``Tensor.inputs`` are the producers, ``Tensor.outputs`` the consumers), so passes never touch them:
+they call :meth:`Graph.producer`, :meth:`Graph.consumers`, :meth:`Graph.constant`,
+:meth:`Graph.replace_all_uses` and friends, and no pass keeps its own name-to-node dictionaries.
+
+Invariants the facade keeps:
+- constant values are immutable: changing a weight means :meth:`Graph.set_constant`, which makes a
+  new tensor when the old one is shared by another node;
+- node and tensor names stay unique (:meth:`Graph.fresh_name` is deterministic: same graph, same
+  names), so saved models are byte-identical across runs;
+- a graph output tensor keeps its name and shape: rewrites reroute producers to it, never rename it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from graphslim.errors import InputError
+
+__all__ = [
+    "MAX_IR_VERSION",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "NORMALIZED_OPSET",
+    "Constant",
+    "Graph",
+    "Node",
+    "Tensor",
+    "Variable",
+    "load_model",
+    "model_bytes",
+    "save_model",
+]
+
+log = logging.getLogger(__name__)
+
+Node = gs.Node
+Tensor = gs.Tensor
+Constant = gs.Constant
+Variable = gs.Variable
+
+MIN_OPSET = 9
+MAX_OPSET = 21
+# Older opsets are converted to this one on load, so passes see one form of Split, Squeeze,
+# Reduce*, Slice and friends (inputs, not attributes). onnxruntime-training 1.19 loads it too.
+NORMALIZED_OPSET = 13
+# onnxruntime-training 1.19 rejects IR versions above 10 (see ../shared/NOTES-ENV.md).
+MAX_IR_VERSION = 10
+_TWO_GB = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- loading and saving
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external-data locations that escape the model's folder (path traversal)."""
+    base = base_dir.resolve()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location):
+            raise InputError(f"tensor '{tensor.name}': external data location '{location}' is not a relative path")
+        target = (base / location).resolve()
+        if base not in target.parents:
+            raise InputError(f"tensor '{tensor.name}': external data '{location}' points outside the model's folder")
+        if not target.is_file():
+            raise InputError(f"tensor '{tensor.name}': external data file '{location}' is missing")
+        offset = int(info.get("offset", "0") or 0)
+        length = int(info.get("length", "0") or 0)
+        if offset < 0 or length < 0 or offset + length > target.stat().st_size:
+            raise InputError(f"tensor '{tensor.name}': external data range runs past the end of '{location}'")
+
+
+def load_model(path: str | os.PathLike[str], *, normalize_opset: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, check it, infer shapes. Raise :class:`InputError` with one clear line.
+
+    Accepts default-domain opsets 9 to 21; with ``normalize_opset`` older ones are converted to
+    opset 13. External data is read only from inside the model's folder.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if not p.is_file():
+        raise InputError(f"{p}: not a file")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, TypeError, RuntimeError, OSError) as e:  # protobuf raises several
+        raise InputError(f"{p}: not a valid ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - protobuf's C parser raises odd types on garbage
+        raise InputError(f"{p}: not a valid ONNX model ({type(e).__name__})") from None
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise InputError(f"{p}: not a valid ONNX model (no graph or no nodes)")
+    if len(model.graph.output) == 0:
+        raise InputError(f"{p}: the graph has no outputs")
+    _check_external_data(model, p.parent)
+    try:
+        external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{p}: cannot read external data ({_first_line(e)})") from None
+
+    opset = _default_opset(model)
+    if opset is None:
+        raise InputError(f"{p}: the model imports no default-domain (ai.onnx) opset")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"{p}: unsupported opset {opset} (graphslim supports opsets {MIN_OPSET} to {MAX_OPSET})")
+    if model.ir_version < 3:
+        raise InputError(f"{p}: unsupported IR version {model.ir_version}")
+    model = check_and_infer(model, what=str(p))
+    if normalize_opset and opset < NORMALIZED_OPSET:
+        model = _convert_opset(model, NORMALIZED_OPSET, what=str(p))
+    return model
+
+
+def check_and_infer(model: onnx.ModelProto, *, what: str = "model") -> onnx.ModelProto:
+    """onnx.checker plus strict shape inference; errors become :class:`InputError`."""
+    try:
+        if model.ByteSize() > _TWO_GB:
+            # The checker refuses protos over 2 GB; check the graph without its weights.
+            light = onnx.ModelProto()
+            light.CopyFrom(model)
+            for init in light.graph.initializer:
+                init.ClearField("raw_data")
+                init.data_location = onnx.TensorProto.DEFAULT
+            onnx.checker.check_model(light)
+        else:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        raise InputError(f"{what}: fails onnx.checker: {_first_line(e)}") from None
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
+        raise InputError(f"{what}: shape inference failed: {_first_line(e)}") from None
+
+
+def _convert_opset(model: onnx.ModelProto, opset: int, *, what: str) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted)
+        return onnx.shape_inference.infer_shapes(converted)
+    except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors and more
+        log.warning("%s: kept opset %d, conversion to %d failed: %s", what, _default_opset(model), opset, e)
+        return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    """Serialize deterministically (sorted map fields), IR version clamped to what ORT 1.19 loads."""
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    return model.SerializeToString(deterministic=True)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Write atomically: a temporary file in the target folder, then a rename.
+
+    Models over 2 GB are written with their weights in ``<name>.data`` beside them (also renamed
+    into place only when complete). Never call this with the input model's path.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    if model.ByteSize() <= _TWO_GB:
+        _atomic_write(p, model_bytes(model))
+        return
+    data_name = p.name + ".data"
+    with tempfile.TemporaryDirectory(dir=p.parent, prefix=".graphslim-") as tmp:
+        tmp_model = Path(tmp) / p.name
+        onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        os.replace(Path(tmp) / data_name, p.parent / data_name)
+        os.replace(tmp_model, p)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- the graph facade
+
+
+class Graph:
+    """A mutable ONNX graph with use-def links (over onnx-graphsurgeon).
+
+    ``version`` counts mutations made through the facade; analyses cached by the pass context are
+    keyed on it.
+    """
+
+    def __init__(self, g: gs.Graph, model_meta: dict[str, Any]):
+        self._g = g
+        self._meta = model_meta
+        self.version = 0
+        self._names: set[str] | None = None
+
+    # ---- conversion
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> Graph:
+        meta = {
+            "ir_version": min(model.ir_version, MAX_IR_VERSION),
+            "producer_name": model.producer_name,
+            "producer_version": model.producer_version,
+            "domain": model.domain,
+            "model_version": model.model_version,
+            "doc_string": model.doc_string,
+            "metadata_props": [(p.key, p.value) for p in model.metadata_props],
+            "opset_import": [(o.domain, o.version) for o in model.opset_import],
+        }
+        return cls(gs.import_onnx(model), meta)
+
+    def to_model(self) -> onnx.ModelProto:
+        """Export (topologically sorted) with the original model-level fields and opset imports."""
+        self._g.toposort()
+        opsets = [onnx.helper.make_opsetid(d, v) for d, v in self._meta["opset_import"]]
+        model = gs.export_onnx(self._g, do_type_check=False, opset_imports=opsets)
+        model.ir_version = self._meta["ir_version"]
+        model.producer_name = self._meta["producer_name"]
+        model.producer_version = self._meta["producer_version"]
+        model.domain = self._meta["domain"]
+        model.model_version = self._meta["model_version"]
+        model.doc_string = self._meta["doc_string"]
+        del model.metadata_props[:]
+        for k, v in self._meta["metadata_props"]:
+            model.metadata_props.add(key=k, value=v)
+        return model
+
+    def copy(self) -> Graph:
+        """An independent copy. Constant arrays are shared, which is safe: they are never mutated."""
+        g = Graph(self._g.copy(), dict(self._meta))
+        return g
+
+    # ---- read access
+    @property
+    def nodes(self) -> list[Node]:
+        return self._g.nodes
+
+    @property
+    def inputs(self) -> list[Tensor]:
+        return self._g.inputs
+
+    @property
+    def outputs(self) -> list[Tensor]:
+        return self._g.outputs
+
+    @property
+    def opset(self) -> int:
+        for d, v in self._meta["opset_import"]:
+            if d in ("", "ai.onnx"):
+                return v
+        return self._g.opset
+
+    def tensors(self) -> dict[str, Tensor]:
+        return self._g.tensors()
+
+    def producer(self, t: Tensor) -> Node | None:
+        """The node that computes ``t``, or None for graph inputs and constants."""
+        return t.inputs[0] if t.inputs else None
+
+    def consumers(self, t: Tensor) -> list[Node]:
+        """Nodes that read ``t`` (a node reading it twice appears once)."""
+        seen: list[Node] = []
+        for n in t.outputs:
+            if not any(n is s for s in seen):
+                seen.append(n)
+        return seen
+
+    def is_graph_output(self, t: Tensor) -> bool:
+        return any(t is o for o in self._g.outputs)
+
+    def is_graph_input(self, t: Tensor) -> bool:
+        return any(t is i for i in self._g.inputs)
+
+    def constant(self, t: Tensor | None) -> np.ndarray | None:
+        """The value of ``t`` if it is a compile-time constant (initializer or Constant node)."""
+        if t is None:
+            return None
+        if isinstance(t, gs.Constant):
+            return np.asarray(t.values)
+        prod = self.producer(t)
+        if prod is not None and prod.op == "Constant" and "value" in prod.attrs:
+            val = prod.attrs["value"]
+            if isinstance(val, gs.Constant):
+                return np.asarray(val.values)
+        return None
+
+    def shape(self, t: Tensor) -> tuple[int | str, ...] | None:
+        """Static shape where known (dims are ints, or strings for symbolic dims)."""
+        if isinstance(t, gs.Constant):
+            return tuple(t.shape)
+        if t.shape is None:
+            return None
+        return tuple(d if isinstance(d, int | str) and d != -1 else "?" for d in t.shape)
+
+    def int_shape(self, t: Tensor, *, batch: int = 1) -> tuple[int, ...] | None:
+        """Shape with symbolic leading dims set to ``batch``; None if any other dim is unknown."""
+        shp = self.shape(t)
+        if shp is None:
+            return None
+        out: list[int] = []
+        for i, d in enumerate(shp):
+            if isinstance(d, int) and d >= 0:
+                out.append(d)
+            elif i == 0:
+                out.append(batch)
+            else:
+                return None
+        return tuple(out)
+
+    def rank(self, t: Tensor) -> int | None:
+        shp = self.shape(t)
+        return None if shp is None else len(shp)
+
+    # ---- names
+    def fresh_name(self, hint: str) -> str:
+        """A node/tensor name not used yet: ``hint`` itself, or ``hint_1``, ``hint_2``..."""
+        if self._names is None:
+            self._names = set(self._g.tensors().keys()) | {n.name for n in self._g.nodes}
+        name, i = hint, 0
+        while name in self._names:
+            i += 1
+            name = f"{hint}_{i}"
+        self._names.add(name)
+        return name
+
+    # ---- mutation
+    def _touch(self) -> None:
+        self.version += 1
+
+    def make_constant(self, values: np.ndarray, hint: str) -> Constant:
+        return gs.Constant(self.fresh_name(hint), np.ascontiguousarray(values))
+
+    def make_variable(self, hint: str, dtype: Any = None, shape: Sequence[int | str] | None = None) -> Variable:
+        return gs.Variable(self.fresh_name(hint), dtype=dtype, shape=shape)
+
+    def add_node(
+        self,
+        op: str,
+        inputs: Sequence[Tensor],
+        outputs: Sequence[Tensor],
+        attrs: dict[str, Any] | None = None,
+        name: str | None = None,
+        domain: str | None = None,
+    ) -> Node:
+        node = gs.Node(op=op, name=self.fresh_name(name or op), attrs=dict(attrs or {}),
+                       inputs=list(inputs), outputs=list(outputs), domain=domain)
+        self._g.nodes.append(node)
+        self._touch()
+        return node
+
+    def set_input(self, node: Node, index: int, t: Tensor) -> None:
+        """Set input ``index`` of ``node``; ``index == len(node.inputs)`` appends it."""
+        if index == len(node.inputs):
+            node.inputs.append(t)
+        else:
+            node.inputs[index] = t
+        self._touch()
+
+    def set_attr(self, node: Node, key: str, value: Any) -> None:
+        node.attrs[key] = value
+        self._touch()
+
+    def set_constant(self, node: Node, index: int, values: np.ndarray) -> Constant:
+        """Give ``node`` a new constant value for input ``index``.
+
+        The old tensor is edited in place only if nothing else reads it; otherwise the node gets a
+        fresh constant, so sharing nodes are unaffected.
+        """
+        old = node.inputs[index]
+        values = np.ascontiguousarray(values)
+        users = [n for n in old.outputs if n is not node] if isinstance(old, gs.Constant) else [None]
+        if isinstance(old, gs.Constant) and not users and not self.is_graph_output(old):
+            old.values = values
+            new = old
+        else:
+            new = self.make_constant(values, old.name or f"{node.name}_in{index}")
+            node.inputs[index] = new
+        self._touch()
+        return new
+
+    def replace_all_uses(self, old: Tensor, new: Tensor) -> None:
+        """Make every consumer of ``old`` read ``new`` instead. ``old`` must not be a graph output."""
+        if self.is_graph_output(old):
+            raise ValueError(f"'{old.name}' is a graph output; use reroute_output")
+        for n in list(old.outputs):
+            for i, t in enumerate(n.inputs):
+                if t is old:
+                    n.inputs[i] = new
+        self._touch()
+
+    def bypass(self, node: Node, in_index: int = 0, out_index: int = 0) -> str | None:
+        """Remove a node whose output equals one of its inputs. Returns None, or why it could not.
+
+        If the output is a graph output, the input's producer is made to write the graph output
+        directly (so the graph's interface keeps its names).
+        """
+        src, dst = node.inputs[in_index], node.outputs[out_index]
+        if self.is_graph_output(dst):
+            prod = self.producer(src)
+            if prod is None or self.is_graph_output(src):
+                return "its output is a graph output fed directly by a graph input or constant"
+            # Producer writes dst directly; other readers of src read dst.
+            for c in list(src.outputs):
+                if c is node:
+                    continue
+                for i, t in enumerate(c.inputs):
+                    if t is src:
+                        c.inputs[i] = dst
+            idx = next(i for i, t in enumerate(prod.outputs) if t is src)
+            node.outputs.clear()
+            node.inputs.clear()
+            prod.outputs[idx] = dst
+            if dst.dtype is None:
+                dst.dtype = src.dtype
+        else:
+            self.replace_all_uses(dst, src)
+            node.outputs.clear()
+            node.inputs.clear()
+        self._g.nodes.remove(node)
+        self._touch()
+        return None
+
+    def remove_nodes(self, nodes: Iterable[Node]) -> None:
+        """Disconnect and drop nodes. Tensors they alone used are dropped by :meth:`cleanup`."""
+        drop = list(nodes)
+        for n in drop:
+            n.inputs.clear()
+            n.outputs.clear()
+        ids = {id(n) for n in drop}
+        self._g.nodes = [n for n in self._g.nodes if id(n) not in ids]
+        self._touch()
+
+    def cleanup(self) -> int:
+        """Drop nodes that do not contribute to a graph output. Returns how many were dropped."""
+        before = len(self._g.nodes)
+        self._g.cleanup(remove_unused_graph_inputs=False)
+        removed = before - len(self._g.nodes)
+        if removed:
+            self._touch()
+        return removed
+
+    def toposort(self) -> None:
+        self._g.toposort()
+
+    def fold_constants(self, size_threshold: int | None = 16 * 2**20) -> None:
+        """Evaluate constant subgraphs (onnx-graphsurgeon's folder, which runs ONNX Runtime)."""
+        self._g.fold_constants(size_threshold=size_threshold)
+        self._touch()
+
+    def infer_shapes(self) -> None:
+        """Recompute the shapes and dtypes of every intermediate tensor (after rewrites)."""
+        keep = {id(t) for t in list(self._g.inputs) + list(self._g.outputs)}
+        for t in self._g.tensors().values():
+            if isinstance(t, gs.Variable) and id(t) not in keep:
+                t.shape = None
+        model = self.to_model()
+        # Weights are not needed to infer shapes except small shape-like tensors: strip big ones.
+        inferred = onnx.shape_inference.infer_shapes(_strip_large_initializers(model), data_prop=True)
+        known: dict[str, onnx.ValueInfoProto] = {}
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+            known[vi.name] = vi
+        for name, t in self._g.tensors().items():
+            if not isinstance(t, gs.Variable) or id(t) in keep or name not in known:
+                continue
+            tt = known[name].type.tensor_type
+            if tt.elem_type:
+                t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            if tt.HasField("shape"):
+                t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+
+
+def _strip_large_initializers(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
+    """A model without its big initializers (they become typed graph inputs), for shape inference.
+
+    Shape inference needs the values of shape-like tensors only (small integer vectors), and
+    copying the weights would double peak memory on big models.
+    """
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    src, dst = model.graph, light.graph
+    dst.name = src.name
+    dst.node.extend(src.node)
+    dst.input.extend(src.input)
+    dst.output.extend(src.output)
+    dst.value_info.extend(src.value_info)
+    declared = {i.name for i in src.input}
+    for init in src.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= limit:
+            dst.initializer.append(init)
+        elif init.name not in declared:
+            dst.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return light

@@ -1,0 +1,192 @@
+"""The main job as a function: load, run a pipeline, measure, write OUT_DIR atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from graphslim import __version__
+from graphslim.analysis import cost_model
+from graphslim.data import Dataset, load_npz, random_inputs
+from graphslim.errors import InputError
+from graphslim.ir import Graph, load_model, model_bytes
+from graphslim.passmanager import PassContext, PassManager
+from graphslim.pipeline import Pipeline
+
+__all__ = ["OptimizeResult", "optimize", "write_output_dir"]
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    out_dir: Path | None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import onnx_graphsurgeon
+    import onnxruntime
+
+    return {"graphslim": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnx_graphsurgeon": onnx_graphsurgeon.__version__, "numpy": numpy.__version__}
+
+
+def optimize(
+    model_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    pipeline: str | Pipeline | None = None,
+    data: str | os.PathLike[str] | Dataset | None = None,
+    target: str | None = None,
+    verify: bool = False,
+    seed: int = 0,
+    measure_latency: bool = True,
+) -> OptimizeResult:
+    """Optimize the model at ``model_path`` and (if ``out_dir``) write ``model.onnx`` and
+    ``report.json`` there. The output folder is replaced whole or not at all.
+
+    ``pipeline`` is pipeline text or a :class:`Pipeline` (default: the canonicalization set).
+    ``data`` is an ``.npz`` path or a :class:`Dataset`; with labels, accuracy is reported.
+    """
+    from graphslim.passes import DEFAULT_PIPELINE
+
+    src = Path(model_path)
+    if out_dir is not None:
+        _check_out_dir(src, Path(out_dir))
+    pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline or DEFAULT_PIPELINE)
+    raw = src.read_bytes() if src.is_file() else b""
+    original = load_model(src)
+    dataset = data if isinstance(data, Dataset) or data is None else load_npz(data, original)
+
+    graph = Graph.from_model(original)
+    graph.infer_shapes()
+    ctx = PassContext(target=target, data=dataset, seed=seed, verify=verify, teacher=original)
+    before = cost_model(graph)
+    t0 = time.perf_counter()
+    records = PassManager(pipe).run(graph, ctx)
+    total = time.perf_counter() - t0
+    result = graph.to_model()
+    after = cost_model(graph)
+    out_bytes = model_bytes(result)
+
+    report: dict[str, Any] = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "versions": _versions(),
+        "input": {"path": str(src), "sha256": _sha256(raw), "opset": _opset(original)},
+        "output": {"model": "model.onnx", "sha256": _sha256(out_bytes)},
+        "pipeline": str(pipe),
+        "seed": seed,
+        "target": target,
+        "verify": verify,
+        "seconds": round(total, 4),
+        "passes": [r.to_dict() for r in records],
+        "skipped": [{"pass": r.name, **s.to_dict()} for r in records for s in r.skipped],
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "compression": _ratios(before.to_dict(), after.to_dict()),
+    }
+    report.update(_quality(original, result, dataset, seed, measure_latency))
+    if out_dir is not None:
+        files = {"model.onnx": out_bytes, "report.json": (json.dumps(report, indent=2) + "\n").encode()}
+        from graphslim.report import render_markdown
+
+        files["report.md"] = render_markdown(report).encode()
+        write_output_dir(Path(out_dir), files)
+    return OptimizeResult(result, report, Path(out_dir) if out_dir is not None else None)
+
+
+def _opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+    def r(key: str) -> float | None:
+        return round(after[key] / before[key], 6) if before[key] else None
+
+    return {"r_params": r("params"), "r_bytes": r("size_bytes"), "r_macs": r("macs")}
+
+
+def _quality(original: onnx.ModelProto, result: onnx.ModelProto, data: Dataset | None, seed: int,
+             measure_latency: bool) -> dict[str, Any]:
+    """Accuracy (with labels), fidelity to the original, and ORT latency of both models."""
+    from graphslim.bench import measure_ort
+    from graphslim.verify import accuracy, compare_outputs, ort_session, run_model
+
+    sample = data.take(2000) if data is not None else random_inputs(original, 8, seed)
+    out: dict[str, Any] = {"accuracy": None, "fidelity": None, "latency": None}
+    try:
+        ref = run_model(ort_session(original), sample)
+        new = run_model(ort_session(result), sample)
+    except Exception as e:  # noqa: BLE001 - report, do not crash, when ORT cannot run a model
+        out["fidelity"] = {"error": str(e).splitlines()[0]}
+        return out
+    out["fidelity"] = {"samples": len(sample), "on": "data" if data is not None else "random inputs",
+                       **compare_outputs(ref, new).to_dict()}
+    if data is not None and data.labels is not None:
+        acc_before, acc_after = accuracy(original, sample), accuracy(result, sample)
+        if acc_before is not None and acc_after is not None:
+            out["accuracy"] = {"samples": len(sample), "before": acc_before, "after": acc_after,
+                               "drop_points": round(100 * (acc_before - acc_after), 4)}
+    if measure_latency:
+        out["latency"] = {"ort_original": measure_ort(original, sample), "ort_compressed": measure_ort(result, sample)}
+    return out
+
+
+def _check_out_dir(src: Path, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    try:
+        src_r, out_r = src.resolve(), out.resolve()
+    except OSError as e:
+        raise InputError(f"{out}: {e.strerror}") from None
+    if out_r == src_r.parent or out_r in src_r.parents:
+        raise InputError(f"{out}: the output folder contains the input model; choose another folder")
+
+
+def write_output_dir(out_dir: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into ``out_dir``: everything appears at once, or nothing changes.
+
+    The files go to a temporary sibling folder first, which then replaces ``out_dir`` by rename.
+    """
+    out_dir = out_dir.absolute()
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{parent}: cannot create output folder ({e.strerror})") from None
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
+    old: Path | None = None
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.old-"))
+            os.rmdir(old)
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out_dir.exists():
+            os.rename(old, out_dir)  # put the previous output back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,335 @@
+"""Pipeline text and recipe files: parsing, option coercion, and printing that round-trips.
+
+Text form (MLIR style): ``fold-batchnorm,prune-channels{ratio=0.5,criterion=l1},quantize-int8``.
+Option values are numbers, ``true``/``false``, bare or quoted strings, and ``[lists]``. Printing
+writes the options that differ from their defaults, in declaration order, so
+``Pipeline.parse(str(p)) == p`` for every pipeline.
+
+A recipe is JSON or YAML: a list (or ``{"passes": [...]}``) whose items are a pass name, or
+``{"name": NAME, "options": {...}}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from graphslim.errors import PipelineError
+
+__all__ = ["Pipeline", "coerce_options", "format_options", "parse_pipeline_text"]
+
+
+# --------------------------------------------------------------------------- text parsing
+
+
+class _Lexer:
+    def __init__(self, text: str):
+        self.s = text
+        self.i = 0
+
+    def error(self, msg: str) -> PipelineError:
+        return PipelineError(f"bad pipeline text at column {self.i + 1}: {msg}\n  {self.s}\n  {' ' * self.i}^")
+
+    def skip_ws(self) -> None:
+        while self.i < len(self.s) and self.s[self.i].isspace():
+            self.i += 1
+
+    def peek(self) -> str:
+        self.skip_ws()
+        return self.s[self.i] if self.i < len(self.s) else ""
+
+    def eat(self, ch: str) -> None:
+        if self.peek() != ch:
+            raise self.error(f"expected '{ch}'")
+        self.i += 1
+
+    def name(self) -> str:
+        self.skip_ws()
+        start = self.i
+        while self.i < len(self.s) and (self.s[self.i].isalnum() or self.s[self.i] in "-_."):
+            self.i += 1
+        if start == self.i:
+            raise self.error("expected a name")
+        return self.s[start:self.i]
+
+    def value(self) -> Any:
+        ch = self.peek()
+        if ch == "[":
+            self.i += 1
+            items: list[Any] = []
+            if self.peek() == "]":
+                self.i += 1
+                return items
+            while True:
+                items.append(self.value())
+                if self.peek() == ",":
+                    self.i += 1
+                    continue
+                self.eat("]")
+                return items
+        if ch in "\"'":
+            return _Quoted(self.quoted(ch))
+        start = self.i
+        while self.i < len(self.s) and self.s[self.i] not in ",{}[]=":
+            self.i += 1
+        raw = self.s[start:self.i].strip()
+        if not raw:
+            raise self.error("expected a value")
+        return raw
+
+    def quoted(self, q: str) -> str:
+        self.i += 1
+        out = []
+        while self.i < len(self.s):
+            c = self.s[self.i]
+            if c == "\\" and self.i + 1 < len(self.s):
+                out.append(self.s[self.i + 1])
+                self.i += 2
+                continue
+            if c == q:
+                self.i += 1
+                return "".join(out)
+            out.append(c)
+            self.i += 1
+        raise self.error("unterminated quoted string")
+
+
+class _Quoted(str):
+    """A string value that was quoted in the text: never coerced to a number or bool."""
+
+
+def parse_pipeline_text(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """Split pipeline text into (pass name, raw option dict) items, without checking names."""
+    lx = _Lexer(text)
+    items: list[tuple[str, dict[str, Any]]] = []
+    if not lx.peek():
+        return items
+    while True:
+        name = lx.name()
+        opts: dict[str, Any] = {}
+        if lx.peek() == "{":
+            lx.i += 1
+            if lx.peek() != "}":
+                while True:
+                    key = lx.name()
+                    if key in opts:
+                        raise lx.error(f"option '{key}' given twice")
+                    lx.eat("=")
+                    opts[key] = lx.value()
+                    if lx.peek() == ",":
+                        lx.i += 1
+                        continue
+                    break
+            lx.eat("}")
+        items.append((name, opts))
+        if not lx.peek():
+            return items
+        lx.eat(",")
+
+
+# --------------------------------------------------------------------------- option coercion
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and not isinstance(value, _Quoted) and value in ("none", "None")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except PipelineError as e:
+                errors.append(str(e))
+        raise PipelineError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        s = str(value)
+        if s not in [str(a) for a in args]:
+            raise PipelineError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return s
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            value = [value]  # a single bare value where a list is expected
+        inner = args[0] if args else str
+        return tuple(_coerce(v, inner, where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("true", "1", "yes", "on"):
+            return True
+        if s in ("false", "0", "no", "off"):
+            return False
+        raise PipelineError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise PipelineError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise PipelineError(f"{where}: expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise PipelineError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise PipelineError(f"{where}: expected a number, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise PipelineError(f"{where}: expected a number, got {value!r}") from None
+        if f != f or f in (float("inf"), float("-inf")):
+            raise PipelineError(f"{where}: expected a finite number, got {value!r}")
+        return f
+    if tp is str:
+        if isinstance(value, list | tuple | dict):
+            raise PipelineError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise PipelineError(f"{where}: unsupported option type {tp}")
+
+
+def coerce_options(pass_name: str, options_cls: type, raw: dict[str, Any]) -> Any:
+    """Build the pass's frozen Options dataclass from raw values; errors list the valid options."""
+    hints = typing.get_type_hints(options_cls)
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            valid = ", ".join(fields) or "(none)"
+            raise PipelineError(f"pass '{pass_name}' has no option '{key}' (options: {valid})")
+        kwargs[key] = _coerce(value, hints[key], f"{pass_name}{{{key}}}")
+    try:
+        return options_cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"pass '{pass_name}': {e}") from None
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, tuple | list):
+        return "[" + ",".join(_format_value(x) for x in v) + "]"
+    if isinstance(v, float):
+        return repr(v)
+    if v is None:
+        return "none"
+    s = str(v)
+    if isinstance(v, str) and (not s or any(c in s for c in ",{}[]=\"' ") or s.lower() in ("true", "false", "none")
+                               or _looks_numeric(s)):
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return s
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def format_options(options: Any) -> str:
+    """``{k=v,...}`` for the options that differ from their defaults, or '' if none do."""
+    parts = []
+    for f in dataclasses.fields(options):
+        v = getattr(options, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if v != default:
+            parts.append(f"{f.name}={_format_value(v)}")
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+class Pipeline(Sequence):
+    """An ordered list of configured passes. ``str()`` gives the normalized text."""
+
+    def __init__(self, passes: Sequence[Any] = ()):
+        self.passes = list(passes)
+
+    @classmethod
+    def parse(cls, text: str) -> Pipeline:
+        from graphslim.passmanager import get_pass
+
+        passes = []
+        for name, raw in parse_pipeline_text(text):
+            pass_cls = get_pass(name)
+            passes.append(pass_cls(coerce_options(name, pass_cls.Options, raw)))
+        return cls(passes)
+
+    @classmethod
+    def from_recipe(cls, path: str | Path) -> Pipeline:
+        from graphslim.passmanager import get_pass
+
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise PipelineError(f"{p}: cannot read recipe ({e.strerror})") from None
+        try:
+            if p.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                doc = yaml.safe_load(text)
+            else:
+                doc = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - json and yaml raise their own error types
+            raise PipelineError(f"{p}: not a valid recipe ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if isinstance(doc, dict):
+            doc = doc.get("passes")
+        if not isinstance(doc, list):
+            raise PipelineError(f"{p}: a recipe is a list of passes (or {{\"passes\": [...]}})")
+        passes = []
+        for i, item in enumerate(doc):
+            if isinstance(item, str):
+                name, raw = item, {}
+            elif isinstance(item, dict) and isinstance(item.get("name"), str):
+                name, raw = item["name"], item.get("options") or {}
+                extra = set(item) - {"name", "options"}
+                if extra or not isinstance(raw, dict):
+                    raise PipelineError(f"{p}: item {i}: expected keys 'name' and 'options' (a mapping)")
+            else:
+                raise PipelineError(f"{p}: item {i}: expected a pass name or {{name, options}}")
+            pass_cls = get_pass(name)
+            passes.append(pass_cls(coerce_options(name, pass_cls.Options, raw)))
+        return cls(passes)
+
+    def to_recipe(self) -> list[dict[str, Any]]:
+        out = []
+        for p in self.passes:
+            opts = {f.name: getattr(p.options, f.name) for f in dataclasses.fields(p.options)}
+            out.append({"name": p.name, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}})
+        return out
+
+    def __str__(self) -> str:
+        return ",".join(str(p) for p in self.passes)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and [(p.name, p.options) for p in self.passes] == [
+            (p.name, p.options) for p in other.passes]
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.passes[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.passes)
