@@ -28,6 +28,9 @@ EPILOG = """exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 bud
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
+    # Also accepted after the command; SUPPRESS keeps the global value when not given here.
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors on stderr")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
 
 
 def _parser() -> argparse.ArgumentParser:
