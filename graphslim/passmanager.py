@@ -130,9 +130,9 @@ def _load_passes() -> None:
     if _LOADED:
         return
     _LOADED = True
-    import graphslim.passes  # noqa: F401 - registers the built-in passes
-
     from importlib.metadata import entry_points
+
+    import graphslim.passes  # noqa: F401 - registers the built-in passes
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:

@@ -8,6 +8,7 @@ from graphslim.passes import (  # noqa: F401 - imported to register
     fold_batchnorm,
     fold_constants,
     fuse_matmul_add,
+    prune_channels,
 )
 
 #: The pipeline ``graphslim optimize`` runs when none is given.

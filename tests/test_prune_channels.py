@@ -1,0 +1,230 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import apply, assert_same_outputs, op_types
+from models import ARCHITECTURES, ModelBuilder, run, sample_inputs
+
+from graphslim.analysis.channels import channel_groups
+from graphslim.ir import Graph
+
+ZERO_PARAMS = {("BatchNormalization", 2), ("BatchNormalization", 3), ("Conv", 2), ("Add", 1), ("Sub", 1),
+               ("Add", 0), ("Gemm", 2)}
+
+
+def _graph(model: onnx.ModelProto) -> Graph:
+    g = Graph.from_model(onnx.shape_inference.infer_shapes(model))
+    g.infer_shapes()
+    return g
+
+
+def _n_params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+
+
+def zero_channels(model: onnx.ModelProto, ratio: float, seed: int = 0) -> tuple[onnx.ModelProto, int]:
+    """Make ``ratio`` of the channels of every prunable group dead: producer rows, biases and
+    BatchNorm shifts zero (so the channel is exactly 0 everywhere), consumer columns zero too (so
+    any magnitude criterion ranks them last). Returns the model and how many channels died."""
+    g = _graph(model)
+    an = channel_groups(g)
+    rng = np.random.default_rng(seed)
+    dead_total = 0
+    for grp in an.groups:
+        if not grp.prunable:
+            continue
+        per = grp.size // grp.slices
+        k = int(np.floor(ratio * grp.size + 1e-9)) // grp.slices
+        if k == 0:
+            continue
+        dead = np.concatenate([rng.choice(per, k, replace=False) + s * per for s in range(grp.slices)])
+        dead_total += len(dead)
+        for _, u in an.group_uses(grp):
+            w = g.constant(u.node.inputs[u.index]).copy()
+            if u.kind == "group_in":
+                groups = int(u.node.attrs["group"])
+                cpg, opg = w.shape[1], w.shape[0] // groups
+                for d in dead:
+                    gi = d // cpg
+                    w[gi * opg:(gi + 1) * opg, d % cpg] = 0
+            else:
+                if u.kind == "param" and (u.node.op, u.index) not in ZERO_PARAMS and not (
+                        u.node.op == "Conv" and u.index == 1):
+                    continue
+                idx = (u.offset + dead[:, None] * u.rep + np.arange(u.rep)[None, :]).reshape(-1)
+                view = np.moveaxis(w, u.axis, 0)
+                view[idx] = 0
+            g.set_constant(u.node, u.index, w)
+    return g.to_model(), dead_total
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_dead_channels_are_removed_exactly(arch, criterion):
+    model, dead = zero_channels(ARCHITECTURES[arch](), 0.5)
+    assert dead > 0
+    out, recs = apply(model, f"prune-channels{{ratio=0.5,criterion={criterion}}}")
+    st = recs[0].stats
+    assert st["channels_removed"] == dead  # exactly the dead ones went
+    assert _n_params(out) < _n_params(model)
+    # Same interface, same numbers.
+    assert [i.name for i in out.graph.input] == [i.name for i in model.graph.input]
+    feeds = sample_inputs(model)
+    for a, b in zip(run(model, feeds), run(out, feeds), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_half_ratio_removes_at_least_40_percent_of_parameters(arch):
+    model = ARCHITECTURES[arch]()
+    out, recs = apply(model, "prune-channels{ratio=0.5}", verify=True)
+    assert _n_params(out) <= 0.6 * _n_params(model)
+    assert recs[0].verification["runs"] is True
+    assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
+    ref, new = run(model, sample_inputs(model)), run(out, sample_inputs(model))
+    assert [r.shape for r in ref] == [n.shape for n in new]
+
+
+def test_groups_of_resnet_couple_residual_and_projection():
+    g = _graph(ARCHITECTURES["resnet"]())
+    an = channel_groups(g)
+    sizes = sorted((grp.size, len(grp.roots)) for grp in an.groups if grp.prunable)
+    # stem + identity block share one group (3 convs: stem, block conv2); strided block: conv2 + projection
+    assert (16, 2) in sizes and (32, 2) in sizes
+    assert sum(1 for grp in an.groups if grp.prunable) == 4
+
+
+def test_concat_offsets_and_depthwise_group_attribute():
+    out, _ = apply(ARCHITECTURES["densenet"](), "prune-channels{ratio=0.5}")
+    concat_inputs = [n for n in out.graph.node if n.op_type == "Concat"]
+    assert concat_inputs  # concatenations stay, with smaller inputs
+    out, _ = apply(ARCHITECTURES["mobilenetv2"](), "prune-channels{ratio=0.5}")
+    m = onnx.shape_inference.infer_shapes(out)
+    inits = {i.name: i for i in m.graph.initializer}
+    for n in m.graph.node:
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if n.op_type == "Conv" and group > 1:
+            assert inits[n.input[1]].dims[0] == group  # depthwise: group follows the channels
+
+
+def test_grouped_conv_keeps_equal_channels_per_group():
+    out, recs = apply(ARCHITECTURES["grouped"](), "prune-channels{ratio=0.5}")
+    inits = {i.name: i for i in out.graph.initializer}
+    grouped = [n for n in out.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i == 4 for a in n.attribute)]
+    assert len(grouped) == 2
+    for n in grouped:
+        assert inits[n.input[1]].dims[0] % 4 == 0
+
+
+def test_round_to_and_min_channels():
+    out, recs = apply(ARCHITECTURES["plain_cnn"](), "prune-channels{ratio=0.7,round_to=8}")
+    for pg in recs[0].stats["pruned_groups"]:
+        assert pg["channels"][1] % 8 == 0
+    out, recs = apply(ARCHITECTURES["plain_cnn"](), "prune-channels{ratio=0.99,min_channels=3}")
+    assert all(pg["channels"][1] == 3 for pg in recs[0].stats["pruned_groups"])
+
+
+def test_global_scope_and_targets():
+    model = ARCHITECTURES["resnet"]()
+    out, recs = apply(model, "prune-channels{ratio=0.5,scope=global}")
+    assert recs[0].stats["channels_after"] == recs[0].stats["channels_before"] - recs[0].stats["channels_removed"]
+    g0 = _graph(model)
+    from graphslim.analysis.cost import cost_model
+
+    base = cost_model(g0)
+    for key, option in (("macs", "target_macs"), ("params", "target_params")):
+        out, recs = apply(model, f"prune-channels{{{option}=0.4}}")
+        got = getattr(cost_model(_graph(out)), key)
+        assert got <= 0.4 * getattr(base, key)
+        assert got >= 0.25 * getattr(base, key)  # not far below: the search finds the edge
+        assert recs[0].stats["target_reached"] is True
+
+
+def test_bn_gamma_uses_batchnorm_and_random_is_seeded():
+    model = ARCHITECTURES["plain_cnn"]()
+    g = _graph(model)
+    bn = next(n for n in g.nodes if n.op == "BatchNormalization")
+    gamma = g.constant(bn.inputs[1]).copy()
+    gamma[:8] = 1e-6  # these channels matter least by Network Slimming
+    g.set_constant(bn, 1, gamma)
+    m = g.to_model()
+    out, recs = apply(m, "prune-channels{ratio=0.5,criterion=bn-gamma}")
+    conv = _graph(out)
+    first = next(n for n in conv.nodes if n.op == "BatchNormalization")
+    assert np.all(conv.constant(first.inputs[1]) > 1e-3)  # the small-gamma channels were removed
+    a, _ = apply(m, "prune-channels{ratio=0.5,criterion=random}", seed=1)
+    b, _ = apply(m, "prune-channels{ratio=0.5,criterion=random}", seed=1)
+    c, _ = apply(m, "prune-channels{ratio=0.5,criterion=random}", seed=2)
+    assert a.SerializeToString() == b.SerializeToString() != c.SerializeToString()
+
+
+def test_exclude_leaves_group_alone():
+    model = ARCHITECTURES["plain_cnn"]()
+    first_conv = model.graph.node[0].name
+    out, recs = apply(model, f"prune-channels{{ratio=0.5,exclude=[{first_conv}]}}")
+    assert any("excluded" in s.reason for s in recs[0].skipped)
+    assert out.graph.initializer[0].dims[0] == model.graph.initializer[0].dims[0]
+
+
+def _misc_model() -> onnx.ModelProto:
+    """Split on concat boundaries, SE gating, PRelu, Pad, Transpose, Reshape with explicit sizes."""
+    b = ModelBuilder("misc", (1, 3, 8, 8))
+    a = b.relu(b.conv("input", 8))
+    c = b.relu(b.conv("input", 8))
+    cat = b.concat([a, c])
+    sizes = b.const(np.array([8, 8], np.int64), "split")
+    b.nodes.append(onnx.helper.make_node("Split", [cat, sizes], ["s1", "s2"], name="split", axis=1))
+    b.shapes["s1"] = b.shapes["s2"] = (1, 8, 8, 8)
+    x = b.add(b.conv("s1", 12), b.conv("s2", 12))
+    slope = b.const(np.full((12, 1, 1), 0.1, np.float32), "slope")
+    x = b.node("PRelu", [x, slope], b.shapes[x])
+    gate = b.node("Sigmoid", [b.conv(b.relu(b.conv(b.gap(x), 4, k=1, pad=0)), 12, k=1, pad=0)], (1, 12, 1, 1))
+    x = b.node("Mul", [x, gate], b.shapes[x])  # squeeze-and-excitation
+    pads = b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
+    x = b.conv(b.node("Pad", [x, pads], (1, 12, 10, 10)), 16, pad=0)
+    t = b.node("Transpose", [x], (1, 8, 8, 16), perm=[0, 2, 3, 1])
+    t = b.node("Transpose", [b.relu(t)], (1, 16, 8, 8), perm=[0, 3, 1, 2])
+    shape = b.const(np.array([-1, 16 * 8 * 8], np.int64), "shape")
+    f = b.node("Reshape", [t, shape], (1, 16 * 8 * 8))
+    return b.build(b.gemm(b.relu(b.gemm(f, 20)), 5))
+
+
+def test_misc_ops_prune_exactly():
+    model, dead = zero_channels(_misc_model(), 0.5)
+    assert dead > 0
+    out, recs = apply(model, "prune-channels{ratio=0.5}")
+    assert recs[0].stats["channels_removed"] == dead
+    split = next(n for n in out.graph.node if n.op_type == "Split")
+    sizes = next(onnx.numpy_helper.to_array(i) for i in out.graph.initializer if i.name == split.input[1])
+    assert list(sizes) == [4, 4]
+    assert_same_outputs(model, out, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_shuffle_and_lrn_are_left_alone_with_reasons():
+    b = ModelBuilder("shuffle", (1, 3, 8, 8), batch=1)
+    x = b.relu(b.conv("input", 8))
+    s1 = b.const(np.array([1, 2, 4, 8, 8], np.int64), "s")
+    x = b.node("Reshape", [x, s1], (1, 2, 4, 8, 8))
+    x = b.node("Transpose", [x], (1, 4, 2, 8, 8), perm=[0, 2, 1, 3, 4])
+    s2 = b.const(np.array([1, 8, 8, 8], np.int64), "s")
+    x = b.node("Reshape", [x, s2], (1, 8, 8, 8))
+    x = b.relu(b.conv(x, 8))
+    y = b.node("LRN", [x], b.shapes[x], size=3)
+    model = b.build(b.gemm(b.flatten(b.gap(b.conv(y, 6))), 4))
+    out, recs = apply(model, "prune-channels{ratio=0.5}")
+    reasons = " | ".join(s.reason for s in recs[0].skipped)
+    assert "reorders channels" in reasons and "LRN" in reasons
+    assert recs[0].stats["channels_removed"] == 3  # only the conv between LRN and the Gemm's group
+    assert_same_outputs(model, out, rtol=10, atol=10)  # lossy but valid and same shapes
+
+
+def test_pipeline_fold_then_prune_on_example(example_model):
+    from graphslim.ir import load_model
+
+    model = load_model(example_model)
+    out, recs = apply(model, "fold-batchnorm,eliminate-identity,prune-channels{ratio=0.5}", verify=True)
+    assert "BatchNormalization" not in op_types(out)
+    assert _n_params(out) < 0.6 * _n_params(model)
+    assert recs[-1].verification["top1_agreement"] is not None
