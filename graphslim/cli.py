@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="parameters, MACs, size, sparsity per layer")
     i.add_argument("model")
     i.add_argument("--layers", action="store_true", help="print the per-layer table")
+    i.add_argument("--groups", action="store_true", help="print the channel dependency groups (what prunes together)")
     _add_common(i)
 
     p = sub.add_parser("passes", help="list the registered passes with their options")
@@ -106,8 +107,16 @@ def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
     graph = Graph.from_model(load_model(args.model))
     graph.infer_shapes()
     rep = cost_model(graph)
+    groups = None
+    if args.groups:
+        from graphslim.analysis.channels import channel_groups
+
+        groups = channel_groups(graph).describe()
     if args.json:
-        return EXIT_OK, rep.to_dict()
+        d = rep.to_dict()
+        if groups is not None:
+            d["groups"] = groups
+        return EXIT_OK, d
     lines = [f"{args.model}: {rep.nodes} nodes, {rep.params:,} parameters, {rep.macs:,} MACs, "
              f"{rep.size_bytes:,} bytes, weight sparsity {rep.sparsity:.2%}",
              "  inputs:  " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in rep.inputs),
@@ -118,6 +127,16 @@ def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
         for lc in rep.layers:
             if lc.params or lc.macs:
                 lines.append(f"  {lc.name[:32]:<32} {lc.op:<20} {lc.params:>10,} {lc.macs:>14,} {lc.sparsity:>9.2%}")
+    if groups is not None:
+        n_ok = sum(1 for grp in groups if grp["prunable"])
+        lines.append(f"  channel groups: {len(groups)}, prunable: {n_ok}")
+        for grp in groups:
+            roots = ", ".join(m["root"] for m in grp["members"])
+            state = (f"prunable ({grp['channels']} channels)" if grp["prunable"]
+                     else "frozen: " + "; ".join(grp["why_not"][:2]))
+            lines.append(f"  group {grp['group']:>3}: [{roots}] {state}")
+            for m in grp["members"]:
+                lines.append(f"      {m['root']}: {', '.join(m['uses'])}")
     return EXIT_OK, "\n".join(lines)
 
 

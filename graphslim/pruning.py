@@ -52,7 +52,9 @@ def _mean_normalized(vectors: list[np.ndarray], size: int) -> np.ndarray:
 
 def _norm_criterion(power: int) -> Callable[..., np.ndarray]:
     def score(graph: Graph, an: ChannelAnalysis, group: Group, rng: np.random.Generator) -> np.ndarray:
-        vecs = [v for _, u in an.group_uses(group) if u.kind in ("out", "in", "group_in")
+        # Weights only (input 1), as Torch-Pruning's magnitude importance: a bias vector would
+        # otherwise weigh as much as a whole filter after normalization.
+        vecs = [v for _, u in an.group_uses(group) if u.kind in ("out", "in", "group_in") and u.index == 1
                 for v in [_use_norm(graph, u, group.size, power)] if v is not None]
         return _mean_normalized(vecs, group.size)
 
