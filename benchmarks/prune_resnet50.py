@@ -30,7 +30,6 @@ from graphslim.passmanager import PassContext, PassManager  # noqa: E402
 def resnet50() -> onnx.ModelProto:
     b = ModelBuilder("resnet50", (1, 3, 224, 224), seed=0)
     x = b.maxpool(b.relu(b.bn(b.conv("input", 64, k=7, stride=2, bias=False))))
-    cin = 64
     for stage, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
         for i in range(blocks):
             stride = 2 if i == 0 and stage > 0 else 1
@@ -40,7 +39,6 @@ def resnet50() -> onnx.ModelProto:
             if i == 0:
                 x = b.bn(b.conv(x, width * 4, k=1, stride=stride, pad=0, bias=False))
             x = b.relu(b.add(y, x))
-            cin = width * 4
     return b.build(b.gemm(b.flatten(b.gap(x)), 1000))
 
 

@@ -123,10 +123,11 @@ def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
              "  outputs: " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in rep.outputs),
              "  ops:     " + ", ".join(f"{k} {v}" for k, v in rep.op_counts.items())]
     if args.layers:
-        lines.append(f"  {'layer':<32} {'op':<20} {'params':>10} {'MACs':>14} {'sparsity':>9}")
+        lines.append(f"  {'layer':<32} {'op':<20} {'params':>10} {'MACs':>14} {'sparsity':>9}  block sparsity")
         for lc in rep.layers:
             if lc.params or lc.macs:
-                lines.append(f"  {lc.name[:32]:<32} {lc.op:<20} {lc.params:>10,} {lc.macs:>14,} {lc.sparsity:>9.2%}")
+                blocks = " ".join(f"{k}:{v:.0%}" for k, v in lc.extra.get("block_sparsity", {}).items())
+                lines.append(f"  {lc.name[:32]:<32} {lc.op:<20} {lc.params:>10,} {lc.macs:>14,} {lc.sparsity:>9.2%}  {blocks}")
     if groups is not None:
         n_ok = sum(1 for grp in groups if grp["prunable"])
         lines.append(f"  channel groups: {len(groups)}, prunable: {n_ok}")

@@ -398,6 +398,22 @@ class Graph:
         node.attrs[key] = value
         self._touch()
 
+    def replace_attrs(self, node: Node, attrs: dict[str, Any]) -> None:
+        """Replace all attributes of ``node``."""
+        node.attrs.clear()
+        node.attrs.update(attrs)
+        self._touch()
+
+    def replace_model(self, model: onnx.ModelProto) -> None:
+        """Make this graph the given model (for passes that delegate to a library working on
+        ModelProto, such as onnxruntime.quantization). Graph inputs and outputs must keep their
+        names; the caller checks that."""
+        other = Graph.from_model(model)
+        self._g = other._g
+        self._meta = other._meta
+        self._names = None
+        self._touch()
+
     def set_constant(self, node: Node, index: int, values: np.ndarray) -> Constant:
         """Give ``node`` a new constant value for input ``index``.
 

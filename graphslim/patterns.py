@@ -6,7 +6,7 @@ import numpy as np
 
 from graphslim.ir import Graph, Node, Tensor
 
-__all__ = ["channel_vector", "only_consumer", "weight_producer"]
+__all__ = ["channel_vector", "matrix_to_weight", "only_consumer", "weight_matrix", "weight_producer"]
 
 
 def only_consumer(graph: Graph, t: Tensor) -> Node | None:
@@ -38,3 +38,30 @@ def weight_producer(graph: Graph, t: Tensor) -> Node | None:
     if graph.constant(node.inputs[1]) is None:
         return None
     return node
+
+
+def weight_matrix(graph: Graph, node: Node) -> np.ndarray | None:
+    """The constant weight of a Conv (groups=1 not required), Gemm or MatMul as an
+    ``(outputs, inputs)`` matrix (a Conv's inputs are in*kh*kw); None if not constant or not 2-D-able.
+    Batched MatMul weights (rank > 2) are not matrices: None."""
+    w = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.dtype.kind != "f":
+        return None
+    if node.op == "Conv":
+        return w.reshape(w.shape[0], -1)
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0):
+            return None
+        return w if node.attrs.get("transB", 0) else w.T
+    if node.op == "MatMul" and w.ndim == 2:
+        return w.T
+    return None
+
+
+def matrix_to_weight(node: Node, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`weight_matrix`: the ``(outputs, inputs)`` matrix back in the node's layout."""
+    if node.op == "Conv":
+        return matrix.reshape(shape)
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return matrix
+    return np.ascontiguousarray(matrix.T)

@@ -5,10 +5,14 @@ from __future__ import annotations
 from graphslim.passes import (  # noqa: F401 - imported to register
     eliminate_dead_nodes,
     eliminate_identity,
+    factorize_svd,
     fold_batchnorm,
     fold_constants,
     fuse_matmul_add,
     prune_channels,
+    quantize_binary,
+    quantize_int8,
+    sparsify_blocks,
 )
 
 #: The pipeline ``graphslim optimize`` runs when none is given.

@@ -3,7 +3,8 @@
 Counts are for one sample (symbolic leading dims are taken as 1). MACs cover the multiply-add ops
 (Conv incl. groups and strides, ConvTranspose, Gemm, MatMul with batch dims); pooling and
 elementwise work is counted separately as ``other_ops`` (one op per output element, times the
-window for pooling).
+window for pooling). Weight layers with zeros also report their block sparsity for the block
+shapes the backend's sparse kernels use.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from graphslim.analysis.sparsity import STANDARD_BLOCKS, block_sparsity
 from graphslim.ir import Graph, Node, model_bytes
+from graphslim.patterns import weight_matrix
 
 __all__ = ["CostReport", "LayerCost", "cost_model", "layer_macs"]
 
@@ -143,8 +146,14 @@ def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
         total_macs += macs
         total_other += other
         shp = graph.shape(node.outputs[0]) if node.outputs else None
-        layers.append(LayerCost(node.name, node.op, params, macs, other, nbytes, zeros, nfloat,
-                                list(shp) if shp is not None else None))
+        layer = LayerCost(node.name, node.op, params, macs, other, nbytes, zeros, nfloat,
+                          list(shp) if shp is not None else None)
+        if node.op in ("Conv", "Gemm", "MatMul") and zeros:
+            m = weight_matrix(graph, node)
+            if m is not None:
+                layer.extra["block_sparsity"] = {f"{b[0]}x{b[1]}": round(block_sparsity(m, b), 6)
+                                                 for b in STANDARD_BLOCKS}
+        layers.append(layer)
     model = graph.to_model()
     io = []
     for group in (graph.inputs, graph.outputs):

@@ -1,0 +1,91 @@
+"""quantize-int8 and quantize-binary."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import apply, assert_same_outputs, op_types
+from models import ARCHITECTURES, ModelBuilder, run, sample_inputs
+from onnx import numpy_helper
+
+from graphslim.data import Dataset
+from graphslim.errors import InputError, PassError
+
+
+def _data(model: onnx.ModelProto, n: int = 64, labels: bool = False, seed: int = 0) -> Dataset:
+    feeds = sample_inputs(model, n, seed)
+    y = np.argmax(run(model, feeds)[0], axis=1) if labels else None  # labels = the float model's answers
+    return Dataset(feeds, y)
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
+
+
+@pytest.mark.parametrize("arch", ["plain_cnn", "resnet", "mlp"])
+def test_static_int8_inserts_qdq_and_shrinks_weights(arch):
+    model, _ = apply(ARCHITECTURES[arch](), "fold-batchnorm")
+    out, recs = apply(model, "quantize-int8{sensitivity=false}", data=_data(model), verify=True)
+    ops = op_types(out)
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    int8 = [i for i in out.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert int8  # weights stored as int8
+    assert _weight_bytes(out) < 0.4 * _weight_bytes(model)
+    ver = recs[0].verification
+    assert ver["cosine"] > 0.99 and ver["runs"]
+    assert recs[0].stats["quantized"] == recs[0].stats["candidates"]
+
+
+def test_static_without_data_is_a_clear_error():
+    with pytest.raises(PassError, match="needs|calibrates on a data set") as e:
+        apply(ARCHITECTURES["mlp"](), "quantize-int8")
+    assert isinstance(e.value.cause, InputError)
+
+
+def test_dynamic_mode_needs_no_data():
+    out, _ = apply(ARCHITECTURES["mlp"](), "quantize-int8{mode=dynamic}")
+    assert "MatMulInteger" in op_types(out)
+    assert_same_outputs(ARCHITECTURES["mlp"](), out, rtol=0.1, atol=0.05)
+
+
+def test_sensitivity_keeps_worst_layers_in_float_until_budget():
+    model, _ = apply(ARCHITECTURES["plain_cnn"](), "fold-batchnorm")
+    data = _data(model, 400, labels=True)
+    out, recs = apply(model, "quantize-int8{max_drop=0.0,calibration=percentile,percentile=99.0}", data=data)
+    st = recs[0].stats
+    assert st["all_layers_drop_points"] > 0  # quantizing everything costs something here
+    assert st["kept_float"], st
+    assert st["final_drop_points"] <= 0.0 or any("cannot be met" in s.reason for s in recs[0].skipped)
+    assert all("kept in float" in s.reason for s in recs[0].skipped if s.where in st["kept_float"])
+    assert set(st["sensitivity_points"]) >= set(st["kept_float"])
+
+
+def test_binary_is_exact_on_weights_already_binary():
+    b = ModelBuilder("bin", (1, 4, 8, 8))
+    x = b.relu(b.conv("input", 8))
+    rng = np.random.default_rng(0)
+    alpha = rng.uniform(0.1, 1.0, (8, 1, 1, 1)).astype(np.float32)
+    w = (np.where(rng.standard_normal((8, 8, 3, 3)) > 0, 1, -1) * alpha).astype(np.float32)
+    x = b.relu(b.node("Conv", [x, b.const(w)], (1, 8, 8, 8), kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    model = b.build(b.gemm(b.flatten(b.gap(x)), 5))
+    out, recs = apply(model, "quantize-binary")
+    assert recs[0].stats["binarized"] == 1  # first conv and last gemm stay float
+    assert {s.reason.split(" (")[0] for s in recs[0].skipped} == {"first or last weight layer stays in higher precision"}
+    dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear")
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    signs = inits[dq.input[0]]
+    assert signs.dtype == np.int8 and set(np.unique(signs)) == {-1, 1}
+    assert_same_outputs(model, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, opts", [("resnet", ""), ("mlp", "op_types=[MatMul],"), ("plain_cnn", "scale=per_tensor,")])
+def test_binary_on_networks(arch, opts):
+    model = ARCHITECTURES[arch]()
+    out, recs = apply(model, f"quantize-binary{{{opts}skip_first_last=true}}", data=_data(model, 32, labels=True),
+                      verify=True)
+    assert recs[0].stats["binarized"] >= 1
+    for lay in recs[0].stats["layers"]:
+        assert "accuracy_drop_points_alone" in lay
+    assert op_types(out).count("DequantizeLinear") == recs[0].stats["binarized"]
+    assert recs[0].verification["runs"]
