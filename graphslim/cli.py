@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from graphslim import __version__
-from graphslim.errors import EXIT_INTERNAL, EXIT_OK, GraphslimError
+from graphslim.errors import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK, GraphslimError, InputError
 
 __all__ = ["main"]
 
@@ -48,7 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     g = o.add_mutually_exclusive_group()
     g.add_argument("--passes", metavar="PIPELINE", help="pipeline text, e.g. 'fold-batchnorm,prune-channels{ratio=0.5}'")
     g.add_argument("--recipe", metavar="FILE", help="pipeline as a JSON or YAML recipe file")
-    o.add_argument("--data", metavar="FILE.npz", help="inputs named after the model inputs, optional 'labels'")
+    o.add_argument("--data", metavar="DATA", help="data set: FILE.npz (arrays named after the model inputs, optional "
+                   "'labels'), a folder of .npz shards, or module:function returning batches")
+    o.add_argument("--train-data", metavar="DATA", help="data for training/calibration, if not --data")
+    o.add_argument("--eval-data", metavar="DATA", help="held-out data for evaluation and the report, if not --data")
+    o.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                   help="budget: exit 3 if top-1 accuracy falls by more (without labels: disagreement with the original)")
+    o.add_argument("--min-compression", type=float, metavar="R",
+                   help="budget: exit 3 unless r = params after / before is at most R")
+    o.add_argument("--max-latency-ms", type=float, metavar="MS",
+                   help="budget: exit 3 if the result's ONNX Runtime latency (batch 1, median) is above MS")
     o.add_argument("--target", metavar="NAME", help="deployment target (recorded; compilation comes with the backend)")
     o.add_argument("--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact")
     o.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
@@ -64,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("passes", help="list the registered passes with their options")
     _add_common(p)
+
+    e = sub.add_parser("eval", help="top-1 accuracy on labelled data, or fidelity to a reference model")
+    e.add_argument("model")
+    e.add_argument("--data", required=True, metavar="DATA", help="FILE.npz, a folder of shards, or module:function")
+    e.add_argument("--reference", metavar="MODEL", help="compare outputs with this model (e.g. the teacher)")
+    _add_common(e)
     return ap
 
 
@@ -82,11 +97,19 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
     pipeline = _pipeline_from_args(args)  # usage errors before any work
     if args.print_pipeline:
         return EXIT_OK, {"pipeline": str(pipeline)} if args.json else str(pipeline)
-    res = optimize(args.model, args.output, pipeline=pipeline, data=args.data, target=args.target,
-                   verify=args.verify, seed=args.seed, measure_latency=not args.no_latency)
+    res = optimize(args.model, args.output, pipeline=pipeline, data=args.data, train_data=args.train_data,
+                   eval_data=args.eval_data, target=args.target, verify=args.verify, seed=args.seed,
+                   measure_latency=not args.no_latency, progress=not (args.quiet or args.json),
+                   max_accuracy_drop=args.max_accuracy_drop, min_compression=args.min_compression,
+                   max_latency_ms=args.max_latency_ms)
     rep = res.report
+    missed = [f"{name}: {b['measure']} = {b['value']}, limit {b['limit']}" for name, b in rep["budgets"].items()
+              if not b["met"]]
+    code = EXIT_BUDGET if missed else EXIT_OK
+    for m in missed:
+        print(f"graphslim: budget missed: {m} (outputs written to {args.output})", file=sys.stderr)
     if args.json:
-        return EXIT_OK, rep
+        return code, rep
     c, b, a = rep["compression"], rep["before"], rep["after"]
     lines = [f"wrote {args.output}/model.onnx and report.json",
              f"  params {b['params']:,} -> {a['params']:,} (r = {c['r_params']})",
@@ -96,7 +119,40 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
         acc = rep["accuracy"]
         lines.append(f"  accuracy {acc['before']:.4f} -> {acc['after']:.4f} ({acc['samples']} samples)")
     for r in rep["passes"]:
-        lines.append(f"  {r['pipeline']}: {'changed' if r['changed'] else 'no change'} {r['stats']}")
+        scalars = ", ".join(f"{k}={v}" for k, v in r["stats"].items() if not isinstance(v, list | dict))
+        lines.append(f"  {r['pipeline']}: {'changed' if r['changed'] else 'no change'} ({scalars})")
+    if rep["skipped"]:
+        lines.append(f"  left unchanged: {len(rep['skipped'])} part(s), reasons in report.md")
+    return code, "\n".join(lines)
+
+
+def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.data import load_data
+    from graphslim.ir import load_model
+    from graphslim.verify import accuracy, compare_outputs, ort_session, run_model
+
+    model = load_model(args.model)
+    data = load_data(args.data, model)
+    out: dict[str, Any] = {"model": args.model, "samples": len(data), "accuracy": accuracy(model, data)}
+    if args.reference:
+        ref = load_model(args.reference)
+        try:
+            fid = compare_outputs(run_model(ort_session(ref), data), run_model(ort_session(model), data))
+        except ValueError as e:
+            raise InputError(f"cannot compare with the reference: {e}") from None
+        out["fidelity"] = fid.to_dict()
+        out["reference_accuracy"] = accuracy(ref, data)
+    if out["accuracy"] is None and not args.reference:
+        raise InputError(f"{args.data}: no labels to compute accuracy; give --reference MODEL to measure fidelity")
+    if args.json:
+        return EXIT_OK, out
+    lines = [f"{args.model} on {len(data)} samples"]
+    if out["accuracy"] is not None:
+        lines.append(f"  top-1 accuracy {out['accuracy']:.4f}")
+    if args.reference:
+        f = out["fidelity"]
+        lines.append(f"  vs {args.reference}: top-1 agreement {f['top1_agreement']}, cosine {f['cosine']:.6f}, "
+                     f"max abs diff {f['max_abs_diff']:.4g}")
     return EXIT_OK, "\n".join(lines)
 
 
@@ -168,7 +224,7 @@ def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
     return EXIT_OK, "\n".join(lines)
 
 
-COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "passes": _cmd_passes}
+COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "passes": _cmd_passes, "eval": _cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

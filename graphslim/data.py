@@ -17,7 +17,7 @@ import onnx
 
 from graphslim.errors import InputError
 
-__all__ = ["Dataset", "load_npz", "random_inputs"]
+__all__ = ["Dataset", "load_data", "load_npz", "random_inputs"]
 
 LABELS = "labels"
 
@@ -32,6 +32,10 @@ class Dataset:
 
     def take(self, n: int) -> Dataset:
         return self.slice(0, min(n, len(self)))
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        return Dataset({k: v[indices] for k, v in self.inputs.items()},
+                       None if self.labels is None else self.labels[indices])
 
     def slice(self, start: int, stop: int) -> Dataset:
         return Dataset({k: v[start:stop] for k, v in self.inputs.items()},
@@ -120,3 +124,51 @@ def random_inputs(model: onnx.ModelProto, n: int = 4, seed: int = 0) -> Dataset:
         else:
             raise InputError(f"input '{name}' has dtype {np.dtype(dtype)}, which graphslim cannot sample")
     return Dataset(inputs)
+
+
+def _concat(parts: list[Dataset], where: str) -> Dataset:
+    if not parts:
+        raise InputError(f"{where}: no data")
+    keys = set(parts[0].inputs)
+    if any(set(p.inputs) != keys for p in parts) or len({p.labels is None for p in parts}) > 1:
+        raise InputError(f"{where}: the parts do not all have the same arrays")
+    inputs = {k: np.concatenate([p.inputs[k] for p in parts]) for k in parts[0].inputs}
+    labels = None if parts[0].labels is None else np.concatenate([p.labels for p in parts])
+    return Dataset(inputs, labels)
+
+
+def _from_entry_point(spec: str, model: onnx.ModelProto) -> Dataset:
+    import importlib
+
+    module_name, _, func_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"{spec}: cannot load the data function ({e})") from None
+    specs = _input_specs(model)
+    parts = []
+    for i, batch in enumerate(fn()):
+        if not isinstance(batch, dict):
+            raise InputError(f"{spec}: batch {i} is a {type(batch).__name__}, expected a dict of arrays")
+        missing = [n for n in specs if n not in batch]
+        if missing:
+            raise InputError(f"{spec}: batch {i} has no array for input(s) {', '.join(missing)}")
+        inputs = {n: np.asarray(batch[n]).astype(specs[n][0], copy=False) for n in specs}
+        labels = np.asarray(batch[LABELS]) if LABELS in batch else None
+        parts.append(Dataset(inputs, labels))
+    return _concat(parts, spec)
+
+
+def load_data(spec: str | Path, model: onnx.ModelProto) -> Dataset:
+    """A data set from an ``.npz`` file, a folder of ``.npz`` shards (read in name order), or a
+    Python entry point ``module:function`` returning an iterable of batches (dicts of arrays named
+    after the model inputs, optionally ``labels``). Shards and batches are concatenated in memory."""
+    p = Path(spec)
+    if p.is_dir():
+        shards = sorted(p.glob("*.npz"))
+        if not shards:
+            raise InputError(f"{p}: the folder has no .npz shards")
+        return _concat([load_npz(s, model) for s in shards], str(p))
+    if not p.exists() and ":" in str(spec) and not str(spec).endswith(".npz"):
+        return _from_entry_point(str(spec), model)
+    return load_npz(p, model)

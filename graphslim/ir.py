@@ -404,6 +404,14 @@ class Graph:
         node.attrs.update(attrs)
         self._touch()
 
+    def assign(self, other: Graph) -> None:
+        """Make this graph a copy of ``other`` (e.g. roll back to a snapshot from :meth:`copy`)."""
+        snap = other.copy()
+        self._g = snap._g
+        self._meta = dict(snap._meta)
+        self._names = None
+        self._touch()
+
     def replace_model(self, model: onnx.ModelProto) -> None:
         """Make this graph the given model (for passes that delegate to a library working on
         ModelProto, such as onnxruntime.quantization). Graph inputs and outputs must keep their
@@ -431,6 +439,16 @@ class Graph:
             node.inputs[index] = new
         self._touch()
         return new
+
+    def set_tensor_value(self, t: Constant, values: np.ndarray) -> None:
+        """Change a constant's value for every node that reads it (e.g. trained weights)."""
+        if not isinstance(t, gs.Constant):
+            raise TypeError(f"'{t.name}' is not a constant")
+        values = np.ascontiguousarray(values, dtype=np.asarray(t.values).dtype)
+        if values.shape != tuple(t.shape):
+            raise ValueError(f"'{t.name}': shape {values.shape} does not match {tuple(t.shape)}")
+        t.values = values
+        self._touch()
 
     def replace_all_uses(self, old: Tensor, new: Tensor) -> None:
         """Make every consumer of ``old`` read ``new`` instead. ``old`` must not be a graph output."""

@@ -17,7 +17,7 @@ import onnx
 
 from graphslim import __version__
 from graphslim.analysis import cost_model
-from graphslim.data import Dataset, load_npz, random_inputs
+from graphslim.data import Dataset, load_data, random_inputs
 from graphslim.errors import InputError
 from graphslim.ir import Graph, load_model, model_bytes
 from graphslim.passmanager import PassContext, PassManager
@@ -56,16 +56,26 @@ def optimize(
     *,
     pipeline: str | Pipeline | None = None,
     data: str | os.PathLike[str] | Dataset | None = None,
+    train_data: str | os.PathLike[str] | Dataset | None = None,
+    eval_data: str | os.PathLike[str] | Dataset | None = None,
     target: str | None = None,
     verify: bool = False,
     seed: int = 0,
     measure_latency: bool = True,
+    progress: bool = False,
+    max_accuracy_drop: float | None = None,
+    min_compression: float | None = None,
+    max_latency_ms: float | None = None,
 ) -> OptimizeResult:
-    """Optimize the model at ``model_path`` and (if ``out_dir``) write ``model.onnx`` and
-    ``report.json`` there. The output folder is replaced whole or not at all.
+    """Optimize the model at ``model_path`` and (if ``out_dir``) write ``model.onnx``,
+    ``report.json`` and ``report.md`` there. The output folder is replaced whole or not at all.
 
     ``pipeline`` is pipeline text or a :class:`Pipeline` (default: the canonicalization set).
-    ``data`` is an ``.npz`` path or a :class:`Dataset`; with labels, accuracy is reported.
+    Data sets are paths (see :func:`graphslim.data.load_data`) or :class:`Dataset` objects:
+    ``data`` trains/calibrates and evaluates; ``train_data`` and ``eval_data`` replace it for one
+    role each. With labels, accuracy is reported. Budgets (accuracy drop in points, compression
+    ratio r of parameters, ORT latency in ms at batch 1) are checked after the run and reported
+    under ``budgets``; the outputs are written either way.
     """
     from graphslim.passes import DEFAULT_PIPELINE
 
@@ -75,11 +85,18 @@ def optimize(
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline or DEFAULT_PIPELINE)
     raw = src.read_bytes() if src.is_file() else b""
     original = load_model(src)
-    dataset = data if isinstance(data, Dataset) or data is None else load_npz(data, original)
+
+    def _load(d: str | os.PathLike[str] | Dataset | None) -> Dataset | None:
+        return d if isinstance(d, Dataset) or d is None else load_data(d, original)
+
+    dataset, train_set, eval_set = _load(data), _load(train_data), _load(eval_data)
+    train_set = train_set or dataset
+    report_set = eval_set or dataset or train_set
 
     graph = Graph.from_model(original)
     graph.infer_shapes()
-    ctx = PassContext(target=target, data=dataset, seed=seed, verify=verify, teacher=original)
+    ctx = PassContext(target=target, data=train_set, eval_data=eval_set, seed=seed, verify=verify,
+                      teacher=original, progress=progress)
     before = cost_model(graph)
     t0 = time.perf_counter()
     records = PassManager(pipe).run(graph, ctx)
@@ -104,7 +121,9 @@ def optimize(
         "after": after.to_dict(),
         "compression": _ratios(before.to_dict(), after.to_dict()),
     }
-    report.update(_quality(original, result, dataset, seed, measure_latency))
+    report.update(_quality(original, result, report_set, seed,
+                           measure_latency or max_latency_ms is not None))
+    report["budgets"] = _budgets(report, max_accuracy_drop, min_compression, max_latency_ms)
     if out_dir is not None:
         files = {"model.onnx": out_bytes, "report.json": (json.dumps(report, indent=2) + "\n").encode()}
         from graphslim.report import render_markdown
@@ -112,6 +131,32 @@ def optimize(
         files["report.md"] = render_markdown(report).encode()
         write_output_dir(Path(out_dir), files)
     return OptimizeResult(result, report, Path(out_dir) if out_dir is not None else None)
+
+
+def _budgets(report: dict[str, Any], max_drop: float | None, max_r: float | None,
+             max_ms: float | None) -> dict[str, Any]:
+    """Each requested budget with its limit, measured value and whether it was met."""
+    out: dict[str, Any] = {}
+    if max_drop is not None:
+        acc, fid = report.get("accuracy"), report.get("fidelity") or {}
+        if acc:
+            value, how = acc["drop_points"], "top-1 accuracy drop (points)"
+        elif fid.get("top1_agreement") is not None:
+            value, how = round(100 * (1 - fid["top1_agreement"]), 4), "top-1 disagreement with the original (points)"
+        else:
+            value, how = None, "not measurable: no labels and no classification output"
+        out["max_accuracy_drop"] = {"limit": max_drop, "value": value, "measure": how,
+                                    "met": value is not None and value <= max_drop}
+    if max_r is not None:
+        r = report["compression"]["r_params"]
+        out["min_compression"] = {"limit": max_r, "value": r, "measure": "r = params after / before",
+                                  "met": r is not None and r <= max_r}
+    if max_ms is not None:
+        lat = (report.get("latency") or {}).get("ort_compressed")
+        value = lat["median_ms"] if lat else None
+        out["max_latency_ms"] = {"limit": max_ms, "value": value, "measure": "ONNX Runtime, batch 1, median ms",
+                                 "met": value is not None and value <= max_ms}
+    return out
 
 
 def _opset(model: onnx.ModelProto) -> int | None:

@@ -171,7 +171,8 @@ class PassContext:
     """
 
     target: str | None = None
-    data: Dataset | None = None
+    data: Dataset | None = None  # training / calibration data
+    eval_data: Dataset | None = None  # held-out data; passes that need one split `data` without it
     seed: int = 0
     verify: bool = False
     rtol: float = 1e-4
@@ -187,6 +188,19 @@ class PassContext:
         result = fn(graph, self)
         self._cache[key] = (graph.version, result)
         return result
+
+    def train_eval_split(self, eval_fraction: float = 0.2) -> tuple[Dataset, Dataset]:
+        """(train, eval): ``eval_data`` if given, else a seeded split of ``data``."""
+        if self.data is None:
+            raise GraphslimError("this pass needs a data set: give --data (and optionally --eval-data)")
+        if self.eval_data is not None:
+            return self.data, self.eval_data
+        n = len(self.data)
+        if n < 2:
+            raise GraphslimError("the data set has fewer than 2 samples: cannot hold any out for evaluation")
+        order = np.random.default_rng(self.seed).permutation(n)
+        n_eval = min(max(1, int(round(eval_fraction * n))), n - 1)
+        return self.data.subset(order[n_eval:]), self.data.subset(order[:n_eval])
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator seeded from the context seed and ``salt`` (e.g. the pass name)."""

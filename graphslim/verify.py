@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 def ort_session(model: onnx.ModelProto | bytes, *, optimize: bool = False, threads: int = 0) -> Any:
     """An ONNX Runtime CPU session. Graph optimizations are off by default so that the numbers
     compared are the model's own, not those of ORT's fused rewrites."""
-    import onnxruntime as ort
+    from graphslim.runtime import require_onnxruntime
 
+    ort = require_onnxruntime()
     so = ort.SessionOptions()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)

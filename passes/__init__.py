@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from graphslim.passes import (  # noqa: F401 - imported to register
+    distill,
     eliminate_dead_nodes,
     eliminate_identity,
     factorize_svd,
@@ -13,6 +14,7 @@ from graphslim.passes import (  # noqa: F401 - imported to register
     quantize_binary,
     quantize_int8,
     sparsify_blocks,
+    spiral,
 )
 
 #: The pipeline ``graphslim optimize`` runs when none is given.

@@ -20,6 +20,7 @@ Refuses: static mode without data (an error that says so), and layers in ``exclu
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -166,9 +167,10 @@ class _Quantizer:
                 method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[o.calibration]
                 reader = _Reader(self.data.take(o.calibration_samples), self.batch)
+                if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+                    common["calibration_cache_path"] = self.cache  # calibrate once for all layer choices
                 quantize_static(self.path, out, reader, quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QUInt8, calibrate_method=method,
-                                calibration_cache_path=self.cache, **common)
+                                activation_type=QuantType.QUInt8, calibrate_method=method, **common)
         finally:
             logging.getLogger().setLevel(prev)
         return onnx.load(str(out))

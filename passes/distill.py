@@ -1,0 +1,94 @@
+"""distill: knowledge-distillation fine-tune of the compressed model (the student) against the
+model as it was before the pipeline started (the teacher, or ``teacher=path.onnx``).
+
+Loss: ``alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))``
+(Hinton et al. 2015); without labels, pure distillation (alpha = 0). Runs on onnxruntime-training's
+on-device API (``pip install graphslim[training]``), directly on the ONNX graph: no PyTorch model
+is needed. Trains on ``--data`` (or ``--train-data``), evaluates each epoch on ``--eval-data`` or a
+seeded ``eval_fraction`` held out of the data, stops early after ``patience`` epochs without
+improvement, and keeps the best epoch (never worse than the untrained student on the eval set).
+
+Only float weights train. The structure is fixed (pruned channels stay pruned), exact zeros in
+weights stay zero (the mask is re-applied after every step, so sparsify-blocks' empty blocks stay
+empty), and BatchNormalization trains gamma and beta with its statistics frozen.
+
+Refuses, leaving the model as it was: quantized graphs (QDQ with per-channel scales do not train
+on this stack: run quantize-int8 / quantize-binary after distill), BatchNormalization in training
+mode, and models whose first output is not (N, classes) logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import onnx
+
+from graphslim.errors import InputError
+from graphslim.ir import Graph, load_model
+from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.training import DistillConfig, distill_graph
+
+
+@register_pass
+class Distill(Pass):
+    name = "distill"
+    exact = False
+
+    @dataclass(frozen=True)
+    class Options:
+        epochs: int = 3
+        lr: float = 1e-3
+        batch_size: int = 64
+        temperature: float = 4.0
+        alpha: float = 0.5
+        optimizer: Literal["adamw", "sgd"] = "adamw"
+        patience: int = 2
+        teacher: str = ""
+        eval_fraction: float = 0.2
+
+        def __post_init__(self) -> None:
+            if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+                raise ValueError("epochs, batch_size and patience must be >= 1")
+            if self.lr <= 0 or self.temperature <= 0:
+                raise ValueError("lr and temperature must be > 0")
+            if not 0.0 <= self.alpha <= 1.0:
+                raise ValueError("alpha must be in [0, 1]")
+            if not 0.0 < self.eval_fraction < 1.0:
+                raise ValueError("eval_fraction must be in (0, 1)")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        why = self._why_not(graph)
+        if why:
+            return PassResult(changed=False, stats={}, skipped=[Skip("model", why)])
+        teacher = self._teacher(ctx)
+        train, evalset = ctx.train_eval_split(o.eval_fraction)
+        cfg = DistillConfig(o.epochs, o.lr, o.batch_size, o.temperature, o.alpha, o.optimizer, o.patience,
+                            ctx.seed, ctx.progress)
+        try:
+            res = distill_graph(graph, teacher, train, evalset, cfg)
+        except ValueError as e:
+            return PassResult(changed=False, stats={}, skipped=[Skip("model", str(e))])
+        stats = {"metric": res.metric, "before": round(res.before, 6), "after": round(res.after, 6),
+                 "best_epoch": res.best_epoch, "epochs_run": len(res.history) - 1,
+                 "seconds_per_epoch": round(res.seconds_per_epoch, 4), "trainable_tensors": res.trainable,
+                 "masked_tensors": res.masked, "train_samples": len(train), "eval_samples": len(evalset),
+                 "history": res.history}
+        return PassResult(changed=res.best_epoch > 0, stats=stats)
+
+    @staticmethod
+    def _why_not(graph: Graph) -> str | None:
+        ops = {n.op for n in graph.nodes}
+        if ops & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}:
+            return "the model is quantized; put quantize-int8 / quantize-binary after distill"
+        if any(n.op == "BatchNormalization" and n.attrs.get("training_mode", 0) for n in graph.nodes):
+            return "BatchNormalization in training mode"
+        return None
+
+    def _teacher(self, ctx: PassContext) -> onnx.ModelProto:
+        if self.options.teacher:
+            return load_model(self.options.teacher)
+        if ctx.teacher is None:
+            raise InputError("distill needs a teacher: run it inside a pipeline, or give teacher=path.onnx")
+        return ctx.teacher

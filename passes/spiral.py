@@ -1,0 +1,124 @@
+"""spiral: compress a little, distill, repeat, until a size target is met or the accuracy budget
+would be broken.
+
+Each step runs ``passes`` (a pipeline, e.g. ``prune-channels{ratio=0.2}``) then ``distill`` (a
+pipeline, usually one distill pass; empty for none), and measures the metric on the held-out
+set: top-1 accuracy with labels, else top-1 agreement with the teacher (the model as it was before
+the whole pipeline). It stops when parameters (or MACs) fall to ``target_params``
+(``target_macs``) of the original, after ``steps`` steps, when a step compresses nothing more, or
+when a step loses more than ``max_drop`` points against the teacher; that step is rolled back, so
+the result is the last model within budget. The report's ``curve`` has r and the metric for every
+step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphslim.analysis.cost import cost_model
+from graphslim.data import Dataset
+from graphslim.errors import InputError
+from graphslim.ir import Graph
+from graphslim.passmanager import Pass, PassContext, PassManager, PassResult, Skip, register_pass
+from graphslim.pipeline import Pipeline
+from graphslim.verify import run_model
+
+
+@register_pass
+class Spiral(Pass):
+    name = "spiral"
+    exact = False
+
+    @dataclass(frozen=True)
+    class Options:
+        steps: int = 5
+        passes: str = "prune-channels{ratio=0.2}"
+        distill: str = "distill{epochs=2}"
+        target_params: float | None = 0.1
+        target_macs: float | None = None
+        max_drop: float = 1.0
+        eval_fraction: float = 0.2
+
+        def __post_init__(self) -> None:
+            if self.steps < 1:
+                raise ValueError("steps must be >= 1")
+            if self.max_drop < 0:
+                raise ValueError("max_drop must be >= 0")
+            for t in (self.target_params, self.target_macs):
+                if t is not None and not 0.0 < t <= 1.0:
+                    raise ValueError("targets are fractions of the original model, in (0, 1]")
+            if not 0.0 < self.eval_fraction < 1.0:
+                raise ValueError("eval_fraction must be in (0, 1)")
+            if not Pipeline.parse(self.passes).passes:
+                raise ValueError("passes must name at least one compression pass")
+            Pipeline.parse(self.distill)  # validated now, not at step 3
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        if ctx.teacher is None:
+            raise InputError("spiral needs the original model as the teacher: run it inside a pipeline")
+        _, evalset = ctx.train_eval_split(o.eval_fraction)
+        original = cost_model(Graph.from_model(ctx.teacher))
+        teacher_logits = run_model(ctx.teacher, evalset)[0]
+        use_labels = evalset.labels is not None
+        metric_name = "accuracy" if use_labels else "teacher_agreement"
+
+        def metric(g: Graph) -> float:
+            out = run_model(g.to_model(), evalset)[0]
+            ref = evalset.labels if use_labels else np.argmax(teacher_logits, 1)
+            return float(np.mean(np.argmax(out, 1) == ref))
+
+        base = metric_of_logits(teacher_logits, evalset) if use_labels else 1.0
+
+        def point(step: int, g: Graph, m: float) -> dict:
+            c = cost_model(g)
+            return {"step": step, "r_params": round(c.params / original.params, 6),
+                    "r_macs": round(c.macs / original.macs, 6) if original.macs else None,
+                    metric_name: round(m, 6), "drop_points": round(100 * (base - m), 4)}
+
+        curve = [point(0, graph, metric(graph))]
+        compress, distill = Pipeline.parse(o.passes), Pipeline.parse(o.distill)
+        stop, skipped = "steps exhausted", []
+        for step in range(1, o.steps + 1):
+            if self._target_met(curve[-1]):
+                stop = "target reached"
+                break
+            snapshot = graph.copy()
+            records = PassManager(compress).run(graph, ctx)
+            if not any(r.changed for r in records):
+                stop = "the compression passes changed nothing"
+                break
+            if distill.passes:
+                PassManager(distill).run(graph, ctx)
+            m = metric(graph)
+            p = point(step, graph, m)
+            if p["drop_points"] > o.max_drop:
+                p["rolled_back"] = True
+                curve.append(p)
+                graph.assign(snapshot)
+                stop = f"step {step} lost {p['drop_points']:.2f} points, more than max_drop={o.max_drop}"
+                skipped.append(Skip(f"step {step}", f"rolled back: {stop}"))
+                break
+            curve.append(p)
+        else:
+            if self._target_met(curve[-1]):
+                stop = "target reached"
+        kept = [p for p in curve if not p.get("rolled_back")][-1]
+        stats = {"metric": metric_name, "teacher": round(base, 6), "curve": curve, "stopped": stop,
+                 "final_r_params": kept["r_params"], "final_drop_points": kept["drop_points"],
+                 "target_reached": self._target_met(kept)}
+        return PassResult(changed=kept["step"] > 0, stats=stats, skipped=skipped)
+
+    def _target_met(self, p: dict) -> bool:
+        o = self.options
+        if o.target_macs is not None and (p["r_macs"] is None or p["r_macs"] > o.target_macs):
+            return False
+        if o.target_params is not None and p["r_params"] > o.target_params:
+            return False
+        return o.target_params is not None or o.target_macs is not None
+
+
+def metric_of_logits(logits: np.ndarray, data: Dataset) -> float:
+    return float(np.mean(np.argmax(logits, 1) == data.labels))
