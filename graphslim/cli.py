@@ -14,6 +14,7 @@ import logging
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from graphslim import __version__
@@ -73,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("passes", help="list the registered passes with their options")
     _add_common(p)
+
+    r = sub.add_parser("report", help="re-render report.md, report.html and the plots from OUT_DIR/report.json")
+    r.add_argument("folder", metavar="OUT_DIR")
+    _add_common(r)
+
+    c = sub.add_parser("compare", help="several runs in one table and one accuracy-vs-r plot")
+    c.add_argument("folders", nargs="+", metavar="OUT_DIR")
+    c.add_argument("-o", "--output", metavar="DIR", help="also write compare.md, compare.html and compare.png here")
+    _add_common(c)
 
     e = sub.add_parser("eval", help="top-1 accuracy on labelled data, or fidelity to a reference model")
     e.add_argument("model")
@@ -224,7 +234,44 @@ def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
     return EXIT_OK, "\n".join(lines)
 
 
-COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "passes": _cmd_passes, "eval": _cmd_eval}
+def _cmd_report(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.ir import _atomic_write
+    from graphslim.report import load_report, render_files
+
+    rep = load_report(args.folder)
+    files = render_files(rep)
+    files.pop("report.json")  # the source stays as it is
+    for name, data in files.items():
+        _atomic_write(Path(args.folder) / name, data)
+    return EXIT_OK, {"written": sorted(files)} if args.json else f"re-rendered {', '.join(sorted(files))} in {args.folder}"
+
+
+def _cmd_compare(args: argparse.Namespace) -> tuple[int, Any]:
+    import base64
+    import html
+
+    from graphslim.optimize import write_output_dir
+    from graphslim.report import compare_markdown, compare_plot, load_report
+
+    runs = [(Path(f).name or str(f), load_report(f)) for f in args.folders]
+    table = compare_markdown(runs)
+    if args.output:
+        png = compare_plot(runs)
+        files = {"compare.md": (table + ("\n![accuracy vs r](compare.png)\n" if png else "")).encode()}
+        body = "<pre>" + html.escape(table) + "</pre>"
+        if png:
+            files["compare.png"] = png
+            body += f"<img alt='accuracy vs r' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        files["compare.html"] = f"<!doctype html><meta charset='utf-8'><title>graphslim compare</title>{body}".encode()
+        write_output_dir(Path(args.output), files)
+    if args.json:
+        return EXIT_OK, {"runs": [{"name": n, "pipeline": r["pipeline"], "compression": r["compression"],
+                                   "accuracy": r.get("accuracy"), "latency": r.get("latency")} for n, r in runs]}
+    return EXIT_OK, table
+
+
+COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "passes": _cmd_passes, "eval": _cmd_eval,
+            "report": _cmd_report, "compare": _cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

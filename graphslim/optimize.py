@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -125,11 +124,9 @@ def optimize(
                            measure_latency or max_latency_ms is not None))
     report["budgets"] = _budgets(report, max_accuracy_drop, min_compression, max_latency_ms)
     if out_dir is not None:
-        files = {"model.onnx": out_bytes, "report.json": (json.dumps(report, indent=2) + "\n").encode()}
-        from graphslim.report import render_markdown
+        from graphslim.report import render_files
 
-        files["report.md"] = render_markdown(report).encode()
-        write_output_dir(Path(out_dir), files)
+        write_output_dir(Path(out_dir), {"model.onnx": out_bytes, **render_files(report)})
     return OptimizeResult(result, report, Path(out_dir) if out_dir is not None else None)
 
 

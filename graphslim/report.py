@@ -1,15 +1,32 @@
-"""Human-readable rendering of ``report.json`` (Markdown)."""
+"""Human-readable reports rendered from ``report.json``: Markdown, and self-contained HTML with plots.
+
+Everything here reads the report dictionary only, so ``graphslim report OUT_DIR`` re-renders a run
+and ``graphslim compare`` puts several runs side by side without the models. Plots use matplotlib
+with the Agg backend and are embedded in the HTML as base64 PNGs; the Markdown links the same
+PNGs when they are written beside it.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import json
+from pathlib import Path
 from typing import Any
 
-__all__ = ["render_markdown"]
+__all__ = ["SCHEMA_PATH", "compare_markdown", "compare_plot", "layer_rows", "load_report", "plots", "render_files",
+           "render_html", "render_markdown", "summary_rows"]
+
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, int):
@@ -17,8 +34,162 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def load_report(folder: str | Path) -> dict[str, Any]:
+    from graphslim.errors import InputError
+
+    p = Path(folder) / "report.json" if Path(folder).is_dir() else Path(folder)
+    try:
+        rep = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{p}: cannot read a graphslim report ({e})") from None
+    if not isinstance(rep, dict) or "schema_version" not in rep or "before" not in rep:
+        raise InputError(f"{p}: not a graphslim report.json")
+    return rep
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     b, a, c = report["before"], report["after"], report["compression"]
+    rows = [("parameters", _fmt(b["params"]), _fmt(a["params"]), _fmt(c["r_params"])),
+            ("MACs", _fmt(b["macs"]), _fmt(a["macs"]), _fmt(c["r_macs"])),
+            ("size on disk (bytes)", _fmt(b["size_bytes"]), _fmt(a["size_bytes"]), _fmt(c["r_bytes"])),
+            ("weight sparsity", f"{b['sparsity']:.2%}", f"{a['sparsity']:.2%}", ""),
+            ("nodes", _fmt(b["nodes"]), _fmt(a["nodes"]), "")]
+    acc = report.get("accuracy")
+    if acc:
+        rows.append((f"top-1 accuracy ({acc['samples']} samples)", f"{acc['before']:.4f}", f"{acc['after']:.4f}",
+                     f"{-acc['drop_points']:+.2f} points"))
+    lat = report.get("latency")
+    if lat:
+        o, n = lat["ort_original"], lat["ort_compressed"]
+        rows.append((f"ONNX Runtime latency, batch {o['batch']} (median ms)", f"{o['median_ms']:.4g}",
+                     f"{n['median_ms']:.4g}", f"{n['median_ms'] / o['median_ms']:.2f}x" if o["median_ms"] else ""))
+    return rows
+
+
+def _channels(layer: dict[str, Any]) -> Any:
+    shp = layer.get("output_shape") or []
+    return shp[1] if len(shp) > 1 and layer["op"] in ("Conv", "ConvTranspose") else (shp[-1] if shp else None)
+
+
+def layer_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per weight layer of the original: channels, parameters, sparsity, rank, precision after."""
+    after = {lay["name"]: lay for lay in report["after"].get("layers", [])}
+    ranks = {}
+    for p in report["passes"]:
+        for lay in p["stats"].get("layers", []) if isinstance(p["stats"].get("layers"), list) else []:
+            if "rank" in lay:
+                ranks[lay["name"]] = lay["rank"]
+    rows = []
+    for lay in report["before"].get("layers", []):
+        if lay["op"] not in _WEIGHT_OPS:
+            continue
+        new = after.get(lay["name"])
+        partners = [v for k, v in after.items() if k.startswith(lay["name"] + "_") and v["op"] in _WEIGHT_OPS]
+        params_after = None
+        if new is not None:
+            params_after = (new.get("weight_params", 0) or 0) + sum(p.get("weight_params", 0) or 0 for p in partners)
+        rows.append({"name": lay["name"], "op": lay["op"], "channels_before": _channels(lay),
+                     "channels_after": _channels(new) if new else None,
+                     "params_before": lay.get("weight_params", lay["params"]), "params_after": params_after,
+                     "sparsity_after": new["sparsity"] if new and str(new.get("precision", "")).startswith("float")
+                     else None, "rank": ranks.get(lay["name"]),
+                     "precision_after": new.get("precision") if new else "removed"})
+    return rows
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plots(report: dict[str, Any]) -> dict[str, bytes]:
+    """PNG plots: per-layer parameters, accuracy vs compression, latency. Empty if matplotlib is
+    missing (the tables still render)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return {}
+    out: dict[str, bytes] = {}
+
+    def save(fig: Any, name: str) -> None:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        out[name] = buf.getvalue()
+
+    rows = layer_rows(report)
+    if rows:
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+        names = [r["name"] for r in rows][::-1]
+        before = [r["params_before"] or 0 for r in rows][::-1]
+        after = [r["params_after"] or 0 for r in rows][::-1]
+        y = range(len(rows))
+        ax.barh([i + 0.2 for i in y], before, height=0.4, label="before", color="#9aa5b1")
+        ax.barh([i - 0.2 for i in y], after, height=0.4, label="after", color="#2f6fb0")
+        ax.set_yticks(list(y), names, fontsize=8)
+        ax.set_xlabel("weight parameters")
+        ax.set_title("Parameters per layer")
+        ax.legend()
+        save(fig, "layers.png")
+    points = _accuracy_points(report)
+    if points:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs, ys, labels = zip(*points, strict=True)
+        ax.plot(xs, ys, "o-", color="#2f6fb0")
+        for x, yv, label in points:
+            ax.annotate(label, (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("compression ratio r (parameters kept)")
+        ax.set_ylabel(_metric_name(report))
+        ax.set_title("Accuracy vs compression")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        save(fig, "accuracy.png")
+    lat = report.get("latency")
+    if lat:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        labels = ["ORT original", "ORT compressed"]
+        vals = [lat["ort_original"]["median_ms"], lat["ort_compressed"]["median_ms"]]
+        ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0"])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=9)
+        ax.set_ylabel(f"median ms, batch {lat['ort_original']['batch']}")
+        ax.set_title("Latency")
+        save(fig, "latency.png")
+    return out
+
+
+def _metric_name(report: dict[str, Any]) -> str:
+    for p in report["passes"]:
+        if p["name"] == "spiral" and p["stats"].get("metric") == "teacher_agreement":
+            return "top-1 agreement with the original"
+    return "top-1 accuracy" if report.get("accuracy") else "top-1 agreement with the original"
+
+
+def _accuracy_points(report: dict[str, Any]) -> list[tuple[float, float, str]]:
+    for p in report["passes"]:
+        curve = p["stats"].get("curve") if p["name"] == "spiral" else None
+        if curve:
+            key = p["stats"]["metric"]
+            return [(c["r_params"], c[key], f"step {c['step']}" + (" (rolled back)" if c.get("rolled_back") else ""))
+                    for c in curve]
+    acc = report.get("accuracy")
+    if acc:
+        return [(1.0, acc["before"], "original"), (report["compression"]["r_params"], acc["after"], "result")]
+    fid = report.get("fidelity") or {}
+    if fid.get("top1_agreement") is not None:
+        return [(1.0, 1.0, "original"), (report["compression"]["r_params"], fid["top1_agreement"], "result")]
+    return []
+
+
+# --------------------------------------------------------------------------- Markdown and HTML
+
+
+def render_markdown(report: dict[str, Any], images: dict[str, bytes] | None = None) -> str:
     lines = [
         "# graphslim report",
         "",
@@ -28,31 +199,136 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "| | before | after | ratio |",
         "|---|---:|---:|---:|",
-        f"| parameters | {_fmt(b['params'])} | {_fmt(a['params'])} | {_fmt(c['r_params'])} |",
-        f"| MACs | {_fmt(b['macs'])} | {_fmt(a['macs'])} | {_fmt(c['r_macs'])} |",
-        f"| size on disk (bytes) | {_fmt(b['size_bytes'])} | {_fmt(a['size_bytes'])} | {_fmt(c['r_bytes'])} |",
-        f"| weight sparsity | {_fmt(b['sparsity'])} | {_fmt(a['sparsity'])} | |",
-        f"| nodes | {_fmt(b['nodes'])} | {_fmt(a['nodes'])} | |",
     ]
-    acc = report.get("accuracy")
-    if acc:
-        lines.append(f"| accuracy ({acc['samples']} samples) | {acc['before']:.4f} | {acc['after']:.4f} | "
-                     f"drop {acc['drop_points']:.2f} points |")
-    lat = report.get("latency")
-    if lat:
-        o, n = lat["ort_original"], lat["ort_compressed"]
-        ratio = n["median_ms"] / o["median_ms"] if o["median_ms"] else None
-        lines.append(f"| ORT latency, batch {o['batch']} (median ms) | {o['median_ms']:.4g} | {n['median_ms']:.4g} "
-                     f"| {_fmt(ratio)} |")
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
     fid = report.get("fidelity")
     if fid and "error" not in fid:
         lines += ["", f"Fidelity to the original on {fid['samples']} samples ({fid['on']}): max abs diff "
                   f"{fid['max_abs_diff']:.3g}, cosine {fid['cosine']:.6f}, top-1 agreement {_fmt(fid['top1_agreement'])}."]
+    for name, b in (report.get("budgets") or {}).items():
+        lines.append(f"- budget `{name}`: {b['measure']} = {_fmt(b['value'])}, limit {_fmt(b['limit'])}: "
+                     f"**{'met' if b['met'] else 'MISSED'}**")
+    rows = layer_rows(report)
+    if rows:
+        lines += ["", "## Layers", "", "| layer | op | channels | weight params | sparsity | rank | precision |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in rows:
+            sparsity = "-" if r["sparsity_after"] is None else f"{r['sparsity_after']:.0%}"
+            lines.append(f"| {r['name']} | {r['op']} | {_fmt(r['channels_before'])} → {_fmt(r['channels_after'])} | "
+                         f"{_fmt(r['params_before'])} → {_fmt(r['params_after'])} | {sparsity} | "
+                         f"{_fmt(r['rank'])} | {r['precision_after'] or '-'} |")
     lines += ["", "## Passes", "", "| pass | changed | seconds | stats |", "|---|---|---:|---|"]
     for p in report["passes"]:
         stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items() if not isinstance(v, list | dict))
-        lines.append(f"| `{p['pipeline']}` | {'yes' if p['changed'] else 'no'} | {p['seconds']:.3f} | {stats} |")
+        lines.append(f"| `{p['pipeline']}` | {_fmt(p['changed'])} | {p['seconds']:.3f} | {stats} |")
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{n}]({n})" for n in images]
     if report["skipped"]:
         lines += ["", "## Left unchanged, and why", ""]
         lines += [f"- {s['pass']}: `{s['where']}`: {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1000px;color:#1f2933;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #cbd2d9;padding:4px 8px}
+th{background:#f0f4f8;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+code{background:#f0f4f8;padding:1px 4px;border-radius:3px}img{max-width:100%;border:1px solid #e4e7eb;margin:.5em 0}
+.missed{color:#b42318;font-weight:bold}.met{color:#067647;font-weight:bold}"""
+
+
+def _table(header: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
+    numeric = numeric or set()
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        cells = "".join(f"<td{' class=n' if i in numeric else ''}>{html.escape(str(c))}</td>" for i, c in enumerate(row))
+        out.append(f"<tr>{cells}</tr>")
+    return "".join(out) + "</table>"
+
+
+def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>graphslim report</title><style>{_CSS}</style>"
+             "</head><body><h1>graphslim report</h1>",
+             f"<p>Input <code>{e(report['input']['path'])}</code> (opset {report['input']['opset']}), pipeline "
+             f"<code>{e(report['pipeline'])}</code>, graphslim {e(report['versions']['graphslim'])}.</p>",
+             _table(["", "before", "after", "ratio"], [list(r) for r in summary_rows(report)], {1, 2, 3})]
+    budgets = report.get("budgets") or {}
+    if budgets:
+        items = "".join(f"<li><code>{e(n)}</code>: {e(b['measure'])} = {e(_fmt(b['value']))}, limit "
+                        f"{e(_fmt(b['limit']))}: <span class={'met' if b['met'] else 'missed'}>"
+                        f"{'met' if b['met'] else 'missed'}</span></li>" for n, b in budgets.items())
+        parts.append(f"<h2>Budgets</h2><ul>{items}</ul>")
+    for name, title in (("accuracy.png", "Accuracy vs compression"), ("latency.png", "Latency"),
+                        ("layers.png", "Parameters per layer")):
+        if name in images:
+            data = base64.b64encode(images[name]).decode()
+            parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{data}'>")
+    rows = layer_rows(report)
+    if rows:
+        parts.append("<h2>Layers</h2>" + _table(
+            ["layer", "op", "channels", "weight params", "sparsity after", "rank", "precision"],
+            [[r["name"], r["op"], f"{_fmt(r['channels_before'])} → {_fmt(r['channels_after'])}",
+              f"{_fmt(r['params_before'])} → {_fmt(r['params_after'])}",
+              "-" if r["sparsity_after"] is None else f"{r['sparsity_after']:.0%}", _fmt(r["rank"]),
+              r["precision_after"] or "-"] for r in rows], {2, 3, 4, 5}))
+    parts.append("<h2>Passes</h2>" + _table(
+        ["pass", "changed", "seconds", "stats"],
+        [[p["pipeline"], _fmt(p["changed"]), f"{p['seconds']:.3f}",
+          ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items() if not isinstance(v, list | dict))]
+         for p in report["passes"]], {2}))
+    if report["skipped"]:
+        parts.append("<h2>Left unchanged, and why</h2>" + _table(
+            ["pass", "where", "reason"], [[s["pass"], s["where"], s["reason"]] for s in report["skipped"]]))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def compare_markdown(reports: list[tuple[str, dict[str, Any]]]) -> str:
+    """The ablation table: one row per run."""
+    lines = ["| run | pipeline | r params | r bytes | r MACs | accuracy | drop (points) | ORT ms b1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in reports:
+        acc = r.get("accuracy") or {}
+        lat = (r.get("latency") or {}).get("ort_compressed") or {}
+        c = r["compression"]
+        lines.append(f"| {name} | `{r['pipeline']}` | {_fmt(c['r_params'])} | {_fmt(c['r_bytes'])} | "
+                     f"{_fmt(c['r_macs'])} | {_fmt(acc.get('after'))} | {_fmt(acc.get('drop_points'))} | "
+                     f"{_fmt(lat.get('median_ms'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_plot(reports: list[tuple[str, dict[str, Any]]]) -> bytes | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return None
+    pts = [(n, r["compression"]["r_params"], (r.get("accuracy") or {}).get("after")) for n, r in reports]
+    pts = [p for p in pts if p[2] is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, x, y in pts:
+        ax.plot([x], [y], "o")
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("compression ratio r (parameters kept)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_files(report: dict[str, Any]) -> dict[str, bytes]:
+    """report.json, report.md, report.html and the plots, as they are written into OUT_DIR."""
+    images = plots(report)
+    files = {"report.json": (json.dumps(report, indent=2) + "\n").encode(),
+             "report.md": render_markdown(report, images).encode(),
+             "report.html": render_html(report, images).encode()}
+    files.update(images)
+    return files

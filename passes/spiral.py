@@ -91,7 +91,12 @@ class Spiral(Pass):
                 stop = "the compression passes changed nothing"
                 break
             if distill.passes:
-                PassManager(distill).run(graph, ctx)
+                records += PassManager(distill).run(graph, ctx)
+            for r in records:  # what the inner passes left alone reaches the report, once
+                for s in r.skipped:
+                    inner = Skip(s.where, f"{r.name}: {s.reason}")
+                    if inner not in skipped:
+                        skipped.append(inner)
             m = metric(graph)
             p = point(step, graph, m)
             if p["drop_points"] > o.max_drop:

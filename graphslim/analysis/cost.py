@@ -116,6 +116,22 @@ def layer_macs(graph: Graph, node: Node) -> tuple[int, int]:
     return 0, _prod(out)
 
 
+def _weight_info(graph: Graph, node: Node) -> dict[str, Any]:
+    """Precision of a layer's weight (float32, int8, binary) and its element count, looking
+    through a DequantizeLinear that feeds it."""
+    w = node.inputs[1]
+    val = graph.constant(w)
+    if val is not None:
+        return {"precision": str(val.dtype), "weight_params": int(val.size)}
+    prod = graph.producer(w)
+    if prod is not None and prod.op == "DequantizeLinear":
+        q = graph.constant(prod.inputs[0])
+        if q is not None:
+            binary = q.dtype == np.int8 and q.size > 0 and set(np.unique(q).tolist()) <= {-1, 1}
+            return {"precision": "binary" if binary else str(q.dtype), "weight_params": int(q.size)}
+    return {"precision": "dynamic", "weight_params": 0}
+
+
 def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
     """The analysis: usable as ``ctx.analysis(cost_model, graph)``."""
     layers: list[LayerCost] = []
@@ -153,6 +169,8 @@ def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
             if m is not None:
                 layer.extra["block_sparsity"] = {f"{b[0]}x{b[1]}": round(block_sparsity(m, b), 6)
                                                  for b in STANDARD_BLOCKS}
+        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
+            layer.extra.update(_weight_info(graph, node))
         layers.append(layer)
     model = graph.to_model()
     io = []
