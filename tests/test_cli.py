@@ -23,7 +23,8 @@ def test_optimize_example_writes_model_and_report(tmp_path, example_model, examp
     out = tmp_path / "out"
     assert main(["optimize", str(example_model), "-o", str(out), "--data", str(example_data), "--verify", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "latency.png", "layers.png", "model.onnx",
+                                                     "report.html", "report.json", "report.md"]
     assert json.loads((out / "report.json").read_text())["pipeline"] == rep["pipeline"]
     assert example_model.read_bytes() == before  # input untouched
     model = onnx.load(str(out / "model.onnx"))
@@ -82,7 +83,8 @@ def test_existing_output_is_replaced_whole(tmp_path, example_model):
     out.mkdir()
     (out / "stale.txt").write_text("old")
     assert main(["optimize", str(example_model), "-o", str(out), "--no-latency", "-q"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "report.md"]
+    names = {p.name for p in out.iterdir()}
+    assert "stale.txt" not in names and {"model.onnx", "report.json", "report.md", "report.html"} <= names
 
 
 def test_inspect_json_keys(example_model, capsys):
