@@ -121,3 +121,49 @@ def mnist_cnn(epochs: int = 4, seed: int = 0) -> tuple[Path, Path]:
 
 def digits_example() -> tuple[Path, Path]:
     return EXAMPLE / "model.onnx", EXAMPLE / "data.npz"
+
+
+def resnet_cifar(seed: int = 0) -> tuple[Path, Path]:
+    """A ResNet-style CIFAR-sized network (3x32x32, 3 stages of 2 basic blocks, 16/32/64 channels,
+    BatchNorm, projection shortcuts) with random weights, and 512 synthetic inputs (no labels):
+    for latency and fidelity, not accuracy."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from models import ModelBuilder
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    model_path, data_path = RESULTS / "resnet_cifar.onnx", RESULTS / "resnet_cifar_inputs.npz"
+    if model_path.exists() and data_path.exists():
+        return model_path, data_path
+    b = ModelBuilder("resnet_cifar", (1, 3, 32, 32), seed)
+    x = b.relu(b.bn(b.conv("input", 16, bias=False)))
+    for stage, width in enumerate((16, 32, 64)):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            y = b.relu(b.bn(b.conv(x, width, stride=stride, bias=False)))
+            y = b.bn(b.conv(y, width, bias=False))
+            if stride != 1 or b.shapes[x][1] != width:
+                x = b.bn(b.conv(x, width, k=1, stride=stride, pad=0, bias=False))
+            x = b.relu(b.add(y, x))
+    model = b.build(b.gemm(b.flatten(b.gap(x)), 10))
+    onnx.save(model, str(model_path))
+    rng = np.random.default_rng(seed)
+    np.savez_compressed(data_path, input=rng.standard_normal((512, 3, 32, 32)).astype(np.float32))
+    return model_path, data_path
+
+
+def measure(model: onnx.ModelProto, data, batches: tuple[int, ...] = (1, 32)) -> dict[int, float]:
+    """Median ORT latency (ms) per batch size, 200 runs or 10 s at most each."""
+    from graphslim.bench import measure_ort
+
+    return {b: measure_ort(model, data, batch=b, repeat=200, max_seconds=10)["median_ms"] for b in batches}
+
+
+def has_training() -> bool:
+    try:
+        import onnxruntime.training.api  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
