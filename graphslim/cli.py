@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +32,8 @@ EPILOG = """exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 bud
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
     # Also accepted after the command; SUPPRESS keeps the global value when not given here.
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="print nothing but errors (and --json output)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
 
 
@@ -39,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"graphslim {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    ap.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    ap.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json output)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     o = sub.add_parser("optimize", help="run a pass pipeline on a model and write OUT_DIR", epilog=EPILOG)
@@ -63,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact")
     o.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
     o.add_argument("--print-pipeline", action="store_true", help="print the normalized pipeline and exit")
+    o.add_argument("--cache-dir", metavar="DIR", help="reuse the outputs of an earlier run with the same cache key "
+                   "(model, pipeline, data, seed, target, versions); report.json records the key")
     o.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime latency measurement")
     _add_common(o)
 
@@ -111,7 +116,7 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
                    eval_data=args.eval_data, target=args.target, verify=args.verify, seed=args.seed,
                    measure_latency=not args.no_latency, progress=not (args.quiet or args.json),
                    max_accuracy_drop=args.max_accuracy_drop, min_compression=args.min_compression,
-                   max_latency_ms=args.max_latency_ms)
+                   max_latency_ms=args.max_latency_ms, cache_dir=args.cache_dir)
     rep = res.report
     missed = [f"{name}: {b['measure']} = {b['value']}, limit {b['limit']}" for name, b in rep["budgets"].items()
               if not b["met"]]
@@ -274,6 +279,14 @@ COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "passes": _cmd_p
             "report": _cmd_report, "compare": _cmd_compare}
 
 
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so that cleanup code sees it like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
@@ -282,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         ap.print_help(sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so half-written output folders are cleaned up (see write_output_dir).
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         code, out = COMMANDS[args.command](args)
     except GraphslimError as e:
@@ -294,15 +309,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphslim: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("graphslim: terminated", file=sys.stderr)
+        return 143
     except Exception as e:  # noqa: BLE001 - a bug in graphslim: one line unless --debug
         if args.debug:
             raise
         print(f"graphslim: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if getattr(args, "json", False) and not isinstance(out, str):
         print(json.dumps(out, indent=2, default=str))
-    elif out:
+    elif out and not args.quiet:
         print(out)
     return code
 

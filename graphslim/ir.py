@@ -41,6 +41,7 @@ __all__ = [
     "Node",
     "Tensor",
     "Variable",
+    "external_data_files",
     "load_model",
     "model_bytes",
     "save_model",
@@ -92,6 +93,20 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
         length = int(info.get("length", "0") or 0)
         if offset < 0 or length < 0 or offset + length > target.stat().st_size:
             raise InputError(f"tensor '{tensor.name}': external data range runs past the end of '{location}'")
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external data files a model names (sorted, unique), without loading them."""
+    p = Path(path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # noqa: BLE001 - callers have validated the model already
+        return []
+    names = set()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            names.update(e.value for e in tensor.external_data if e.key == "location")
+    return [p.parent / n for n in sorted(names)]
 
 
 def load_model(path: str | os.PathLike[str], *, normalize_opset: bool = True) -> onnx.ModelProto:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -12,17 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from graphslim import __version__
 from graphslim.analysis import cost_model
 from graphslim.data import Dataset, load_data, random_inputs
 from graphslim.errors import InputError
-from graphslim.ir import Graph, load_model, model_bytes
+from graphslim.ir import Graph, external_data_files, load_model, model_bytes
 from graphslim.passmanager import PassContext, PassManager
 from graphslim.pipeline import Pipeline
 
-__all__ = ["OptimizeResult", "optimize", "write_output_dir"]
+__all__ = ["OptimizeResult", "cache_key", "optimize", "write_output_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ def optimize(
     max_accuracy_drop: float | None = None,
     min_compression: float | None = None,
     max_latency_ms: float | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> OptimizeResult:
     """Optimize the model at ``model_path`` and (if ``out_dir``) write ``model.onnx``,
     ``report.json`` and ``report.md`` there. The output folder is replaced whole or not at all.
@@ -75,6 +78,10 @@ def optimize(
     role each. With labels, accuracy is reported. Budgets (accuracy drop in points, compression
     ratio r of parameters, ORT latency in ms at batch 1) are checked after the run and reported
     under ``budgets``; the outputs are written either way.
+
+    ``report["cache"]["key"]`` hashes everything the result depends on (model and external data
+    bytes, normalized pipeline, data sets, seed, target, verify, versions). With ``cache_dir``,
+    a run whose key is already there copies the stored outputs instead of running the pipeline.
     """
     from graphslim.passes import DEFAULT_PIPELINE
 
@@ -82,8 +89,8 @@ def optimize(
     if out_dir is not None:
         _check_out_dir(src, Path(out_dir))
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline or DEFAULT_PIPELINE)
-    raw = src.read_bytes() if src.is_file() else b""
     original = load_model(src)
+    model_hash = _model_sha256(src)
 
     def _load(d: str | os.PathLike[str] | Dataset | None) -> Dataset | None:
         return d if isinstance(d, Dataset) or d is None else load_data(d, original)
@@ -91,6 +98,16 @@ def optimize(
     dataset, train_set, eval_set = _load(data), _load(train_data), _load(eval_data)
     train_set = train_set or dataset
     report_set = eval_set or dataset or train_set
+    key = cache_key(model_hash, str(pipe), {"data": dataset, "train": train_set, "eval": eval_set},
+                    seed=seed, target=target, verify=verify)
+    cached = _from_cache(Path(cache_dir) / key, out_dir) if cache_dir is not None else None
+    if cached is not None:
+        cached.report["cache"] = {"key": key, "hit": True}
+        cached.report["budgets"] = _budgets(cached.report, max_accuracy_drop, min_compression, max_latency_ms)
+        if out_dir is not None:
+            _write(Path(out_dir), cached.model_bytes, cached.report)
+        return OptimizeResult(onnx.load_from_string(cached.model_bytes), cached.report,
+                              Path(out_dir) if out_dir is not None else None)
 
     graph = Graph.from_model(original)
     graph.infer_shapes()
@@ -107,7 +124,7 @@ def optimize(
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "versions": _versions(),
-        "input": {"path": str(src), "sha256": _sha256(raw), "opset": _opset(original)},
+        "input": {"path": str(src), "sha256": model_hash, "opset": _opset(original)},
         "output": {"model": "model.onnx", "sha256": _sha256(out_bytes)},
         "pipeline": str(pipe),
         "seed": seed,
@@ -123,11 +140,62 @@ def optimize(
     report.update(_quality(original, result, report_set, seed,
                            measure_latency or max_latency_ms is not None))
     report["budgets"] = _budgets(report, max_accuracy_drop, min_compression, max_latency_ms)
+    report["cache"] = {"key": key, "hit": False}
+    if cache_dir is not None:
+        _write(Path(cache_dir) / key, out_bytes, report)
     if out_dir is not None:
-        from graphslim.report import render_files
-
-        write_output_dir(Path(out_dir), {"model.onnx": out_bytes, **render_files(report)})
+        _write(Path(out_dir), out_bytes, report)
     return OptimizeResult(result, report, Path(out_dir) if out_dir is not None else None)
+
+
+def _write(folder: Path, model: bytes, report: dict[str, Any]) -> None:
+    from graphslim.report import render_files
+
+    write_output_dir(folder, {"model.onnx": model, **render_files(report)})
+
+
+@dataclass
+class _Cached:
+    model_bytes: bytes
+    report: dict[str, Any]
+
+
+def _from_cache(entry: Path, out_dir: Any) -> _Cached | None:
+    try:
+        return _Cached((entry / "model.onnx").read_bytes(), json.loads((entry / "report.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _model_sha256(path: Path) -> str:
+    """sha256 of the model file and, in order, the external data files it names (streamed)."""
+    h = hashlib.sha256()
+    for p in [path, *external_data_files(path)]:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(model_sha256: str, pipeline: str, data: dict[str, Dataset | None], *, seed: int,
+              target: str | None, verify: bool) -> str:
+    """What a build system can key on: same key, same outputs (model bytes and report numbers)."""
+    h = hashlib.sha256()
+    meta = {"model": model_sha256, "pipeline": pipeline, "seed": seed, "target": target, "verify": verify,
+            "versions": _versions()}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for role in sorted(data):
+        ds = data[role]
+        h.update(f"|{role}:".encode())
+        if ds is None:
+            continue
+        for name in sorted(ds.inputs):
+            h.update(name.encode())
+            h.update(str(ds.inputs[name].dtype).encode() + str(ds.inputs[name].shape).encode())
+            h.update(np.ascontiguousarray(ds.inputs[name]).tobytes())
+        if ds.labels is not None:
+            h.update(b"labels" + np.ascontiguousarray(ds.labels).tobytes())
+    return h.hexdigest()[:32]
 
 
 def _budgets(report: dict[str, Any], max_drop: float | None, max_r: float | None,

@@ -60,6 +60,8 @@ class Skip:
 
 @dataclass
 class PassResult:
+    """What a pass returns: whether it changed the graph, its stats, and what it left alone."""
+
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
@@ -145,11 +147,13 @@ def _load_passes() -> None:
 
 
 def registered_passes() -> dict[str, type[Pass]]:
+    """All passes by name: the built-in ones and those of installed plugins."""
     _load_passes()
     return dict(sorted(_REGISTRY.items()))
 
 
 def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as ``name``; a :class:`PipelineError` listing the valid names if none is."""
     _load_passes()
     try:
         return _REGISTRY[name]
