@@ -20,6 +20,7 @@ from graphslim.errors import InputError
 __all__ = ["Dataset", "load_data", "load_npz", "random_inputs"]
 
 LABELS = "labels"
+MAX_SAMPLE_ELEMENTS = 2**26  # random inputs larger than this (per input) are refused, not allocated
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,9 @@ def random_inputs(model: onnx.ModelProto, n: int = 4, seed: int = 0) -> Dataset:
     inputs = {}
     for name, (dtype, dims) in _input_specs(model).items():
         shape = [d if isinstance(d, int) and d > 0 else (n if i == 0 else 1) for i, d in enumerate(dims)]
+        if int(np.prod(shape, dtype=np.float64)) > MAX_SAMPLE_ELEMENTS:
+            raise InputError(f"input '{name}' declares shape {dims}: too large to sample "
+                             f"(more than {MAX_SAMPLE_ELEMENTS:,} elements); give --data")
         kind = np.dtype(dtype).kind
         if kind == "f":
             inputs[name] = rng.standard_normal(shape).astype(dtype)

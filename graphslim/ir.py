@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper
 
 from graphslim.errors import InputError
@@ -128,6 +129,10 @@ def load_model(path: str | os.PathLike[str], *, normalize_opset: bool = True) ->
         raise InputError(f"{p}: not a valid ONNX model ({type(e).__name__}: {_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - protobuf's C parser raises odd types on garbage
         raise InputError(f"{p}: not a valid ONNX model ({type(e).__name__})") from None
+    try:
+        _touch_strings(model)
+    except UnicodeError:
+        raise InputError(f"{p}: not a valid ONNX model (a name or string is not valid UTF-8)") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise InputError(f"{p}: not a valid ONNX model (no graph or no nodes)")
     if len(model.graph.output) == 0:
@@ -138,6 +143,7 @@ def load_model(path: str | os.PathLike[str], *, normalize_opset: bool = True) ->
     except (OSError, ValueError) as e:
         raise InputError(f"{p}: cannot read external data ({_first_line(e)})") from None
 
+    _check_initializers(model, str(p))
     opset = _default_opset(model)
     if opset is None:
         raise InputError(f"{p}: the model imports no default-domain (ai.onnx) opset")
@@ -149,6 +155,55 @@ def load_model(path: str | os.PathLike[str], *, normalize_opset: bool = True) ->
     if normalize_opset and opset < NORMALIZED_OPSET:
         model = _convert_opset(model, NORMALIZED_OPSET, what=str(p))
     return model
+
+
+def _touch_strings(msg: Any) -> None:
+    """Decode every string field once: protobuf decodes lazily, so invalid UTF-8 in a name would
+    otherwise surface as a UnicodeDecodeError deep inside a pass."""
+    for field, value in msg.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING:
+            for v in [value] if isinstance(value, str | bytes) else value:
+                if not isinstance(v, str):  # protobuf hands back invalid UTF-8 as bytes
+                    raise UnicodeError("not UTF-8")
+                v.encode("utf-8")  # lone surrogates from a lenient decode fail here
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if isinstance(value, Message):
+                _touch_strings(value)
+            else:  # a repeated field
+                for item in value:
+                    _touch_strings(item)
+
+
+def _check_initializers(model: onnx.ModelProto, what: str) -> None:
+    """Every initializer holds as many values as its dims declare (the checker does not ensure it)."""
+    for t in model.graph.initializer:
+        if any(d < 0 for d in t.dims):
+            raise InputError(f"{what}: initializer '{t.name}' has a negative dimension {list(t.dims)}")
+        n = 1
+        for d in t.dims:
+            n *= d
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # checked against the file by _check_external_data, and by onnx when read
+        if t.data_type in (onnx.TensorProto.UNDEFINED,) or t.data_type not in onnx.helper.get_all_tensor_dtypes():
+            raise InputError(f"{what}: initializer '{t.name}' has an unknown data type {t.data_type}")
+        if t.data_type == onnx.TensorProto.STRING:
+            held = len(t.string_data)
+        elif t.raw_data:
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            except (KeyError, TypeError, ValueError):
+                continue  # sub-byte and exotic types: leave them to onnx
+            if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+                continue
+            held = len(t.raw_data) // itemsize if itemsize else n
+        else:
+            field = onnx.helper.tensor_dtype_to_field(t.data_type)
+            held = len(getattr(t, field))
+            if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+                held //= 2
+        if held != n:
+            raise InputError(f"{what}: initializer '{t.name}' declares shape {list(t.dims)} ({n} values) "
+                             f"but holds {held}")
 
 
 def check_and_infer(model: onnx.ModelProto, *, what: str = "model") -> onnx.ModelProto:
