@@ -43,6 +43,8 @@ __all__ = [
     "Tensor",
     "Variable",
     "external_data_files",
+    "is_large",
+    "model_size",
     "load_model",
     "model_bytes",
     "save_model",
@@ -207,24 +209,28 @@ def _check_initializers(model: onnx.ModelProto, what: str) -> None:
 
 
 def check_and_infer(model: onnx.ModelProto, *, what: str = "model") -> onnx.ModelProto:
-    """onnx.checker plus strict shape inference; errors become :class:`InputError`."""
+    """onnx.checker plus strict shape inference; errors become :class:`InputError`.
+
+    Both run on a copy without the big weights (they only need their types and shapes), so a
+    model is never copied whole and models over 2 GB, which protobuf cannot serialize, work too.
+    The inferred value_info is written into ``model``, which is returned.
+    """
+    light = _strip_large_initializers(model)
     try:
-        if model.ByteSize() > _TWO_GB:
-            # The checker refuses protos over 2 GB; check the graph without its weights.
-            light = onnx.ModelProto()
-            light.CopyFrom(model)
-            for init in light.graph.initializer:
-                init.ClearField("raw_data")
-                init.data_location = onnx.TensorProto.DEFAULT
-            onnx.checker.check_model(light)
-        else:
-            onnx.checker.check_model(model)
+        onnx.checker.check_model(light)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise InputError(f"{what}: fails onnx.checker: {_first_line(e)}") from None
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=True)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
         raise InputError(f"{what}: shape inference failed: {_first_line(e)}") from None
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    outputs = {o.name: o for o in inferred.graph.output}
+    for o in model.graph.output:
+        if o.name in outputs:
+            o.CopyFrom(outputs[o.name])
+    return model
 
 
 def _convert_opset(model: onnx.ModelProto, opset: int, *, what: str) -> onnx.ModelProto:
@@ -251,6 +257,21 @@ def model_bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
+def model_size(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes (also for models over 2 GB, which cannot be serialized whole)."""
+    try:
+        return model.ByteSize()
+    except Exception:  # noqa: BLE001 - protobuf refuses sizes past 2 GB in some versions
+        light = _strip_large_initializers(model)
+        return light.ByteSize() + sum(len(i.raw_data) for i in model.graph.initializer
+                                      if int(np.prod(i.dims, dtype=np.int64)) > 4096)
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """True if the model cannot be written as one protobuf (2 GB limit): weights go to a .data file."""
+    return model_size(model) > _TWO_GB
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """Write atomically: a temporary file in the target folder, then a rename.
 
@@ -261,7 +282,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
-    if model.ByteSize() <= _TWO_GB:
+    if not is_large(model):
         _atomic_write(p, model_bytes(model))
         return
     data_name = p.name + ".data"

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,15 @@ from graphslim import __version__
 from graphslim.analysis import cost_model
 from graphslim.data import Dataset, load_data, random_inputs
 from graphslim.errors import InputError
-from graphslim.ir import Graph, external_data_files, load_model, model_bytes
+from graphslim.ir import (
+    Graph,
+    _strip_large_initializers,
+    external_data_files,
+    is_large,
+    load_model,
+    model_bytes,
+    save_model,
+)
 from graphslim.passmanager import PassContext, PassManager
 from graphslim.pipeline import Pipeline
 
@@ -105,7 +114,7 @@ def optimize(
         cached.report["cache"] = {"key": key, "hit": True}
         cached.report["budgets"] = _budgets(cached.report, max_accuracy_drop, min_compression, max_latency_ms)
         if out_dir is not None:
-            _write(Path(out_dir), cached.model_bytes, cached.report)
+            _write(Path(out_dir), cached.model_bytes, cached.report)  # (cached models are under 2 GB)
         return OptimizeResult(onnx.load_from_string(cached.model_bytes), cached.report,
                               Path(out_dir) if out_dir is not None else None)
 
@@ -119,13 +128,12 @@ def optimize(
     total = time.perf_counter() - t0
     result = graph.to_model()
     after = cost_model(graph)
-    out_bytes = model_bytes(result)
 
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "versions": _versions(),
         "input": {"path": str(src), "sha256": model_hash, "opset": _opset(original)},
-        "output": {"model": "model.onnx", "sha256": _sha256(out_bytes)},
+        "output": {"model": "model.onnx", "sha256": model_digest(result)},
         "pipeline": str(pipe),
         "seed": seed,
         "target": target,
@@ -142,16 +150,33 @@ def optimize(
     report["budgets"] = _budgets(report, max_accuracy_drop, min_compression, max_latency_ms)
     report["cache"] = {"key": key, "hit": False}
     if cache_dir is not None:
-        _write(Path(cache_dir) / key, out_bytes, report)
+        _write(Path(cache_dir) / key, result, report)
     if out_dir is not None:
-        _write(Path(out_dir), out_bytes, report)
+        _write(Path(out_dir), result, report)
     return OptimizeResult(result, report, Path(out_dir) if out_dir is not None else None)
 
 
-def _write(folder: Path, model: bytes, report: dict[str, Any]) -> None:
+def model_digest(model: onnx.ModelProto) -> str:
+    """sha256 of the serialized model; for models over 2 GB, of the model without its big
+    weights followed by those weights' bytes (the same bytes every run)."""
+    if not is_large(model):
+        return _sha256(model_bytes(model))
+    h = hashlib.sha256(model_bytes(_strip_large_initializers(model)))
+    for init in model.graph.initializer:
+        h.update(init.raw_data)
+    return h.hexdigest()
+
+
+def _write(folder: Path, model: onnx.ModelProto | bytes, report: dict[str, Any]) -> None:
     from graphslim.report import render_files
 
-    write_output_dir(folder, {"model.onnx": model, **render_files(report)})
+    if isinstance(model, bytes):
+        entry: bytes | Callable[[Path], None] = model
+    elif is_large(model):
+        entry = lambda d: save_model(model, d / "model.onnx")  # noqa: E731 - writes model.onnx.data beside it
+    else:
+        entry = model_bytes(model)
+    write_output_dir(folder, {"model.onnx": entry, **render_files(report)})
 
 
 @dataclass
@@ -272,8 +297,11 @@ def _check_out_dir(src: Path, out: Path) -> None:
         raise InputError(f"{out}: the output folder contains the input model; choose another folder")
 
 
-def write_output_dir(out_dir: Path, files: dict[str, bytes]) -> None:
+def write_output_dir(out_dir: Path, files: dict[str, bytes | Callable[[Path], None]]) -> None:
     """Write ``files`` into ``out_dir``: everything appears at once, or nothing changes.
+
+    A value is the file's bytes, or a function that writes the file (and any companion files,
+    such as external weights) into the folder it is given.
 
     The files go to a temporary sibling folder first, which then replaces ``out_dir`` by rename.
     """
@@ -287,7 +315,10 @@ def write_output_dir(out_dir: Path, files: dict[str, bytes]) -> None:
     old: Path | None = None
     try:
         for name, data in files.items():
-            (tmp / name).write_bytes(data)
+            if callable(data):
+                data(tmp)
+            else:
+                (tmp / name).write_bytes(data)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.old-"))
             os.rmdir(old)

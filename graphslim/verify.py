@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
 from graphslim.data import Dataset
-from graphslim.ir import model_bytes
+from graphslim.ir import is_large, model_bytes, save_model
 
 __all__ = ["Fidelity", "accuracy", "compare_outputs", "ort_session", "run_model"]
 
@@ -26,9 +28,16 @@ def ort_session(model: onnx.ModelProto | bytes, *, optimize: bool = False, threa
     so = ort.SessionOptions()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures surface as exceptions; native error logs would only be noise
     if threads:
         so.intra_op_num_threads = threads
+    if not isinstance(model, bytes) and is_large(model):
+        # Over 2 GB: ORT reads external data from files only. The folder lives as long as the session.
+        tmp = tempfile.TemporaryDirectory(prefix="graphslim-ort-")
+        save_model(model, Path(tmp.name) / "model.onnx")
+        sess = ort.InferenceSession(str(Path(tmp.name) / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        sess._graphslim_tmp = tmp
+        return sess
     data = model if isinstance(model, bytes) else model_bytes(model)
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 

@@ -225,7 +225,13 @@ class _Analyzer:
             if node.domain not in (None, "", "ai.onnx") or handler is None:
                 self.freeze_inputs(node)
                 continue
-            handler(self, node)
+            try:
+                handler(self, node)
+            except (IndexError, ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+                # A malformed node (a weight of the wrong rank, an odd attribute): never prune near it.
+                self.freeze_inputs(node, f"{node.op} '{node.name}' could not be analyzed ({type(e).__name__}: {e})")
+                for o in node.outputs:
+                    self.tc.pop(id(o), None)
         for t in g.outputs:
             self.freeze(self.get(t), f"reaches graph output '{t.name}'")
         return self._finish()
@@ -289,7 +295,7 @@ def _conv(an: _Analyzer, node: Node) -> None:
     g = an.g
     w = g.constant(node.inputs[1])
     x = an.get(node.inputs[0])
-    if w is None or (_has_bias(node) and g.constant(node.inputs[2]) is None):
+    if w is None or w.ndim < 3 or (_has_bias(node) and g.constant(node.inputs[2]) is None):
         an.freeze(x, f"Conv '{node.name}' has non-constant weights")
         an.set(node.outputs[0], an.fresh(node.outputs[0], node, 1, f"Conv '{node.name}' has non-constant weights"))
         return
@@ -347,7 +353,7 @@ def _conv_transpose(an: _Analyzer, node: Node) -> None:
     x = an.get(node.inputs[0])
     groups = int(node.attrs.get("group", 1))
     bias_ok = not _has_bias(node) or g.constant(node.inputs[2]) is not None
-    if w is None or groups != 1 or not bias_ok or "output_shape" in node.attrs:
+    if w is None or w.ndim < 3 or groups != 1 or not bias_ok or "output_shape" in node.attrs:
         why = f"ConvTranspose '{node.name}' is grouped, has non-constant weights or a fixed output_shape"
         an.freeze(x, why)
         an.set(node.outputs[0], an.fresh(node.outputs[0], node, 1, why))
@@ -371,7 +377,7 @@ def _gemm(an: _Analyzer, node: Node) -> None:
     x = an.get(node.inputs[0])
     c = g.constant(node.inputs[2]) if _has_bias(node) else None
     trans_b = int(node.attrs.get("transB", 0))
-    if w is None or node.attrs.get("transA", 0) or (_has_bias(node) and c is None):
+    if w is None or w.ndim != 2 or node.attrs.get("transA", 0) or (_has_bias(node) and c is None):
         why = f"Gemm '{node.name}' has transA or non-constant weights"
         an.freeze(x, why)
         an.set(node.outputs[0], an.fresh(node.outputs[0], node, 1, why))
