@@ -38,6 +38,6 @@ def measure_ort(model: onnx.ModelProto, data: Dataset, *, batch: int = 1, warmup
 
 
 def _batch_of(data: Dataset, batch: int) -> dict[str, np.ndarray]:
-    n = len(data)
-    idx = np.arange(batch) % n
-    return {k: v[idx] for k, v in data.inputs.items()}
+    head = data.take(batch)
+    idx = np.arange(batch) % len(head)
+    return {k: v[idx] for k, v in head.inputs.items()}

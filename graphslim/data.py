@@ -11,13 +11,14 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from graphslim.errors import InputError
 
-__all__ = ["Dataset", "load_data", "load_npz", "random_inputs"]
+__all__ = ["Dataset", "ShardedDataset", "load_data", "load_npz", "load_shards", "random_inputs"]
 
 LABELS = "labels"
 MAX_SAMPLE_ELEMENTS = 2**26  # random inputs larger than this (per input) are refused, not allocated
@@ -42,14 +43,35 @@ class Dataset:
         return Dataset({k: v[start:stop] for k, v in self.inputs.items()},
                        None if self.labels is None else self.labels[start:stop])
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Dataset]:
-        """Batches in order, or shuffled deterministically by ``seed``."""
+    def index_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+                      ) -> Iterator[tuple[np.ndarray, Dataset]]:
+        """(sample indices, batch) pairs in order, or shuffled deterministically by ``seed``."""
         n = len(self)
         order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            yield Dataset({k: v[idx] for k, v in self.inputs.items()},
-                          None if self.labels is None else self.labels[idx])
+            yield idx, self.subset(idx)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Dataset]:
+        """Batches in order, or shuffled deterministically by ``seed``."""
+        for _, batch in self.index_batches(batch_size, shuffle=shuffle, seed=seed):
+            yield batch
+
+    def split(self, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+        """(train, eval): a seeded random ``eval_fraction`` held out."""
+        n = len(self)
+        order = np.random.default_rng(seed).permutation(n)
+        n_eval = min(max(1, int(round(eval_fraction * n))), n - 1)
+        return self.subset(order[n_eval:]), self.subset(order[:n_eval])
+
+    def fingerprint(self, h: Any) -> None:
+        """Feed everything that identifies the data into hash ``h``."""
+        for name in sorted(self.inputs):
+            arr = np.ascontiguousarray(self.inputs[name])
+            h.update(f"{name}{arr.dtype}{arr.shape}".encode())
+            h.update(arr.tobytes())
+        if self.labels is not None:
+            h.update(b"labels" + np.ascontiguousarray(self.labels).tobytes())
 
 
 def _input_specs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list[int | str]]]:
@@ -163,16 +185,154 @@ def _from_entry_point(spec: str, model: onnx.ModelProto) -> Dataset:
     return _concat(parts, spec)
 
 
-def load_data(spec: str | Path, model: onnx.ModelProto) -> Dataset:
-    """A data set from an ``.npz`` file, a folder of ``.npz`` shards (read in name order), or a
-    Python entry point ``module:function`` returning an iterable of batches (dicts of arrays named
-    after the model inputs, optionally ``labels``). Shards and batches are concatenated in memory."""
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of the arrays in an .npz, read from the .npy headers without the data."""
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with zf.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = reader(f)
+                out[member[:-4]] = (tuple(shape), np.dtype(dtype))
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npz file ({e})") from None
+    return out
+
+
+class ShardedDataset:
+    """A data set in a folder of ``.npz`` shards, read one shard at a time.
+
+    Batches stream: the shard order and the order inside each shard are shuffled by the seed,
+    and only one shard's arrays are in memory at once. Labels (one integer per sample) are kept
+    in memory. It offers what graphslim's passes use of :class:`Dataset`: ``len``, ``labels``,
+    ``take``, ``index_batches``/``batches``, ``split`` (whole shards held out) and ``fingerprint``.
+    """
+
+    def __init__(self, shards: list[Path], counts: list[int], model: onnx.ModelProto):
+        self.shards, self.counts, self._model = shards, counts, model
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._labels: np.ndarray | None = None
+        self._has_labels = LABELS in _npz_headers(shards[0])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _load(self, i: int) -> Dataset:
+        return load_npz(self.shards[i], self._model)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        if self._has_labels and self._labels is None:
+            parts = []
+            for p in self.shards:
+                with np.load(p, allow_pickle=False) as z:
+                    parts.append(z[LABELS])
+            self._labels = np.concatenate(parts)
+        return self._labels
+
+    def take(self, n: int) -> Dataset:
+        parts, have = [], 0
+        for i in range(len(self.shards)):
+            if have >= n:
+                break
+            d = self._load(i)
+            parts.append(d.take(n - have))
+            have += len(parts[-1])
+        return _concat(parts, str(self.shards[0].parent))
+
+    def slice(self, start: int, stop: int) -> Dataset:
+        return self.take(stop).slice(start, stop)
+
+    def index_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+                      ) -> Iterator[tuple[np.ndarray, Dataset]]:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+        for i in order:
+            d = self._load(int(i))
+            local = rng.permutation(len(d)) if shuffle else np.arange(len(d))
+            for start in range(0, len(d), batch_size):
+                idx = local[start:start + batch_size]
+                yield idx + self.starts[i], d.subset(idx)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Dataset]:
+        for _, batch in self.index_batches(batch_size, shuffle=shuffle, seed=seed):
+            yield batch
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        indices = np.asarray(indices)
+        parts = []
+        for i in range(len(self.shards)):
+            lo, hi = self.starts[i], self.starts[i + 1]
+            local = indices[(indices >= lo) & (indices < hi)] - lo
+            if len(local):
+                parts.append(self._load(i).subset(local))
+        return _concat(parts, str(self.shards[0].parent))
+
+    def split(self, eval_fraction: float, seed: int) -> tuple[ShardedDataset, ShardedDataset]:
+        """Whole shards held out (seeded), so both parts still stream."""
+        if len(self.shards) < 2:
+            raise InputError(f"{self.shards[0].parent}: one shard cannot be split; give --eval-data")
+        order = np.random.default_rng(seed).permutation(len(self.shards))
+        k = min(max(1, int(round(eval_fraction * len(self.shards)))), len(self.shards) - 1)
+        ev, tr = sorted(order[:k].tolist()), sorted(order[k:].tolist())
+        pick = lambda ids: ShardedDataset([self.shards[i] for i in ids], [self.counts[i] for i in ids],  # noqa: E731
+                                          self._model)
+        return pick(tr), pick(ev)
+
+    def fingerprint(self, h: Any) -> None:
+        for p in self.shards:
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(chunk)
+
+
+def load_shards(folder: Path, model: onnx.ModelProto) -> ShardedDataset:
+    """Validate every shard from its headers (names, ranks, dims, dtypes, counts) and return a
+    streaming data set; no shard's data is read here."""
+    shards = sorted(folder.glob("*.npz"))
+    if not shards:
+        raise InputError(f"{folder}: the folder has no .npz shards")
+    specs = _input_specs(model)
+    counts, with_labels = [], None
+    for p in shards:
+        heads = _npz_headers(p)
+        missing = [n for n in specs if n not in heads]
+        if missing:
+            raise InputError(f"{p}: no array for model input(s) {', '.join(missing)}")
+        unknown = [k for k in heads if k not in specs and k != LABELS]
+        if unknown:
+            raise InputError(f"{p}: arrays {', '.join(unknown)} match no model input")
+        n = {heads[k][0][0] if heads[k][0] else -1 for k in heads}
+        if len(n) != 1 or -1 in n:
+            raise InputError(f"{p}: arrays have different sample counts")
+        for name, (_, dims) in specs.items():
+            shape, dt = heads[name]
+            if len(shape) != len(dims) or any(i > 0 and isinstance(d, int) and d > 0 and shape[i] != d
+                                              for i, d in enumerate(dims)):
+                raise InputError(f"{p}: array '{name}' has shape {shape}, the model expects {dims}")
+            if dt.kind not in "fiu":
+                raise InputError(f"{p}: array '{name}' has dtype {dt}")
+        if with_labels is None:
+            with_labels = LABELS in heads
+        elif with_labels != (LABELS in heads):
+            raise InputError(f"{p}: some shards have labels and some do not")
+        counts.append(n.pop())
+    return ShardedDataset(shards, counts, model)
+
+
+def load_data(spec: str | Path, model: onnx.ModelProto) -> Dataset | ShardedDataset:
+    """A data set from an ``.npz`` file, a folder of ``.npz`` shards (read in name order and
+    streamed, see :class:`ShardedDataset`), or a Python entry point ``module:function`` returning
+    an iterable of batches (dicts of arrays named after the model inputs, optionally ``labels``;
+    concatenated in memory)."""
     p = Path(spec)
     if p.is_dir():
-        shards = sorted(p.glob("*.npz"))
-        if not shards:
-            raise InputError(f"{p}: the folder has no .npz shards")
-        return _concat([load_npz(s, model) for s in shards], str(p))
+        return load_shards(p, model)
     if not p.exists() and ":" in str(spec) and not str(spec).endswith(".npz"):
         return _from_entry_point(str(spec), model)
     return load_npz(p, model)

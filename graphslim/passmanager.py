@@ -199,12 +199,9 @@ class PassContext:
             raise GraphslimError("this pass needs a data set: give --data (and optionally --eval-data)")
         if self.eval_data is not None:
             return self.data, self.eval_data
-        n = len(self.data)
-        if n < 2:
+        if len(self.data) < 2:
             raise GraphslimError("the data set has fewer than 2 samples: cannot hold any out for evaluation")
-        order = np.random.default_rng(self.seed).permutation(n)
-        n_eval = min(max(1, int(round(eval_fraction * n))), n - 1)
-        return self.data.subset(order[n_eval:]), self.data.subset(order[:n_eval])
+        return self.data.split(eval_fraction, self.seed)
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator seeded from the context seed and ``salt`` (e.g. the pass name)."""

@@ -237,10 +237,7 @@ def distill_graph(graph: Graph, teacher: onnx.ModelProto, train: Dataset, evalse
         def evaluate(data: Dataset, probs: np.ndarray, teacher_logits: np.ndarray) -> tuple[float, float]:
             module.eval()
             losses, hits, n = [], 0, 0
-            order = np.arange(len(data))
-            for start in range(0, len(data), 256):
-                idx = order[start:start + 256]
-                batch = data.subset(idx)
+            for idx, batch in data.index_batches(256):
                 loss, logits = module(*feeds(batch, probs[idx]))
                 losses.append(float(loss) * len(idx))
                 ref = batch.labels if with_labels else np.argmax(teacher_logits[idx], 1)
@@ -264,12 +261,8 @@ def distill_graph(graph: Graph, teacher: onnx.ModelProto, train: Dataset, evalse
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             module.train()
-            rng = np.random.default_rng([cfg.seed, epoch])
-            order = rng.permutation(len(train))
             train_losses = []
-            for start in range(0, len(train), cfg.batch_size):
-                idx = order[start:start + cfg.batch_size]
-                batch = train.subset(idx)
+            for idx, batch in train.index_batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch):
                 loss, _ = module(*feeds(batch, p_train[idx]))
                 optimizer.step()
                 module.lazy_reset_grad()

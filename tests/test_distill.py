@@ -89,3 +89,23 @@ def test_distill_without_training_extra_names_the_extra(digits):
     with pytest.raises(PassError) as e:
         apply(model, "fold-batchnorm,distill{epochs=1}", data=data, teacher=model)
     assert isinstance(e.value.cause, GraphslimError) and "graphslim[training]" in str(e.value)
+
+
+@training
+def test_distill_streams_sharded_training_data(digits, tmp_path):
+    from conftest import EXAMPLE
+
+    from graphslim.optimize import optimize
+
+    model, data = digits
+    for folder, (lo, hi) in (("train", (0, 400)), ("eval", (400, 497))):
+        (tmp_path / folder).mkdir()
+        for i, start in enumerate(range(lo, hi, 100)):
+            part = data.slice(start, min(start + 100, hi))
+            np.savez(tmp_path / folder / f"shard{i}.npz", input=part.inputs["input"], labels=part.labels)
+    res = optimize(EXAMPLE / "model.onnx", None,
+                   pipeline="fold-batchnorm,eliminate-identity,prune-channels{ratio=0.5},distill{epochs=4}",
+                   train_data=tmp_path / "train", eval_data=tmp_path / "eval", measure_latency=False)
+    st = next(p for p in res.report["passes"] if p["name"] == "distill")["stats"]
+    assert st["train_samples"] == 400 and st["eval_samples"] == 97
+    assert st["after"] > st["before"] + 0.3

@@ -84,6 +84,18 @@ def test_data_from_shards_and_entry_point(tmp_path, digits, monkeypatch):
         np.savez(tmp_path / "shards" / f"part{i}.npz", input=part.inputs["input"], labels=part.labels)
     sharded = load_data(tmp_path / "shards", model)
     assert len(sharded) == 300 and np.array_equal(sharded.labels, data.labels[:300])
+    # Streams: batches cover every sample once, shuffled by the seed, with their global indices.
+    seen = np.concatenate([idx for idx, _ in sharded.index_batches(64, shuffle=True, seed=3)])
+    assert sorted(seen.tolist()) == list(range(300)) and seen.tolist() != list(range(300))
+    for idx, batch in sharded.index_batches(50, shuffle=True, seed=3):
+        np.testing.assert_array_equal(batch.inputs["input"], data.inputs["input"][idx])
+    assert np.array_equal(sharded.take(150).labels, data.labels[:150])
+    train, ev = sharded.split(0.34, seed=0)
+    assert (len(train), len(ev)) == (200, 100)  # whole shards held out
+    (tmp_path / "shards" / "part9.npz").write_bytes(b"broken")
+    with pytest.raises(InputError, match="part9.npz"):
+        load_data(tmp_path / "shards", model)
+    (tmp_path / "shards" / "part9.npz").unlink()
     (tmp_path / "mydata.py").write_text(
         "import numpy as np\n"
         f"def batches():\n    d = np.load({str(EXAMPLE / 'data.npz')!r})\n"
@@ -93,6 +105,19 @@ def test_data_from_shards_and_entry_point(tmp_path, digits, monkeypatch):
     assert len(ep) == 64 and np.array_equal(ep.labels, data.labels[:64])
     with pytest.raises(InputError, match="cannot load the data function"):
         load_data("nosuchmodule:fn", model)
+
+
+def test_optimize_with_sharded_data(tmp_path, digits):
+    from graphslim.optimize import optimize
+
+    model, data = digits
+    (tmp_path / "shards").mkdir()
+    for i in range(4):
+        part = data.slice(i * 120, (i + 1) * 120)
+        np.savez(tmp_path / "shards" / f"part{i}.npz", input=part.inputs["input"], labels=part.labels)
+    res = optimize(EXAMPLE / "model.onnx", None, pipeline="fold-batchnorm,quantize-int8{max_drop=5}",
+                   data=tmp_path / "shards", measure_latency=False)
+    assert res.report["accuracy"]["samples"] == 480 and res.report["accuracy"]["drop_points"] <= 5
 
 
 def test_train_eval_split_is_seeded(digits):
