@@ -16,10 +16,11 @@ Invariants the facade keeps:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,13 @@ def load_model(path: str | os.PathLike[str], *, normalize_opset: bool = True) ->
 def _touch_strings(msg: Any) -> None:
     """Decode every string field once: protobuf decodes lazily, so invalid UTF-8 in a name would
     otherwise surface as a UnicodeDecodeError deep inside a pass."""
+    if isinstance(msg, onnx.TensorProto):
+        # Only its names: listing all fields would copy the weights out of raw_data.
+        for v in [msg.name, *(e.key for e in msg.external_data), *(e.value for e in msg.external_data)]:
+            if not isinstance(v, str):
+                raise UnicodeError("not UTF-8")
+            v.encode("utf-8")
+        return
     for field, value in msg.ListFields():
         if field.type == FieldDescriptor.TYPE_STRING:
             for v in [value] if isinstance(value, str | bytes) else value:
@@ -610,15 +618,43 @@ class Graph:
         self._g.fold_constants(size_threshold=size_threshold)
         self._touch()
 
+    @contextlib.contextmanager
+    def _without_weights(self, limit: int = 4096) -> Iterator[onnx.ModelProto]:
+        """The model with every constant over ``limit`` elements turned into a typed graph input,
+        exported without copying any weight (shape inference and size estimates need no values).
+        The graph is restored on exit."""
+        big = [t for t in self._g.tensors().values()
+               if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) > limit]
+        saved = [(t, t._values, t.dtype, list(t.shape)) for t in big]
+        inputs = list(self._g.inputs)
+        try:
+            for t, _, dtype, shape in saved:
+                t.to_variable(dtype=dtype, shape=shape)  # in place: every link stays
+                t.type = "tensor_type"
+            self._g.inputs = inputs + big
+            yield self.to_model()
+        finally:
+            self._g.inputs = inputs
+            for t, values, _, _ in saved:
+                t.to_constant(values)
+
+    def serialized_size(self) -> int:
+        """Bytes of the serialized model, without serializing (or copying) the weights."""
+        big = [t for t in self._g.tensors().values()
+               if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) > 4096]
+        weights = sum(int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for t in big)
+        with self._without_weights() as light:
+            # Each weight moves from a graph input (a value_info) to an initializer: close enough.
+            return light.ByteSize() + weights
+
     def infer_shapes(self) -> None:
         """Recompute the shapes and dtypes of every intermediate tensor (after rewrites)."""
         keep = {id(t) for t in list(self._g.inputs) + list(self._g.outputs)}
         for t in self._g.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in keep:
                 t.shape = None
-        model = self.to_model()
-        # Weights are not needed to infer shapes except small shape-like tensors: strip big ones.
-        inferred = onnx.shape_inference.infer_shapes(_strip_large_initializers(model), data_prop=True)
+        with self._without_weights() as light:
+            inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
         known: dict[str, onnx.ValueInfoProto] = {}
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
             known[vi.name] = vi

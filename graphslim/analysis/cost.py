@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from graphslim.analysis.sparsity import STANDARD_BLOCKS, block_sparsity
-from graphslim.ir import Graph, Node, model_size
+from graphslim.ir import Graph, Node
 from graphslim.patterns import weight_matrix
 
 __all__ = ["CostReport", "LayerCost", "cost_model", "layer_macs"]
@@ -172,13 +172,12 @@ def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
         if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
             layer.extra.update(_weight_info(graph, node))
         layers.append(layer)
-    model = graph.to_model()
     io = []
     for group in (graph.inputs, graph.outputs):
         io.append([{"name": t.name, "shape": list(graph.shape(t) or []),
                     "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None} for t in group])
     return CostReport(
-        params=total_params, macs=total_macs, other_ops=total_other, size_bytes=model_size(model),
+        params=total_params, macs=total_macs, other_ops=total_other, size_bytes=graph.serialized_size(),
         weight_bytes=total_bytes, sparsity=total_zeros / total_float if total_float else 0.0,
         nodes=len(graph.nodes), op_counts=dict(sorted(Counter(n.op for n in graph.nodes).items())),
         layers=layers, inputs=io[0], outputs=io[1])
