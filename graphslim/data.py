@@ -86,6 +86,16 @@ def _input_specs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list[int |
     return specs
 
 
+def _check_names(p: Path, arrays: Any, specs: dict[str, Any]) -> None:
+    """Every model input has an array, and every array is an input or ``labels``."""
+    missing = [n for n in specs if n not in arrays]
+    if missing:
+        raise InputError(f"{p}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(arrays) or 'none'})")
+    unknown = [k for k in arrays if k not in specs and k != LABELS]
+    if unknown:
+        raise InputError(f"{p}: arrays {', '.join(unknown)} match no model input (inputs: {', '.join(specs)})")
+
+
 def load_npz(path: str | Path, model: onnx.ModelProto) -> Dataset:
     """Load and validate an ``.npz`` data set for ``model``."""
     p = Path(path)
@@ -97,12 +107,7 @@ def load_npz(path: str | Path, model: onnx.ModelProto) -> Dataset:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{p}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     specs = _input_specs(model)
-    missing = [n for n in specs if n not in arrays]
-    if missing:
-        raise InputError(f"{p}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(arrays) or 'none'})")
-    unknown = [k for k in arrays if k not in specs and k != LABELS]
-    if unknown:
-        raise InputError(f"{p}: arrays {', '.join(unknown)} match no model input (inputs: {', '.join(specs)})")
+    _check_names(p, arrays, specs)
     inputs: dict[str, np.ndarray] = {}
     counts = set()
     for name, (dtype, dims) in specs.items():
@@ -301,12 +306,7 @@ def load_shards(folder: Path, model: onnx.ModelProto) -> ShardedDataset:
     counts, with_labels = [], None
     for p in shards:
         heads = _npz_headers(p)
-        missing = [n for n in specs if n not in heads]
-        if missing:
-            raise InputError(f"{p}: no array for model input(s) {', '.join(missing)}")
-        unknown = [k for k in heads if k not in specs and k != LABELS]
-        if unknown:
-            raise InputError(f"{p}: arrays {', '.join(unknown)} match no model input")
+        _check_names(p, heads, specs)
         n = {heads[k][0][0] if heads[k][0] else -1 for k in heads}
         if len(n) != 1 or -1 in n:
             raise InputError(f"{p}: arrays have different sample counts")
