@@ -413,7 +413,12 @@ class Graph:
         if t is None:
             return None
         if isinstance(t, gs.Constant):
-            return np.asarray(t.values)
+            if isinstance(t._values, np.ndarray):
+                return t._values
+            # graphsurgeon loads a lazy initializer anew on every access: load it once and keep it.
+            arr = np.asarray(t.values)
+            t.values = arr
+            return arr
         prod = self.producer(t)
         if prod is not None and prod.op == "Constant" and "value" in prod.attrs:
             val = prod.attrs["value"]
