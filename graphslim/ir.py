@@ -66,6 +66,7 @@ NORMALIZED_OPSET = 13
 # onnxruntime-training 1.19 rejects IR versions above 10 (see ../shared/NOTES-ENV.md).
 MAX_IR_VERSION = 10
 _TWO_GB = 2**31 - 1
+_CHEAP_CHECK_BYTES = 64 * 2**20
 
 
 # --------------------------------------------------------------------------- loading and saving
@@ -198,14 +199,16 @@ def _check_initializers(model: onnx.ModelProto, what: str) -> None:
             raise InputError(f"{what}: initializer '{t.name}' has an unknown data type {t.data_type}")
         if t.data_type == onnx.TensorProto.STRING:
             held = len(t.string_data)
-        elif t.raw_data:
+        elif t.HasField("raw_data"):
             try:
                 itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
             except (KeyError, TypeError, ValueError):
                 continue  # sub-byte and exotic types: leave them to onnx
-            if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or not itemsize:
                 continue
-            held = len(t.raw_data) // itemsize if itemsize else n
+            if n * itemsize > _CHEAP_CHECK_BYTES:
+                continue  # measuring big raw data copies it; Graph.constant catches a mismatch when read
+            held = len(t.raw_data) // itemsize
         else:
             field = onnx.helper.tensor_dtype_to_field(t.data_type)
             held = len(getattr(t, field))
@@ -416,7 +419,10 @@ class Graph:
             if isinstance(t._values, np.ndarray):
                 return t._values
             # graphsurgeon loads a lazy initializer anew on every access: load it once and keep it.
-            arr = np.asarray(t.values)
+            try:
+                arr = np.asarray(t.values)
+            except (ValueError, TypeError) as e:
+                raise InputError(f"initializer '{t.name}': its data does not match its shape or type ({e})") from None
             t.values = arr
             return arr
         prod = self.producer(t)

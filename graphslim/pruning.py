@@ -29,16 +29,16 @@ def _use_norm(graph: Graph, use: Use, size: int, power: int) -> np.ndarray | Non
     w = graph.constant(use.node.inputs[use.index])
     if w is None:
         return None
-    w = np.abs(w.astype(np.float64))
-    if power == 2:
-        w = w * w
+    # One temporary of the weight's own dtype (not float64 copies: big weights matter here),
+    # accumulated in float64.
+    mag = np.square(w) if power == 2 else np.abs(w)
     if use.kind == "group_in":
         groups = int(use.node.attrs.get("group", 1))
-        cout, cpg = w.shape[0], w.shape[1]
-        per = w.reshape(groups, cout // groups, cpg, -1).sum(axis=(1, 3)).reshape(groups * cpg)
+        cout, cpg = mag.shape[0], mag.shape[1]
+        per = mag.reshape(groups, cout // groups, cpg, -1).sum(axis=(1, 3), dtype=np.float64).reshape(groups * cpg)
     else:
-        part = np.moveaxis(w, use.axis, 0)[use.offset:use.offset + size * use.rep]
-        per = part.reshape(size, -1).sum(axis=1)
+        part = np.moveaxis(mag, use.axis, 0)[use.offset:use.offset + size * use.rep]
+        per = part.reshape(size, -1).sum(axis=1, dtype=np.float64)
     return np.sqrt(per) if power == 2 else per
 
 
