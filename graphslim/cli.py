@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from graphslim import __version__
 from graphslim.errors import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK, GraphslimError, InputError
 
@@ -27,6 +29,7 @@ __all__ = ["main"]
 log = logging.getLogger("graphslim")
 
 EPILOG = """exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 budget missed"""
+TARGET_CHOICES = ("x86", "x86-avx2", "x86-avx512", "arm", "arm64-neon", "cuda")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -62,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="budget: exit 3 unless r = params after / before is at most R")
     o.add_argument("--max-latency-ms", type=float, metavar="MS",
                    help="budget: exit 3 if the result's ONNX Runtime latency (batch 1, median) is above MS")
-    o.add_argument("--target", metavar="NAME", help="deployment target (recorded; compilation comes with the backend)")
+    o.add_argument("--target", choices=TARGET_CHOICES,
+                   help="also compile the result with TVM into OUT_DIR/compiled/ (extra: tvm)")
     o.add_argument("--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact")
     o.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
     o.add_argument("--print-pipeline", action="store_true", help="print the normalized pipeline and exit")
@@ -88,6 +92,29 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("folders", nargs="+", metavar="OUT_DIR")
     c.add_argument("-o", "--output", metavar="DIR", help="also write compare.md, compare.html and compare.png here")
     _add_common(c)
+
+    k = sub.add_parser("compile", help="compile a model with TVM for x86, ARM or CUDA (extra: tvm)")
+    k.add_argument("model")
+    k.add_argument("--target", required=True, choices=TARGET_CHOICES)
+    k.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    k.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model.so (or .tar) and artifact.json")
+    _add_common(k)
+
+    rn = sub.add_parser("run", help="run a compiled artifact on data (accuracy where labels exist)")
+    rn.add_argument("artifact", metavar="ARTIFACT_DIR")
+    rn.add_argument("--data", required=True, metavar="DATA")
+    rn.add_argument("--reference", metavar="MODEL", help="compare outputs with this ONNX model in ONNX Runtime")
+    _add_common(rn)
+
+    bn = sub.add_parser("bench", help="latency of an ONNX model (ONNX Runtime) or a compiled artifact (TVM)")
+    bn.add_argument("model", metavar="MODEL_OR_ARTIFACT")
+    bn.add_argument("--baseline", metavar="MODEL", help="also time this ONNX model, in the same run")
+    bn.add_argument("--batch", default="1,32", help="batch sizes for ONNX models (default 1,32); artifacts use "
+                    "their compiled batch")
+    bn.add_argument("--data", metavar="DATA", help="inputs to time with (default: seeded random inputs)")
+    bn.add_argument("--warmup", type=int, default=10)
+    bn.add_argument("--repeat", type=int, default=100)
+    _add_common(bn)
 
     e = sub.add_parser("eval", help="top-1 accuracy on labelled data, or fidelity to a reference model")
     e.add_argument("model")
@@ -126,7 +153,7 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
     if args.json:
         return code, rep
     c, b, a = rep["compression"], rep["before"], rep["after"]
-    lines = [f"wrote {args.output}/model.onnx and report.json",
+    lines = [f"wrote {Path(args.output) / 'model.onnx'}, report.json and report.html",
              f"  params {b['params']:,} -> {a['params']:,} (r = {c['r_params']})",
              f"  MACs   {b['macs']:,} -> {a['macs']:,}",
              f"  bytes  {b['size_bytes']:,} -> {a['size_bytes']:,}"]
@@ -239,6 +266,117 @@ def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
     return EXIT_OK, "\n".join(lines)
 
 
+def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.backend import compile_model
+    from graphslim.ir import load_model
+    from graphslim.optimize import _check_out_dir, _model_sha256
+
+    if args.batch < 1:
+        raise InputError("--batch must be >= 1")
+    _check_out_dir(Path(args.model), Path(args.output))
+    model = load_model(args.model)
+    art = compile_model(model, args.target, Path(args.output), batch=args.batch,
+                        model_sha256=_model_sha256(Path(args.model)))
+    if args.json:
+        return EXIT_OK, art.meta
+    return EXIT_OK, f"compiled {args.model} for {args.target} (batch {args.batch}) -> {art.folder / art.meta['library']}"
+
+
+def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.backend import load_artifact
+    from graphslim.data import load_data
+    from graphslim.ir import load_model
+    from graphslim.verify import compare_outputs, run_model
+
+    runner = load_artifact(args.artifact)
+    batch = runner.meta["batch"]
+    names = [i["name"] for i in runner.meta["inputs"]]
+    ref_model = load_model(args.reference) if args.reference else None
+    # The artifact has a static batch: feed it whole batches (the tail is padded, then cut).
+    template = ref_model or _model_for_inputs(runner.meta)
+    data = load_data(args.data, template)
+    outs: list[list[np.ndarray]] = []
+    for b in data.batches(batch):
+        n = len(b)
+        feeds = {k: np.concatenate([v, np.repeat(v[-1:], batch - n, axis=0)]) if n < batch else v
+                 for k, v in b.inputs.items() if k in names}
+        outs.append([o[:n] for o in runner(feeds)])
+    result = [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+    out: dict[str, Any] = {"artifact": args.artifact, "samples": len(data)}
+    if data.labels is not None and result[0].ndim == 2:
+        out["accuracy"] = float(np.mean(np.argmax(result[0], 1) == data.labels))
+    if ref_model is not None:
+        out["fidelity"] = compare_outputs(run_model(ref_model, data), result).to_dict()
+    if args.json:
+        return EXIT_OK, out
+    lines = [f"{args.artifact}: ran {len(data)} samples ({runner.meta['target']}, batch {batch})"]
+    if "accuracy" in out:
+        lines.append(f"  top-1 accuracy {out['accuracy']:.4f}")
+    if "fidelity" in out:
+        f = out["fidelity"]
+        lines.append(f"  vs {args.reference} in ONNX Runtime: max abs diff {f['max_abs_diff']:.3g}, "
+                     f"top-1 agreement {f['top1_agreement']}")
+    return EXIT_OK, "\n".join(lines)
+
+
+def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.bench import measure_ort, measure_tvm
+    from graphslim.data import load_data, random_inputs
+    from graphslim.ir import load_model
+
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    except ValueError:
+        raise InputError(f"--batch: expected sizes like 1,32, got {args.batch!r}") from None
+    if not batches or min(batches) < 1 or args.repeat < 1 or args.warmup < 0:
+        raise InputError("--batch sizes and --repeat must be >= 1, --warmup >= 0")
+    rows: list[dict[str, Any]] = []
+
+    def data_for(model: Any) -> Any:
+        return load_data(args.data, model) if args.data else random_inputs(model, max(batches), 0)
+
+    # ONNX Runtime first: TVM's thread pool slows other runtimes in the same process afterwards.
+    for label, path in (("baseline", args.baseline), ("model", None if Path(args.model).is_dir() else args.model)):
+        if path is None:
+            continue
+        model = load_model(path)
+        data = data_for(model)
+        for b in batches:
+            rows.append({"what": label, "path": path, "runtime": "onnxruntime",
+                         **measure_ort(model, data, batch=b, warmup=args.warmup, repeat=args.repeat, max_seconds=30)})
+    if Path(args.model).is_dir():
+        from graphslim.backend import load_artifact
+
+        runner = load_artifact(args.model)
+        data = load_data(args.data, _model_for_inputs(runner.meta)) if args.data else random_inputs(
+            _model_for_inputs(runner.meta), runner.meta["batch"], 0)
+        rows.append({"what": "model", "path": args.model, "runtime": f"tvm ({runner.meta['target']})",
+                     **measure_tvm(runner, data, warmup=args.warmup, repeat=args.repeat, max_seconds=30)})
+    base = {r["batch"]: r["median_ms"] for r in rows if r["what"] == "baseline"}
+    for r in rows:
+        r["vs_baseline"] = round(r["median_ms"] / base[r["batch"]], 4) if r["batch"] in base else None
+    if args.json:
+        return EXIT_OK, {"results": rows}
+    lines = [f"{'what':<9} {'runtime':<18} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'per s':>10} "
+             f"{'vs base':>8}"]
+    for r in rows:
+        vs = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
+        lines.append(f"{r['what']:<9} {r['runtime']:<18} {r['batch']:>5} {r['median_ms']:>10.4f} {r['p90_ms']:>9.4f} "
+                     f"{r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8}")
+    return EXIT_OK, "\n".join(lines)
+
+
+def _model_for_inputs(meta: dict[str, Any]) -> Any:
+    """A stand-in ONNX model declaring the artifact's inputs, to validate data files against."""
+    import onnx
+    from onnx import helper
+
+    inputs = [helper.make_tensor_value_info(i["name"], helper.np_dtype_to_tensor_dtype(np.dtype(i["dtype"])),
+                                            ["N", *i["shape"][1:]]) for i in meta["inputs"]]
+    graph = helper.make_graph([], "inputs", inputs, [])
+    return onnx.helper.make_model(graph)
+
+
 def _cmd_report(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.ir import _atomic_write
     from graphslim.report import load_report, render_files
@@ -276,7 +414,8 @@ def _cmd_compare(args: argparse.Namespace) -> tuple[int, Any]:
 
 
 COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "passes": _cmd_passes, "eval": _cmd_eval,
-            "report": _cmd_report, "compare": _cmd_compare}
+            "report": _cmd_report, "compare": _cmd_compare, "compile": _cmd_compile, "run": _cmd_run,
+            "bench": _cmd_bench}
 
 
 class _Terminated(BaseException):

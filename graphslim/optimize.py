@@ -146,13 +146,44 @@ def optimize(
     }
     report.update(_quality(original, result, report_set, seed,
                            measure_latency or max_latency_ms is not None))
+    compiled = _compile(result, target, report, report_set, seed, measure_latency) if target else None
     report["budgets"] = _budgets(report, max_accuracy_drop, min_compression, max_latency_ms)
     report["cache"] = {"key": key, "hit": False}
     if cache_dir is not None:
-        _write(Path(cache_dir) / key, result, report)
+        _write(Path(cache_dir) / key, result, report, compiled)
     if out_dir is not None:
-        _write(Path(out_dir), result, report)
+        _write(Path(out_dir), result, report, compiled)
     return OptimizeResult(result, report, Path(out_dir) if out_dir is not None else None)
+
+
+def _compile(model: onnx.ModelProto, target: str, report: dict[str, Any], data: Dataset | None, seed: int,
+             measure: bool) -> Callable[[Path], None]:
+    """Compile the result with TVM for ``target``; on the host, also time it. Returns the writer
+    of OUT_DIR/compiled/."""
+    import tempfile
+
+    from graphslim.backend import build, load_artifact
+    from graphslim.bench import measure_tvm
+
+    export, meta = build(model, target, batch=1, model_sha256=report["output"]["sha256"])
+    report["compiled"] = {"folder": "compiled", **meta}
+    if measure and target.startswith("x86"):
+        with tempfile.TemporaryDirectory(prefix="graphslim-tvm-") as tmp:
+            export(Path(tmp))
+            try:
+                runner = load_artifact(tmp)
+            except InputError as e:  # e.g. an AVX-512 build on an AVX2 host
+                report["compiled"]["not_timed"] = str(e)
+            else:
+                sample = data if data is not None else random_inputs(model, 1, seed)
+                report.setdefault("latency", None)
+                report["latency"] = {**(report["latency"] or {}), "tvm_compiled": measure_tvm(runner, sample)}
+
+    def write(folder: Path) -> None:
+        (folder / "compiled").mkdir()
+        export(folder / "compiled")
+
+    return write
 
 
 def model_digest(model: onnx.ModelProto) -> str:
@@ -166,7 +197,8 @@ def model_digest(model: onnx.ModelProto) -> str:
     return h.hexdigest()
 
 
-def _write(folder: Path, model: onnx.ModelProto | bytes, report: dict[str, Any]) -> None:
+def _write(folder: Path, model: onnx.ModelProto | bytes, report: dict[str, Any],
+           compiled: Callable[[Path], None] | None = None) -> None:
     from graphslim.report import render_files
 
     if isinstance(model, bytes):
@@ -175,7 +207,10 @@ def _write(folder: Path, model: onnx.ModelProto | bytes, report: dict[str, Any])
         entry = lambda d: save_model(model, d / "model.onnx")  # noqa: E731 - writes model.onnx.data beside it
     else:
         entry = model_bytes(model)
-    write_output_dir(folder, {"model.onnx": entry, **render_files(report)})
+    files: dict[str, bytes | Callable[[Path], None]] = {"model.onnx": entry, **render_files(report)}
+    if compiled is not None:
+        files["compiled"] = compiled
+    write_output_dir(folder, files)
 
 
 @dataclass

@@ -66,6 +66,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         o, n = lat["ort_original"], lat["ort_compressed"]
         rows.append((f"ONNX Runtime latency, batch {o['batch']} (median ms)", f"{o['median_ms']:.4g}",
                      f"{n['median_ms']:.4g}", f"{n['median_ms'] / o['median_ms']:.2f}x" if o["median_ms"] else ""))
+        t = lat.get("tvm_compiled")
+        if t:
+            target = (report.get("compiled") or {}).get("target", "")
+            rows.append((f"TVM compiled ({target}), batch {t['batch']} (median ms)", "", f"{t['median_ms']:.4g}",
+                         f"{t['median_ms'] / o['median_ms']:.2f}x vs ORT original" if o["median_ms"] else ""))
     return rows
 
 
@@ -154,7 +159,10 @@ def plots(report: dict[str, Any]) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=(6, 3))
         labels = ["ORT original", "ORT compressed"]
         vals = [lat["ort_original"]["median_ms"], lat["ort_compressed"]["median_ms"]]
-        ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0"])
+        if lat.get("tvm_compiled"):
+            labels.append("TVM compiled")
+            vals.append(lat["tvm_compiled"]["median_ms"])
+        ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0", "#3e8e5e"][:len(vals)])
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=9)
         ax.set_ylabel(f"median ms, batch {lat['ort_original']['batch']}")

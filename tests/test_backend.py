@@ -1,0 +1,107 @@
+"""The TVM backend: compile, export, load, run; numerics against ONNX Runtime (skipped without
+the tvm extra)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from conftest import EXAMPLE, apply
+from models import ARCHITECTURES, run, sample_inputs
+
+pytest.importorskip("tvm", reason="needs the tvm extra (apache-tvm)")
+
+from graphslim.backend import compile_model, load_artifact  # noqa: E402
+from graphslim.cli import main  # noqa: E402
+from graphslim.errors import InputError  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ["resnet", "densenet", "mobilenetv2", "mlp"])
+def test_x86_matches_onnx_runtime(arch, tmp_path):
+    model, _ = apply(ARCHITECTURES[arch](), "fold-batchnorm,prune-channels{ratio=0.5}")
+    art = compile_model(model, "x86", tmp_path / "art", batch=4)
+    feeds = sample_inputs(model, 4)
+    got = load_artifact(art.folder)(feeds)
+    for a, b in zip(run(model, feeds), got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max())))
+    assert art.meta["inputs"][0]["shape"][0] == 4 and art.meta["tvm_target"]["kind"] == "llvm"
+
+
+def test_compile_and_run_commands_on_the_example(tmp_path, capsys):
+    assert main(["compile", str(EXAMPLE / "model.onnx"), "--target", "x86", "--batch", "8", "-o",
+                 str(tmp_path / "c"), "-q"]) == 0
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["artifact.json", "model.so"]
+    assert main(["run", str(tmp_path / "c"), "--data", str(EXAMPLE / "data.npz"), "--reference",
+                 str(EXAMPLE / "model.onnx"), "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 497 and out["accuracy"] > 0.95  # 497 = 62 batches of 8 + a padded one
+    assert out["fidelity"]["max_abs_diff"] < 1e-3 and out["fidelity"]["top1_agreement"] == 1.0
+
+
+def test_arm_cross_compile_is_an_aarch64_library(tmp_path):
+    art = compile_model(onnx.load(str(EXAMPLE / "model.onnx")), "arm", tmp_path / "arm")
+    lib = tmp_path / "arm" / art.meta["library"]
+    assert lib.exists()
+    if lib.suffix == ".so":
+        if shutil.which("readelf") is None:
+            pytest.skip("readelf not installed")
+        header = subprocess.run(["readelf", "-h", str(lib)], capture_output=True, text=True).stdout
+        assert "AArch64" in header and "DYN" in header
+    else:
+        assert art.meta["note"].startswith("aarch64-linux-gnu-gcc not found")
+    with pytest.raises(InputError, match="aarch64"):
+        load_artifact(tmp_path / "arm")
+
+
+def test_cuda_codegen_without_a_gpu(tmp_path):
+    art = compile_model(onnx.load(str(EXAMPLE / "model.onnx")), "cuda", tmp_path / "cuda")
+    assert art.meta["tvm_target"] == {"kind": "cuda", "arch": "sm_80"}
+    source = tmp_path / "cuda" / "model.cu"
+    assert "__global__" in source.read_text()
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed: generated the CUDA source, did not compile it")
+    r = subprocess.run([nvcc, "--fatbin", "-arch=sm_80", "-o", str(tmp_path / "k.fatbin"), str(source)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "k.fatbin").stat().st_size > 1000
+    with pytest.raises(InputError, match="CUDA"):
+        load_artifact(tmp_path / "cuda")
+
+
+def test_symbolic_non_batch_dims_are_refused(tmp_path):
+    model = onnx.load(str(EXAMPLE / "model.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    with pytest.raises(InputError, match="only the batch dimension"):
+        compile_model(model, "x86", tmp_path / "x")
+
+
+def test_optimize_with_target_compiles_and_times_the_result(tmp_path):
+    import json
+
+    assert main(["optimize", str(EXAMPLE / "model.onnx"), "-o", str(tmp_path / "o"), "--passes",
+                 "fold-batchnorm,prune-channels{ratio=0.3}", "--data", str(EXAMPLE / "data.npz"), "--target", "x86",
+                 "-q"]) == 0
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["compiled"]["target"] == "x86" and rep["compiled"]["folder"] == "compiled"
+    assert rep["latency"]["tvm_compiled"]["median_ms"] > 0
+    runner = load_artifact(tmp_path / "o" / "compiled")
+    x = np.load(EXAMPLE / "data.npz")["input"][:1]
+    ref = run(onnx.load(str(tmp_path / "o" / "model.onnx")), {"input": x})[0]
+    np.testing.assert_allclose(runner({"input": x})[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_compares_artifact_with_baseline(tmp_path, capsys):
+    import json
+
+    compile_model(onnx.load(str(EXAMPLE / "model.onnx")), "x86", tmp_path / "a")
+    assert main(["bench", str(tmp_path / "a"), "--baseline", str(EXAMPLE / "model.onnx"), "--batch", "1",
+                 "--repeat", "5", "--warmup", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [r["runtime"] for r in rows] == ["onnxruntime", "tvm (x86)"]
+    assert rows[1]["vs_baseline"] > 0 and rows[0]["vs_baseline"] == 1.0
