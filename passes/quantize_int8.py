@@ -6,7 +6,8 @@ int8 kernels. Weights are stored as int8 initializers (per-channel and symmetric
 about 4x smaller), activations as uint8 with ranges calibrated on the data set (``--data``, its
 first ``calibration_samples`` samples) by ``calibration`` = minmax, entropy or percentile.
 Dynamic mode quantizes weights only and computes activation scales at run time (ONNX Runtime's
-QOperator form: MatMulInteger / ConvInteger with DynamicQuantizeLinear); it needs no data.
+QOperator form: MatMulInteger / ConvInteger with DynamicQuantizeLinear; uint8 weights where Conv
+layers are included, since ConvInteger has no int8-weight kernel); it needs no data.
 
 The calibrators and the QDQ quantizer are onnxruntime.quantization's, used as a library rather
 than rewritten. What graphslim adds is the choice of layers: with data, every candidate layer's
@@ -162,6 +163,9 @@ class _Quantizer:
         logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING through root
         try:
             if o.mode == "dynamic":
+                # ConvInteger exists in ONNX Runtime for uint8 weights only (1.19 has no int8 kernel).
+                if "Conv" in o.op_types:
+                    common["weight_type"] = QuantType.QUInt8
                 quantize_dynamic(self.path, out, **common)
             else:
                 method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

@@ -43,10 +43,12 @@ def test_static_without_data_is_a_clear_error():
     assert isinstance(e.value.cause, InputError)
 
 
-def test_dynamic_mode_needs_no_data():
-    out, _ = apply(ARCHITECTURES["mlp"](), "quantize-int8{mode=dynamic}")
-    assert "MatMulInteger" in op_types(out)
-    assert_same_outputs(ARCHITECTURES["mlp"](), out, rtol=0.1, atol=0.05)
+@pytest.mark.parametrize("arch", ["mlp", "plain_cnn"])
+def test_dynamic_mode_needs_no_data(arch):
+    model = ARCHITECTURES[arch]()
+    out, _ = apply(model, "quantize-int8{mode=dynamic}")
+    assert "MatMulInteger" in op_types(out) or "ConvInteger" in op_types(out)
+    assert_same_outputs(model, out, rtol=0.1, atol=0.1)  # runs in this ONNX Runtime, close to float
 
 
 def test_sensitivity_keeps_worst_layers_in_float_until_budget():
