@@ -108,13 +108,13 @@ def optimize(
     report_set = eval_set or dataset or train_set
     key = cache_key(model_hash, str(pipe), {"data": dataset, "train": train_set, "eval": eval_set},
                     seed=seed, target=target, verify=verify)
-    cached = _from_cache(Path(cache_dir) / key, out_dir) if cache_dir is not None else None
+    cached = _from_cache(Path(cache_dir) / key) if cache_dir is not None else None
     if cached is not None:
         cached.report["cache"] = {"key": key, "hit": True}
         cached.report["budgets"] = _budgets(cached.report, max_accuracy_drop, min_compression, max_latency_ms)
         if out_dir is not None:
-            _write(Path(out_dir), cached.model_bytes, cached.report)  # (cached models are under 2 GB)
-        return OptimizeResult(onnx.load_from_string(cached.model_bytes), cached.report,
+            _copy_cached(cached, Path(out_dir))
+        return OptimizeResult(onnx.load(str(cached.folder / "model.onnx")), cached.report,
                               Path(out_dir) if out_dir is not None else None)
 
     graph = Graph.from_model(original)
@@ -215,15 +215,34 @@ def _write(folder: Path, model: onnx.ModelProto | bytes, report: dict[str, Any],
 
 @dataclass
 class _Cached:
-    model_bytes: bytes
+    folder: Path
     report: dict[str, Any]
 
 
-def _from_cache(entry: Path, out_dir: Any) -> _Cached | None:
+def _from_cache(entry: Path) -> _Cached | None:
     try:
-        return _Cached((entry / "model.onnx").read_bytes(), json.loads((entry / "report.json").read_text()))
+        if not (entry / "model.onnx").is_file():
+            return None
+        return _Cached(entry, json.loads((entry / "report.json").read_text()))
     except (OSError, ValueError):
         return None
+
+
+def _copy_cached(cached: _Cached, out_dir: Path) -> None:
+    """The cached folder (model, weights, compiled artifact, plots) as OUT_DIR, with its report
+    saying it came from the cache."""
+    from graphslim.report import render_files
+
+    def copy(folder: Path) -> None:
+        for item in cached.folder.iterdir():
+            if item.is_dir():
+                shutil.copytree(item, folder / item.name)
+            elif not item.name.startswith("report."):
+                shutil.copy2(item, folder / item.name)
+
+    files: dict[str, bytes | Callable[[Path], None]] = {"model.onnx": copy}
+    files.update({k: v for k, v in render_files(cached.report).items() if k.startswith("report.")})
+    write_output_dir(out_dir, files)
 
 
 def _model_sha256(path: Path) -> str:

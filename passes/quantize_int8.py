@@ -103,7 +103,11 @@ class QuantizeInt8(Pass):
                 drop = 100 * (base - work.score(quantized))
                 stats.update({"metric": metric, "float": round(base, 6), "all_layers_drop_points": round(drop, 4)})
                 if drop > o.max_drop:
-                    sens = {name: 100 * (base - work.score(work.quantize(only=[name]))) for name in candidates}
+                    from tqdm import tqdm
+
+                    sens = {name: 100 * (base - work.score(work.quantize(only=[name])))
+                            for name in tqdm(candidates, desc="quantize-int8 sensitivity", unit="layer",
+                                             disable=not ctx.progress, leave=False)}
                     stats["sensitivity_points"] = {k: round(v, 4) for k, v in sens.items()}
                     for name in sorted(sens, key=lambda k: (-sens[k], k)):
                         keep_float.append(name)

@@ -105,3 +105,18 @@ def test_bench_compares_artifact_with_baseline(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)["results"]
     assert [r["runtime"] for r in rows] == ["onnxruntime", "tvm (x86)"]
     assert rows[1]["vs_baseline"] > 0 and rows[0]["vs_baseline"] == 1.0
+
+
+def test_compiled_artifact_is_byte_identical_and_cached(tmp_path):
+    for d in ("a", "b"):
+        compile_model(onnx.load(str(EXAMPLE / "model.onnx")), "x86", tmp_path / d)
+    for name in ("model.so", "artifact.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    args = ["optimize", str(EXAMPLE / "model.onnx"), "--passes", "fold-batchnorm", "--target", "x86", "--no-latency",
+            "--cache-dir", str(tmp_path / "cache"), "-q"]
+    assert main([*args, "-o", str(tmp_path / "o1")]) == 0
+    assert main([*args, "-o", str(tmp_path / "o2")]) == 0  # from the cache, compiled artifact included
+    assert (tmp_path / "o1" / "compiled" / "model.so").read_bytes() == (tmp_path / "o2" / "compiled" / "model.so").read_bytes()
+    import json
+
+    assert json.loads((tmp_path / "o2" / "report.json").read_text())["cache"]["hit"] is True
