@@ -9,7 +9,8 @@ onnxruntime.quantization.quantize_static on the original (QDQ, default settings,
 the same data). graphslim pipelines: prune only, svd only, int8 only, prune + distill,
 prune + distill + int8. Columns: r (parameters), bytes on disk, MACs, accuracy, ORT latency at
 batch 1 and 32 (median of up to 200 runs) and the ratio to ORT fp32.
-The TVM-compiled column waits for the TVM backend (issue 6): not measured here.
+The last row per model is the last pipeline compiled with TVM for the host (untuned default
+schedules), timed in its own process.
 
     pip install -e ".[training,examples]"   # distill rows need the training extra
     python benchmarks/run.py [--out benchmarks/results/headline.md]
@@ -91,15 +92,64 @@ def bench_model(title: str, model_path: Path, data_path: Path, train_path: Path 
 
     add("ORT fp32 (original)", original)
     add("ORT int8 (quantize_static on the original)", ort_int8_baseline(model_path, data))
+    last = None
     for name, pipe in pipelines(epochs).items():
         if "distill" in pipe and not training:
             continue
         res = optimize(model_path, None, pipeline=pipe, train_data=train_path or data_path, eval_data=data_path,
                        measure_latency=False)
         add(name, res.model)
+        last = (name, res.model)
+    if last is not None and tvm_available():
+        rows.append(tvm_row(f"{last[0]}, TVM x86 (untuned)", last[1], data_path, model_path, base_lat,
+                            base_cost.params))
     metric = "accuracy" if has_labels else "top-1 agreement"
     return [f"### {title}", "", f"| pipeline | r (params) | bytes | MACs | {metric} | ORT ms b1 (vs fp32) | "
             "ORT ms b32 (vs fp32) |", "|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
+def tvm_available() -> bool:
+    try:
+        import tvm  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def tvm_row(name: str, model: onnx.ModelProto, data_path: Path, original: Path, base_lat: dict[int, float],
+            base_params: int) -> str:
+    """Compile for the host at batch 1 and 32 and time each in its own process (TVM's thread
+    pool would slow ONNX Runtime afterwards in this one)."""
+    import json
+    import subprocess
+
+    from graphslim.backend import compile_model
+
+    lat, quality = {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in (1, 32):
+            folder = Path(tmp) / f"b{b}"
+            compile_model(model, "x86", folder, batch=b)
+            out = subprocess.run([sys.executable, "-m", "graphslim.cli", "bench", str(folder), "--repeat", "200",
+                                  "--json"], capture_output=True, text=True, check=True)
+            lat[b] = json.loads(out.stdout)["results"][0]["median_ms"]
+            if b == 32:
+                out = subprocess.run([sys.executable, "-m", "graphslim.cli", "run", str(folder), "--data",
+                                      str(data_path), "--reference", str(original), "--json"],
+                                     capture_output=True, text=True, check=True)
+                res = json.loads(out.stdout)
+                quality = res["accuracy"] if res.get("accuracy") is not None else res["fidelity"]["top1_agreement"]
+    q = f"{quality:.4f}" if quality is not None else "-"
+    c = cost_model(_graph(model))
+    return (f"| {name} | {c.params / base_params:.3f} | {len(model_bytes(model)):,} | {c.macs:,} | {q} | "
+            f"{lat[1]:.3f} ({lat[1] / base_lat[1]:.2f}x) | {lat[32]:.3f} ({lat[32] / base_lat[32]:.2f}x) |")
+
+
+def _graph(model: onnx.ModelProto) -> Graph:
+    g = Graph.from_model(model)
+    g.infer_shapes()
+    return g
 
 
 def main() -> None:
