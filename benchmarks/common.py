@@ -123,6 +123,16 @@ def digits_example() -> tuple[Path, Path]:
     return EXAMPLE / "model.onnx", EXAMPLE / "data.npz"
 
 
+def example_and_mnist() -> dict[str, tuple[Path, Path]]:
+    """The bundled example and, where ../shared/data/mnist exists, the MNIST CNN: (model, eval data)."""
+    models = {"digits CNN (bundled example)": digits_example()}
+    try:
+        models["MNIST CNN"] = mnist_cnn()
+    except SystemExit as e:
+        print(f"skipping MNIST: {e}")
+    return models
+
+
 def resnet_cifar(seed: int = 0) -> tuple[Path, Path]:
     """A ResNet-style CIFAR-sized network (3x32x32, 3 stages of 2 basic blocks, 16/32/64 channels,
     BatchNorm, projection shortcuts) with random weights, and 512 synthetic inputs (no labels):

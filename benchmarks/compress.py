@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import digits_example, mnist_cnn  # noqa: E402
+from common import example_and_mnist  # noqa: E402
 
 from graphslim.bench import measure_ort  # noqa: E402
 from graphslim.data import load_npz  # noqa: E402
@@ -42,11 +42,7 @@ PIPELINES = {
 
 
 def main() -> None:
-    models = {"digits CNN (bundled example)": digits_example()}
-    try:
-        models["MNIST CNN"] = mnist_cnn()
-    except SystemExit as e:
-        print(f"skipping MNIST: {e}")
+    models = example_and_mnist()
     for title, (model_path, data_path) in models.items():
         original = load_model(model_path)
         data = load_npz(data_path, original)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import digits_example, mnist_cnn  # noqa: E402
+from common import example_and_mnist  # noqa: E402
 
 from graphslim.optimize import optimize  # noqa: E402
 
@@ -24,11 +24,7 @@ CRITERIA = ("l1", "l2", "bn-gamma", "random")
 
 
 def main() -> None:
-    models = {"digits CNN (bundled example)": digits_example()}
-    try:
-        models["MNIST CNN"] = mnist_cnn()
-    except SystemExit as e:
-        print(f"skipping MNIST: {e}")
+    models = example_and_mnist()
     for title, (model, data) in models.items():
         base = optimize(model, None, pipeline="fold-constants", data=data, measure_latency=False).report
         print(f"\n### {title}: {base['before']['params']:,} parameters, accuracy {base['accuracy']['before']:.4f} "

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -33,7 +33,7 @@ from graphslim.data import Dataset
 from graphslim.ir import MAX_IR_VERSION, Graph
 from graphslim.runtime import require_training
 
-__all__ = ["DistillConfig", "DistillResult", "distill_graph", "softmax", "trainable_parameters"]
+__all__ = ["DistillOptions", "DistillResult", "distill_graph", "softmax", "trainable_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +47,16 @@ _TRAINABLE = {("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 
 _WEIGHT = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("MatMul", 1)}
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 64
-    temperature: float = 4.0
-    alpha: float = 0.5
-    optimizer: str = "adamw"
-    patience: int = 2
-    seed: int = 0
-    progress: bool = False
+class DistillOptions(Protocol):
+    """What distill_graph reads: the distill pass's Options satisfy it."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    temperature: float
+    alpha: float
+    optimizer: str
+    patience: int
 
 
 @dataclass
@@ -182,7 +181,7 @@ def _resave(path: Path) -> None:
 
 
 def distill_graph(graph: Graph, teacher: onnx.ModelProto, train: Dataset, evalset: Dataset,
-                  cfg: DistillConfig) -> DistillResult:
+                  cfg: DistillOptions, *, seed: int = 0, progress: bool = False) -> DistillResult:
     """Fine-tune ``graph``'s float parameters against ``teacher``; writes the best weights back."""
     ort_training = require_training()
     from onnxruntime.training import api, artifacts
@@ -256,13 +255,13 @@ def distill_graph(graph: Graph, teacher: onnx.ModelProto, train: Dataset, evalse
             from tqdm import tqdm
         except ImportError:  # pragma: no cover - tqdm is a dependency
             tqdm = None
-        bar = tqdm(total=cfg.epochs, desc="distill", unit="epoch", disable=not cfg.progress or tqdm is None,
+        bar = tqdm(total=cfg.epochs, desc="distill", unit="epoch", disable=not progress or tqdm is None,
                    leave=False) if tqdm else None
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             module.train()
             train_losses = []
-            for idx, batch in train.index_batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch):
+            for idx, batch in train.index_batches(cfg.batch_size, shuffle=True, seed=seed * 100003 + epoch):
                 loss, _ = module(*feeds(batch, p_train[idx]))
                 optimizer.step()
                 module.lazy_reset_grad()

@@ -27,7 +27,7 @@ import onnx
 from graphslim.errors import InputError
 from graphslim.ir import Graph, load_model
 from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
-from graphslim.training import DistillConfig, distill_graph
+from graphslim.training import distill_graph
 
 
 @register_pass
@@ -64,10 +64,8 @@ class Distill(Pass):
             return PassResult(changed=False, stats={}, skipped=[Skip("model", why)])
         teacher = self._teacher(ctx)
         train, evalset = ctx.train_eval_split(o.eval_fraction)
-        cfg = DistillConfig(o.epochs, o.lr, o.batch_size, o.temperature, o.alpha, o.optimizer, o.patience,
-                            ctx.seed, ctx.progress)
         try:
-            res = distill_graph(graph, teacher, train, evalset, cfg)
+            res = distill_graph(graph, teacher, train, evalset, o, seed=ctx.seed, progress=ctx.progress)
         except ValueError as e:
             return PassResult(changed=False, stats={}, skipped=[Skip("model", str(e))])
         stats = {"metric": res.metric, "before": round(res.before, 6), "after": round(res.after, 6),
