@@ -228,3 +228,22 @@ def test_pipeline_fold_then_prune_on_example(example_model):
     assert "BatchNormalization" not in op_types(out)
     assert _n_params(out) < 0.6 * _n_params(model)
     assert recs[-1].verification["top1_agreement"] is not None
+
+
+def test_slice_on_space_keeps_channels_and_slice_on_channels_freezes():
+    def model(axis: int) -> onnx.ModelProto:
+        b = ModelBuilder("slice", (1, 3, 8, 8))
+        x = b.relu(b.conv("input", 8))
+        starts, ends, axes = (b.const(np.array(v, np.int64), "s") for v in ([1], [7], [axis]))
+        shape = list(b.shapes[x])
+        shape[axis] = 6
+        x = b.node("Slice", [x, starts, ends, axes], tuple(shape))
+        return b.build(b.gemm(b.flatten(b.gap(b.conv(x, 6))), 4))
+
+    spatial, dead = zero_channels(model(2), 0.5)
+    out, recs = apply(spatial, "prune-channels{ratio=0.5}")
+    assert recs[0].stats["channels_removed"] == dead and dead == 4 + 3  # both convs' groups pruned
+    assert_same_outputs(spatial, out, rtol=1e-5, atol=1e-5)
+    out, recs = apply(model(1), "prune-channels{ratio=0.5}")
+    assert any("cuts the channel axis" in s.reason for s in recs[0].skipped)
+    assert recs[0].stats["channels_removed"] == 3  # only the conv after the slice

@@ -659,6 +659,24 @@ def _squeeze(an: _Analyzer, node: Node) -> None:
     an.set(node.outputs[0], out)
 
 
+@_handles("Slice")
+def _slice(an: _Analyzer, node: Node) -> None:
+    """Slicing other axes (a spatial crop) keeps the channels; slicing the channel axis freezes them."""
+    g = an.g
+    x = an.get(node.inputs[0])
+    if x is None:
+        return
+    rank = g.rank(node.inputs[0])
+    starts = g.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    axes_t = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    axes = g.constant(axes_t) if axes_t is not None else (np.arange(len(starts)) if starts is not None else None)
+    if rank is None or axes is None or x.axis in [int(a) % rank for a in np.asarray(axes).reshape(-1)]:
+        an.freeze(x, f"Slice '{node.name}' cuts the channel axis (or its axes are not constant)")
+        an.set(node.outputs[0], None)
+        return
+    an.set(node.outputs[0], x)
+
+
 @_handles("Pad")
 def _pad(an: _Analyzer, node: Node) -> None:
     x = an.get(node.inputs[0])
