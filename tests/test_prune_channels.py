@@ -217,7 +217,8 @@ def test_channel_shuffle_and_lrn_are_left_alone_with_reasons():
     reasons = " | ".join(s.reason for s in recs[0].skipped)
     assert "reorders channels" in reasons and "LRN" in reasons
     assert recs[0].stats["channels_removed"] == 3  # only the conv between LRN and the Gemm's group
-    assert_same_outputs(model, out, rtol=10, atol=10)  # lossy but valid and same shapes
+    feeds = sample_inputs(model)  # lossy, so no numeric bound: it runs and keeps the output shapes
+    assert [a.shape for a in run(model, feeds)] == [b.shape for b in run(out, feeds)]
 
 
 def test_pipeline_fold_then_prune_on_example(example_model):
