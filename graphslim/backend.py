@@ -12,7 +12,9 @@ NEON, linked by Debian's ``aarch64-linux-gnu-gcc`` when it is installed; ``cuda`
 with TVM's GPU schedules. Shapes are static: symbolic leading (batch) dimensions are fixed to
 ``batch``. apache-tvm is the optional extra ``tvm``.
 
-Not here yet (issue 6): graphslim's own CPU schedules, MetaSchedule tuning, RPC measurement.
+CPU targets compile through :func:`graphslim.kernels.pipeline.cpu_pipeline` (NHWC layout,
+graphslim's default schedules, optional MetaSchedule tuning with a reusable database, local or
+over a TVM RPC tracker); CUDA uses TVM's default pipeline with dlight GPU schedules.
 """
 
 from __future__ import annotations
@@ -40,7 +42,20 @@ ARM_CC = "aarch64-linux-gnu-gcc"
 CUDA_ARCH = "sm_80"
 
 
+def _default_threads() -> None:
+    """TVM's thread pool guesses half the logical CPUs are SMT siblings and, on a 2-CPU machine,
+    runs on one thread (measured here: a conv layer 2.1x slower than with two). Unless the user
+    set it, use every CPU this process may run on. Read when the pool starts, so set early."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(n)
+
+
 def require_tvm() -> Any:
+    _default_threads()
     try:
         import tvm
         from tvm import relax  # noqa: F401
@@ -110,18 +125,49 @@ class Artifact:
 
 
 def compile_model(model: onnx.ModelProto, target: str, out_dir: Path, *, batch: int = 1,
-                  model_sha256: str = "") -> Artifact:
-    """Compile ``model`` for ``target`` into ``out_dir`` (replaced whole, atomically)."""
+                  model_sha256: str = "", tune: int = 0, tuning_db: str | Path | None = None,
+                  rpc: tuple[str, str] | None = None, progress: bool = False) -> Artifact:
+    """Compile ``model`` for ``target`` into ``out_dir`` (replaced whole, atomically).
+
+    With ``tune`` trials, the tuning records end up in ``out_dir/tuning/`` (and in ``tuning_db``
+    when given, which later builds reuse)."""
+    import tempfile
+
     from graphslim.optimize import write_output_dir
 
-    export, meta = build(model, target, batch=batch, model_sha256=model_sha256)
-    write_output_dir(Path(out_dir), {"model.so": export})
+    with tempfile.TemporaryDirectory(prefix="graphslim-tuning-") as scratch:
+        db = tuning_db if tuning_db is not None else (Path(scratch) if tune > 0 else None)
+        export, meta = build(model, target, batch=batch, model_sha256=model_sha256, tune=tune, tuning_db=db,
+                             rpc=rpc, progress=progress)
+        if tuning_db is None and "tuning" in meta:
+            meta["tuning"]["database"] = "tuning"  # the scratch folder is copied there
+        write_output_dir(Path(out_dir), {"model.so": export})
     return Artifact(Path(out_dir), meta)
 
 
-def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: str = ""
-          ) -> tuple[Any, dict[str, Any]]:
-    """Compile; returns (a function that writes the library and artifact.json into a folder, meta)."""
+def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The exact canonicalization passes (fold constants and BatchNorm, fuse MatMul+Add, drop
+    identities and dead nodes) before import, so TVM sees one conv+bias per layer."""
+    from graphslim.ir import Graph
+    from graphslim.passes import DEFAULT_PIPELINE
+    from graphslim.passmanager import PassContext, PassManager
+
+    graph = Graph.from_model(model)
+    graph.infer_shapes()
+    PassManager(DEFAULT_PIPELINE).run(graph, PassContext())
+    return graph.to_model()
+
+
+def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: str = "",
+          tune: int = 0, tuning_db: str | Path | None = None, rpc: tuple[str, str] | None = None,
+          progress: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Compile; returns (a function that writes the library and artifact.json into a folder, meta).
+
+    ``tune`` > 0 runs MetaSchedule with that many trials in total over the model's kernels (CPU
+    targets), keeping the records in ``tuning_db`` (a folder, created if missing); records
+    already there are reused, so an unchanged model is not tuned again. ``rpc`` =
+    (tracker "host:port", device key) measures on a remote device through a TVM RPC tracker
+    (required to tune a cross-compiled target)."""
     tvm = require_tvm()
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
@@ -130,7 +176,13 @@ def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: 
     from graphslim.kernels import REWRITES
 
     spec = _target_spec(target)
-    static = _static_batch(model, batch)
+    if tune > 0 and spec["kind"] != "llvm":
+        raise InputError(f"--tune is supported for CPU targets; '{target}' compiles with TVM's default GPU schedules")
+    if tune > 0 and spec.get("mtriple", "").startswith("aarch64") and rpc is None:
+        raise InputError(f"tuning for '{target}' measures on the device: give --rpc-tracker HOST:PORT --rpc-key KEY")
+    if tune > 0 and tuning_db is None:
+        raise InputError("tuning needs a database folder (--tuning-db, or compile into an output folder)")
+    static = _static_batch(canonicalize(model), batch)
     try:
         mod = from_onnx(static, keep_params_in_input=False)
     except Exception as e:  # noqa: BLE001 - the frontend raises many types for unsupported ops
@@ -142,16 +194,27 @@ def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: 
         if changed:
             applied.append(name)
     tgt = tvm.target.Target(spec)
+    tuning_meta: dict[str, Any] = {}
+    schedule_meta: dict[str, Any] = {}
     with tgt:
-        ex = tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+        if spec["kind"] == "llvm":
+            from graphslim.kernels.pipeline import cpu_pipeline
+
+            mod = cpu_pipeline(tgt, tune=tune, tuning_db=tuning_db, tuning_report=tuning_meta, rpc=rpc,
+                               progress=progress, schedule_report=schedule_meta)(mod)
+            ex = tvm.compile(mod, tgt)
+        else:
+            ex = tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
     inits = {i.name for i in static.graph.initializer}
     inputs = [{"name": vi.name, "shape": [d.dim_value for d in vi.type.tensor_type.shape.dim],
                "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))}
               for vi in static.graph.input if vi.name not in inits]
-    options = {"target": target, "batch": batch}
+    options = {"target": target, "batch": batch, "tune": tune}
     meta: dict[str, Any] = {
         "schema_version": 1, "target": target, "tvm_target": spec, "batch": batch, "inputs": inputs,
         "outputs": [o.name for o in static.graph.output], "rewrites": applied,
+        "schedules": schedule_meta.get("counts", {}) if spec["kind"] == "llvm" else "dlight GPU rules",
+        **({"tuning": tuning_meta} if tuning_meta else {}),
         "versions": {"graphslim": __version__, "tvm": tvm.__version__},
         "model_sha256": model_sha256,
         "options_sha256": hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest(),
@@ -178,6 +241,9 @@ def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: 
             if source:
                 (folder / "model.cu").write_text(source)
                 meta["cuda_source"] = "model.cu"
+        if tuning_db is not None and Path(tuning_db).is_dir():
+            shutil.copytree(tuning_db, folder / "tuning", ignore=shutil.ignore_patterns("logs", "*.log"))
+            meta["tuning_records"] = "tuning"
         (folder / "artifact.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     return export, meta
@@ -195,7 +261,19 @@ def _cuda_source(mod: Any) -> str:
     return "\n".join(found)
 
 
+def _aligned(shape: list[int], dtype: str, align: int = 64) -> np.ndarray:
+    """A zeroed array whose data is ``align``-byte aligned (TVM's DLPack import requires 64)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + align, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 class _Runner:
+    """Runs a loaded artifact. Inputs are copied into aligned buffers that TVM sees without a
+    copy (made once), and outputs are read through DLPack: creating TVM tensors per call cost
+    60 us here, as much as a small model's whole inference."""
+
     def __init__(self, folder: Path, meta: dict[str, Any]):
         tvm = require_tvm()
         from tvm import relax
@@ -203,13 +281,20 @@ class _Runner:
         self.meta = meta
         lib = tvm.runtime.load_module(str(folder / meta["library"]))
         self.vm = relax.VirtualMachine(lib, tvm.cpu())
-        self._tvm = tvm
+        self._main = self.vm["main"]
+        self._buffers = [_aligned(i["shape"], i["dtype"]) for i in meta["inputs"]]
+        self._tensors = [tvm.runtime.from_dlpack(b) for b in self._buffers]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        args = [self._tvm.runtime.tensor(np.ascontiguousarray(feeds[i["name"]], dtype=i["dtype"]))
-                for i in self.meta["inputs"]]
-        out = self.vm["main"](*args)
-        return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+        for info, buf in zip(self.meta["inputs"], self._buffers, strict=True):
+            value = np.asarray(feeds[info["name"]])
+            if value.shape != buf.shape:
+                raise InputError(f"input '{info['name']}' has shape {list(value.shape)}; the artifact was compiled "
+                                 f"for {info['shape']}")
+            np.copyto(buf, value, casting="same_kind")
+        out = self._main(*self._tensors)
+        outs = [out] if hasattr(out, "shape") else list(out)
+        return [np.from_dlpack(o).copy() for o in outs]
 
 
 def load_artifact(folder: str | Path) -> _Runner:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="budget: exit 3 if the result's ONNX Runtime latency (batch 1, median) is above MS")
     o.add_argument("--target", choices=TARGET_CHOICES,
                    help="also compile the result with TVM into OUT_DIR/compiled/ (extra: tvm)")
+    _add_tuning(o)
     o.add_argument("--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact")
     o.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
     o.add_argument("--print-pipeline", action="store_true", help="print the normalized pipeline and exit")
@@ -98,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--target", required=True, choices=TARGET_CHOICES)
     k.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     k.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model.so (or .tar) and artifact.json")
+    _add_tuning(k)
     _add_common(k)
 
     rn = sub.add_parser("run", help="run a compiled artifact on data (accuracy where labels exist)")
@@ -143,7 +146,7 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
                    eval_data=args.eval_data, target=args.target, verify=args.verify, seed=args.seed,
                    measure_latency=not args.no_latency, progress=not (args.quiet or args.json),
                    max_accuracy_drop=args.max_accuracy_drop, min_compression=args.min_compression,
-                   max_latency_ms=args.max_latency_ms, cache_dir=args.cache_dir)
+                   max_latency_ms=args.max_latency_ms, cache_dir=args.cache_dir, **_tuning_args(args))
     rep = res.report
     missed = [f"{name}: {b['measure']} = {b['value']}, limit {b['limit']}" for name, b in rep["budgets"].items()
               if not b["met"]]
@@ -266,6 +269,29 @@ def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
     return EXIT_OK, "\n".join(lines)
 
 
+def _add_tuning(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tuning (CPU targets)")
+    g.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                   help="MetaSchedule trials in total over the model's kernels (default 0: graphslim's default "
+                        "schedules); records go to OUT_DIR[/compiled]/tuning/")
+    g.add_argument("--tuning-db", metavar="DIR", help="tuning database folder to reuse and extend across builds "
+                   "(kernels it already holds are not tuned again; with --tune 0 its records are only applied)")
+    g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device registered with this TVM RPC "
+                   "tracker (needed to tune a cross-compiled target such as arm)")
+    g.add_argument("--rpc-key", metavar="KEY", help="device key at the RPC tracker")
+
+
+def _tuning_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.tune < 0:
+        raise InputError("--tune must be >= 0")
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise InputError("--rpc-tracker and --rpc-key go together")
+    if args.rpc_tracker and not re.fullmatch(r"[^:\s]+:\d+", args.rpc_tracker):
+        raise InputError(f"--rpc-tracker: expected HOST:PORT, got {args.rpc_tracker!r}")
+    return {"tune": args.tune, "tuning_db": args.tuning_db,
+            "rpc": (args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None}
+
+
 def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.backend import compile_model
     from graphslim.ir import load_model
@@ -276,7 +302,8 @@ def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
     _check_out_dir(Path(args.model), Path(args.output))
     model = load_model(args.model)
     art = compile_model(model, args.target, Path(args.output), batch=args.batch,
-                        model_sha256=_model_sha256(Path(args.model)))
+                        model_sha256=_model_sha256(Path(args.model)), progress=not (args.quiet or args.json),
+                        **_tuning_args(args))
     if args.json:
         return EXIT_OK, art.meta
     return EXIT_OK, f"compiled {args.model} for {args.target} (batch {args.batch}) -> {art.folder / art.meta['library']}"

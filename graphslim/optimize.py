@@ -76,6 +76,9 @@ def optimize(
     min_compression: float | None = None,
     max_latency_ms: float | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    tune: int = 0,
+    tuning_db: str | os.PathLike[str] | None = None,
+    rpc: tuple[str, str] | None = None,
 ) -> OptimizeResult:
     """Optimize the model at ``model_path`` and (if ``out_dir``) write ``model.onnx``,
     ``report.json`` and ``report.md`` there. The output folder is replaced whole or not at all.
@@ -90,6 +93,9 @@ def optimize(
     ``report["cache"]["key"]`` hashes everything the result depends on (model and external data
     bytes, normalized pipeline, data sets, seed, target, verify, versions). With ``cache_dir``,
     a run whose key is already there copies the stored outputs instead of running the pipeline.
+
+    With ``target``, ``tune`` / ``tuning_db`` / ``rpc`` are passed to
+    :func:`graphslim.backend.build` (MetaSchedule tuning; records in OUT_DIR/compiled/tuning/).
     """
     from graphslim.passes import DEFAULT_PIPELINE
 
@@ -107,7 +113,7 @@ def optimize(
     train_set = train_set or dataset
     report_set = eval_set or dataset or train_set
     key = cache_key(model_hash, str(pipe), {"data": dataset, "train": train_set, "eval": eval_set},
-                    seed=seed, target=target, verify=verify)
+                    seed=seed, target=f"{target}+tune{tune}" if target and tune else target, verify=verify)
     cached = _from_cache(Path(cache_dir) / key) if cache_dir is not None else None
     if cached is not None:
         cached.report["cache"] = {"key": key, "hit": True}
@@ -146,7 +152,8 @@ def optimize(
     }
     report.update(_quality(original, result, report_set, seed,
                            measure_latency or max_latency_ms is not None))
-    compiled = _compile(result, target, report, report_set, seed, measure_latency) if target else None
+    compiled = (_compile(result, target, report, report_set, seed, measure_latency, tune=tune, tuning_db=tuning_db,
+                         rpc=rpc, progress=progress) if target else None)
     report["budgets"] = _budgets(report, max_accuracy_drop, min_compression, max_latency_ms)
     report["cache"] = {"key": key, "hit": False}
     if cache_dir is not None:
@@ -157,7 +164,8 @@ def optimize(
 
 
 def _compile(model: onnx.ModelProto, target: str, report: dict[str, Any], data: Dataset | None, seed: int,
-             measure: bool) -> Callable[[Path], None]:
+             measure: bool, *, tune: int = 0, tuning_db: str | os.PathLike[str] | None = None,
+             rpc: tuple[str, str] | None = None, progress: bool = False) -> Callable[[Path], None]:
     """Compile the result with TVM for ``target``; on the host, also time it. Returns the writer
     of OUT_DIR/compiled/."""
     import tempfile
@@ -165,7 +173,17 @@ def _compile(model: onnx.ModelProto, target: str, report: dict[str, Any], data: 
     from graphslim.backend import build, load_artifact
     from graphslim.bench import measure_tvm
 
-    export, meta = build(model, target, batch=1, model_sha256=report["output"]["sha256"])
+    scratch = tune > 0 and tuning_db is None
+    if scratch:
+        import atexit
+        import shutil
+
+        tuning_db = tempfile.mkdtemp(prefix="graphslim-tuning-")  # copied into compiled/tuning/ by export
+        atexit.register(shutil.rmtree, tuning_db, True)
+    export, meta = build(model, target, batch=1, model_sha256=report["output"]["sha256"], tune=tune,
+                         tuning_db=tuning_db, rpc=rpc, progress=progress)
+    if scratch and "tuning" in meta:
+        meta["tuning"]["database"] = "compiled/tuning"
     report["compiled"] = {"folder": "compiled", **meta}
     if measure and target.startswith("x86"):
         with tempfile.TemporaryDirectory(prefix="graphslim-tvm-") as tmp:

@@ -1,0 +1,88 @@
+"""graphslim's Relax pipeline for CPU targets: layout, legalization, (tuned) schedules, lowering.
+
+TVM's CPU pipeline (``relax.backend.cpu_generic``) legalizes and fuses but leaves every kernel
+unscheduled. This one, for LLVM targets:
+
+1. converts convolutions to NHWC activations with HWIO weights (``relax.transform.ConvertLayout``:
+   the transposes it adds at the edges fold into the constant weights or run once per model);
+2. legalizes and fuses exactly as TVM does (so MetaSchedule task keys match TVM's own);
+3. applies a MetaSchedule database when tuning (``tune`` trials, ``tuning_db`` folder);
+4. schedules every kernel left with graphslim's default rules
+   (:mod:`graphslim.kernels.schedules`); anything they do not cover keeps TVM's default;
+5. lowers as TVM does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["NHWC_LAYOUTS", "apply_schedule_rules", "cpu_pipeline"]
+
+#: ConvertLayout's desired layouts: data NHWC, kernel HWIO (output channel innermost).
+NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
+
+def cpu_pipeline(target: Any, *, tune: int = 0, tuning_db: str | Path | None = None,
+                 tuning_report: dict[str, Any] | None = None, rpc: tuple[str, str] | None = None,
+                 progress: bool = False, schedule_report: dict[str, Any] | None = None) -> Any:
+    """A module pass compiling a Relax module (from the ONNX frontend) for an LLVM ``target``.
+    ``schedule_report`` (a dict) receives which rule scheduled each kernel (see
+    :func:`apply_schedule_rules`) and ``tuning_report`` what tuning did."""
+    import tvm
+    from graphslim.kernels.schedules import default_cpu_rules
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphslimCPUPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
+            mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+            if tune > 0 or tuning_db is not None:
+                if tuning_db is None:
+                    raise ValueError("tuning needs a database folder")
+                from graphslim.kernels.tuning import tune as run_tuning
+
+                database = run_tuning(mod, target, tune, tuning_db, rpc=rpc, progress=progress,
+                                      report=tuning_report)
+                with database:
+                    mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            mod = apply_schedule_rules(mod, target, default_cpu_rules(), schedule_report)
+            mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+        return mod
+
+    return _pipeline
+
+
+def apply_schedule_rules(mod: Any, target: Any, rules: list[Any], report: dict[str, Any] | None = None) -> Any:
+    """Schedule every PrimFunc not scheduled yet (e.g. by a tuning database) with the first rule
+    that accepts it, like dlight's ``ApplyDefaultSchedule``, recording per kernel which rule did
+    (``report["kernels"][name]``: a rule name, "database" or "unscheduled") and counts per rule."""
+    from tvm import tirx
+
+    kernels: dict[str, str] = {}
+    updated = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]):
+            kernels[gv.name_hint] = "database"
+            continue
+        kernels[gv.name_hint] = "unscheduled"
+        for rule in rules:
+            sch = rule.apply(func, target, False)
+            if sch is None:
+                continue
+            sch = sch[0] if isinstance(sch, list) else sch
+            updated[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            kernels[gv.name_hint] = type(rule).__name__
+            break
+    for gv, func in updated.items():
+        mod[gv] = func
+    if report is not None:
+        counts: dict[str, int] = {}
+        for how in kernels.values():
+            counts[how] = counts.get(how, 0) + 1
+        report.update(kernels=dict(sorted(kernels.items())), counts=dict(sorted(counts.items())))
+    return mod

@@ -1,0 +1,293 @@
+"""graphslim's default CPU schedules for the dense hot ops, as dlight schedule rules.
+
+TVM 0.27's Relax pipeline for CPU legalizes and fuses but does not schedule (dlight has only GEMV
+and reduction rules for CPU), so a convolution runs as a naive seven-deep loop nest. The rules
+here give every fused contraction (conv2d, depthwise conv, dense/matmul, pooling) and every
+injective function a schedule without tuning. They assume the layout the backend gives them:
+convolutions in NHWC with HWIO weights (``relax.transform.ConvertLayout``), so that the output
+channel is the innermost, contiguous axis of the output, the weights and (for depthwise) the input.
+
+The contraction rule is the classic CPU micro-kernel, written with ``tvm.s_tir.Schedule``
+primitives (each checked by TVM, so a rule can make code slow but never wrong):
+
+* the innermost output axis (channels, or N of a matmul) is the *vector axis*: split by a
+  multiple of the SIMD width (8 fp32 lanes on AVX2, 16 on AVX-512, 4 on NEON) and vectorized;
+* the next output axis (width, or M of a matmul) is the *register axis*: a small tile that is
+  unrolled, so ``tile x vector`` accumulators stay in registers;
+* the reduction loops (kh, kw, cin) run between the outer spatial loops and that register tile;
+* the outer spatial loops are fused and parallelized; the accumulator is a per-tile cache whose
+  fused epilogue (bias, BatchNorm leftovers, ReLU, residual add) runs right after the tile.
+
+Functions a rule does not recognise are left to the next rule and, at the end, to TVM's
+unscheduled default, which is always correct.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+from tvm.target.codegen import target_has_features
+from tvm_ffi import get_global_func
+
+__all__ = ["ContractionCPU", "InjectiveCPU", "default_cpu_rules", "vector_bits", "vector_lanes"]
+
+log = logging.getLogger(__name__)
+
+
+def vector_bits(target: Any) -> int:
+    """SIMD register width of an LLVM target, from the features LLVM reports for its CPU.
+    (``llvm_get_vector_width`` answers 512 for every x86 CPU in TVM 0.27, so it is not used.)"""
+    def has(feature: str) -> bool:
+        try:
+            return bool(target_has_features(feature, target))
+        except Exception:  # noqa: BLE001 - feature unknown to this target's LLVM backend
+            return False
+
+    if has("avx512f"):
+        return 512
+    if has("avx2") or has("avx"):
+        return 256
+    return 128  # SSE, NEON
+
+
+def vector_lanes(target: Any, dtype_bits: int = 32) -> int:
+    """SIMD lanes of ``dtype_bits`` elements on ``target`` (at least 4)."""
+    return max(vector_bits(target) // dtype_bits, 4)
+
+
+def _int(x: Any) -> int | None:
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _largest_divisor(n: int, limit: int, multiple_of: int = 1) -> int:
+    """The largest d <= limit with n % d == 0 and d % multiple_of == 0 (1 if none)."""
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0 and d % multiple_of == 0:
+            return d
+    return 1
+
+
+class _Rule(ScheduleRule):
+    """Base of graphslim's rules: CPU (LLVM) targets only."""
+
+    def is_target_available(self, target: Any) -> bool:
+        return target.kind.name == "llvm"
+
+
+class ContractionCPU(_Rule):
+    """Register-tiled, vectorized, parallel schedule for a function with one reduction block
+    (conv2d / depthwise / matmul / pooling) plus injective producers (padding) and an
+    elementwise epilogue."""
+
+    def __init__(self, accumulators: int | None = None, l2_bytes: int = 256 * 1024) -> None:
+        self.accumulators = accumulators  # SIMD registers given to the accumulator tile
+        self.l2_bytes = l2_bytes
+
+    def _tile(self, vec_ext: int, reg_ext: int, lanes: int, bits: int) -> tuple[int, int]:
+        """(vector tile, register tile): the pair with the most accumulator registers
+        (at most ``accumulators``: 12 of the 16 AVX2 registers, 24 of 32 on AVX-512/NEON),
+        preferring wider vectors on ties. Tiles divide their loops exactly."""
+        budget = self.accumulators or (12 if bits == 256 else 24)
+        best = (0, 0, 1, 1)
+        for groups in (1, 2, 4):
+            if vec_ext % lanes == 0:
+                if vec_ext % (lanes * groups):
+                    continue
+                v = lanes * groups
+            elif groups == 1:
+                v = vec_ext if vec_ext <= 2 * lanes else _largest_divisor(vec_ext, 2 * lanes)
+            else:
+                continue
+            g = -(-v // lanes)
+            if g > budget:
+                continue
+            r = _largest_divisor(reg_ext, max(1, min(budget // g, 8)))
+            if groups == 4 and r > 1:
+                continue  # four vector groups only for single-row (GEMV-like) tiles
+            score = (r * g, g, v, r)
+            if score > best:
+                best = score
+        return best[2], best[3]
+
+    def apply(self, func: Any, target: Any, _tunable: bool) -> Any:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        return _guarded(self._apply, func, target)
+
+    def _apply(self, func: Any, target: Any) -> Any:
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        reductions = [b for b in infos if not b.is_injective()]
+        if len(reductions) != 1:
+            return None
+        main = reductions[0]
+        idx = infos.index(main)
+        # Everything after the reduction must be injective (the epilogue); before it, only
+        # injective producers (padding, layout copies).
+        epilogue = infos[idx + 1:]
+        kinds = main.dom_kind()
+        if any(k not in "SR" for k in kinds):
+            return None
+        extents = [_int(d) for d in main.dom()]
+        if any(e is None for e in extents):
+            return None
+        block = main.block_rv
+        stmt = sch.get(block)
+        if len(stmt.writes) != 1:
+            return None
+        out_region = stmt.writes[0].region
+        spatial = [i for i, k in enumerate(kinds) if k == "S"]
+        reduce_ = [i for i, k in enumerate(kinds) if k == "R"]
+        if not spatial or not reduce_:
+            return None
+        # Which spatial iter indexes the innermost / second-innermost output dimension.
+        vars_ = [it.var for it in main.iters]
+
+        def iter_of_dim(d: int) -> int | None:
+            if d < 0 or d >= len(out_region):
+                return None
+            m = out_region[d].min
+            for i in spatial:
+                if m.same_as(vars_[i]):
+                    return i
+            return None
+
+        vec_i = iter_of_dim(len(out_region) - 1)
+        if vec_i is None:
+            return None
+        reg_i = iter_of_dim(len(out_region) - 2)
+        dtype_bits = stmt.writes[0].source.dtype.bits
+        lanes = vector_lanes(target, dtype_bits)
+
+        loops = main.get_loops()
+        v_in, r_in = self._tile(extents[vec_i], extents[reg_i] if reg_i is not None else 1, lanes,
+                                vector_bits(target))
+        v_out, v_inner = sch.split(loops[vec_i], factors=[None, v_in])
+        reg_tile = r_out = None
+        if r_in > 1:
+            r_out, reg_tile = sch.split(loops[reg_i], factors=[None, r_in])
+        elif reg_i is not None:
+            r_out = loops[reg_i]
+        outer = [loops[i] for i in spatial if i not in (vec_i, reg_i)]
+        if r_out is not None:
+            outer.append(r_out)
+        # Loop order of the tiles: with a weight too big for L2 (a large dense layer), walk
+        # the output columns outermost so each weight panel is read once for all rows.
+        weight_bytes = extents[vec_i] * dtype_bits // 8
+        for i in reduce_:
+            weight_bytes *= extents[i]
+        if weight_bytes > self.l2_bytes:
+            outer.insert(0, v_out)
+        else:
+            outer.append(v_out)
+        red = [loops[i] for i in reduce_]
+        inner = ([reg_tile] if reg_tile is not None else []) + [v_inner]
+        sch.reorder(*outer, *red, *inner)
+        # Parallelize the outer spatial loops (all of them fused: enough work for the cores).
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        # The epilogue (bias, ReLU, residual add...) runs on each finished tile: its chain is
+        # inlined into the last block, which is computed at the tile loop, and the
+        # accumulator buffer shrinks to the tile. Without an epilogue the output is written
+        # through a tile-sized cache.
+        remaining = [b.block_rv for b in epilogue]
+        for b in remaining[:-1]:
+            sch.compute_inline(b)
+        if remaining:
+            tail = remaining[-1]
+        else:
+            tail = sch.cache_write(block, 0, "global")
+        sch.reverse_compute_at(tail, fused, preserve_unit_loops=True)
+        sch.parallel(fused)
+        if reg_tile is not None:
+            sch.unroll(reg_tile)
+        if v_in > 1:
+            sch.vectorize(v_inner)
+        sch.decompose_reduction(block, red[0])
+        # Vectorize the epilogue's innermost loop over the same width.
+        tail_loops = sch.get_loops(tail)
+        if len(tail_loops) > 1:
+            ext = _int(sch.get(tail_loops[-1]).extent)
+            if ext and ext > 1 and ext == v_in:
+                sch.vectorize(tail_loops[-1])
+        # Producers: plain copies are inlined; padding gets its own parallel, vectorized
+        # loop nest (inlined, its bounds check would sit in the inner loop).
+        for b in reversed(infos[:idx]):
+            if not _has_if_then_else(sch, b.block_rv):
+                try:
+                    sch.compute_inline(b.block_rv)
+                    continue
+                except Exception:  # noqa: BLE001 - not inlinable: scheduled on its own
+                    pass
+            _parallel_vectorize(sch, b.block_rv, lanes)
+        return sch
+
+class InjectiveCPU(_Rule):
+    """Elementwise / broadcast / layout functions: inline into the last block, then a
+    parallel outer loop and a vectorized inner loop."""
+
+    def apply(self, func: Any, target: Any, _tunable: bool) -> Any:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        return _guarded(self._apply, func, target)
+
+    def _apply(self, func: Any, target: Any) -> Any:
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(b.is_injective() for b in infos):
+            return None
+        left = try_inline(sch, list(infos))
+        for b in left:
+            _parallel_vectorize(sch, b.block_rv, vector_lanes(target))
+        return sch
+
+
+
+def _has_if_then_else(sch: Any, block: Any) -> bool:
+    return bool(get_global_func("s_tir.schedule.HasIfThenElse")(sch.get(block)))
+
+
+def _guarded(apply: Any, func: Any, target: Any) -> Any:
+    """Run a rule; a schedule primitive that refuses (TVM checks each one) means "not this rule",
+    so the function falls through to the next rule. GRAPHSLIM_SCHEDULE_DEBUG=1 re-raises."""
+    try:
+        return apply(func, target)
+    except Exception as e:  # noqa: BLE001 - TVM raises its own error types from C++
+        if os.environ.get("GRAPHSLIM_SCHEDULE_DEBUG"):
+            raise
+        log.debug("schedule rule %s skipped a function: %s", type(apply.__self__).__name__, e)
+        return None
+
+
+def _parallel_vectorize(sch: Any, block: Any, lanes: int) -> None:
+    """Fuse a block's loops, then split them into a parallel outer and a vectorized inner loop."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner_ext = _int(sch.get(loops[-1]).extent)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    total = _int(sch.get(fused).extent)
+    if total is None or total < 2:
+        return
+    vec = lanes if inner_ext and inner_ext % lanes == 0 else (inner_ext if inner_ext and inner_ext <= lanes else 1)
+    if vec > 1 and total % vec == 0 and total > vec:
+        outer, inner = sch.split(fused, factors=[None, vec])
+        sch.parallel(outer)
+        sch.vectorize(inner)
+    elif total > 1:
+        sch.parallel(fused)
+
+
+def default_cpu_rules() -> list[Any]:
+    """The rules the backend applies, in order (first match wins)."""
+    return [ContractionCPU(), InjectiveCPU(), dlight.cpu.Reduction(), dlight.cpu.GEMV()]
