@@ -214,6 +214,7 @@ def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: 
         "schema_version": 1, "target": target, "tvm_target": spec, "batch": batch, "inputs": inputs,
         "outputs": [o.name for o in static.graph.output], "rewrites": applied,
         "schedules": schedule_meta.get("counts", {}) if spec["kind"] == "llvm" else "dlight GPU rules",
+        **({"kernel_schedules": schedule_meta["kernels"]} if schedule_meta else {}),
         **({"tuning": tuning_meta} if tuning_meta else {}),
         "versions": {"graphslim": __version__, "tvm": tvm.__version__},
         "model_sha256": model_sha256,

@@ -61,6 +61,11 @@ def alloc_arguments(device: Any, args_info: Any, alloc_repeat: int) -> list[Any]
     return repeated
 
 
+def alloc_arguments_rpc(_session: Any, device: Any, args_info: Any, alloc_repeat: int) -> list[Any]:
+    """The same for the RPC runner (``device`` is the remote device)."""
+    return alloc_arguments(device, args_info, alloc_repeat)
+
+
 def _progress_callback(total: int, enabled: bool) -> Any:
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -114,12 +119,22 @@ def tune(mod: Any, target: Any, trials: int, work_dir: str | Path, *, rpc: tuple
         runner: Any = ms.runner.RPCRunner(
             rpc_config=ms.runner.RPCConfig(tracker_host=host or "127.0.0.1", tracker_port=int(port),
                                            tracker_key=rpc[1], session_timeout_sec=120),
-            evaluator_config=evaluator, f_alloc_argument=alloc_arguments, max_workers=1)
+            evaluator_config=evaluator, f_alloc_argument=alloc_arguments_rpc, max_workers=1)
     else:
         runner = ms.runner.LocalRunner(evaluator_config=evaluator, f_alloc_argument=alloc_arguments,
                                        timeout_sec=60)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted_tasks=todo, work_dir=str(work_dir), seed=seed, num_threads="logical")
+    # MetaSchedule builds its logging config from the names of the handlers already on its logger
+    # and fails on an unnamed one (pytest's capture handlers are such); they are detached for that call and put back.
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in ms_logger.handlers if h.get_name() is None]
+    for h in unnamed:
+        ms_logger.removeHandler(h)
+    try:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted_tasks=todo, work_dir=str(work_dir), seed=seed, num_threads="logical")
+    finally:
+        for h in unnamed:
+            ms_logger.addHandler(h)
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(trials, progress)]
     t0 = time.perf_counter()
     ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials,

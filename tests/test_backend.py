@@ -19,15 +19,22 @@ from graphslim.cli import main  # noqa: E402
 from graphslim.errors import InputError  # noqa: E402
 
 
-@pytest.mark.parametrize("arch", ["resnet", "densenet", "mobilenetv2", "mlp"])
-def test_x86_matches_onnx_runtime(arch, tmp_path):
-    model, _ = apply(ARCHITECTURES[arch](), "fold-batchnorm,prune-channels{ratio=0.5}")
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("prune", [0.0, 0.5])
+def test_x86_matches_onnx_runtime(arch, prune, tmp_path):
+    """Every test architecture (residual, concat, depthwise, grouped, Fire, MLP), dense and with
+    pruned (odd) channel counts, through graphslim's NHWC schedules: within 1e-4 of ORT, and
+    every conv / matmul scheduled by the contraction rule."""
+    model, _ = apply(ARCHITECTURES[arch](), f"fold-batchnorm,prune-channels{{ratio={prune}}}" if prune else "fold-batchnorm")
     art = compile_model(model, "x86", tmp_path / "art", batch=4)
     feeds = sample_inputs(model, 4)
     got = load_artifact(art.folder)(feeds)
     for a, b in zip(run(model, feeds), got, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max())))
     assert art.meta["inputs"][0]["shape"][0] == 4 and art.meta["tvm_target"]["kind"] == "llvm"
+    assert "unscheduled" not in art.meta["schedules"], art.meta["kernel_schedules"]
+    contractions = {k: v for k, v in art.meta["kernel_schedules"].items() if "conv2d" in k or "matmul" in k}
+    assert contractions and set(contractions.values()) == {"ContractionCPU"}, contractions
 
 
 def test_compile_and_run_commands_on_the_example(tmp_path, capsys):
@@ -158,3 +165,140 @@ def test_arm_artifact_runs_under_qemu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ref = run(model, {"input": x})[0]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref, rtol=1e-4, atol=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(db) -> list[float]:
+    import json
+
+    return [json.loads(line)[1][1][0] for line in (db / "database_tuning_record.json").read_text().splitlines()]
+
+
+def test_tuning_writes_a_database_that_later_builds_reuse(tmp_path, capsys):
+    model, _ = apply(ARCHITECTURES["mlp"](), "fold-batchnorm")
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    args = ["compile", str(tmp_path / "m.onnx"), "--target", "x86", "--tune", "4", "--tuning-db", str(tmp_path / "db"),
+            "--json"]
+    import json
+
+    assert main([*args, "-o", str(tmp_path / "a1")]) == 0
+    first = json.loads(capsys.readouterr().out)["tuning"]
+    assert first["tasks"] >= 3 and first["tasks_tuned"] == first["tasks"] and first["tasks_from_database"] == 0
+    # every task got a measured record: the default schedule's, plus the tuning trials
+    assert first["default_schedules_recorded"] == first["tasks"]
+    secs = _records(tmp_path / "db")
+    assert len(secs) >= first["tasks"] and all(0 < s < 1 for s in secs)
+    assert (tmp_path / "a1" / "tuning" / "database_tuning_record.json").exists()
+    assert main([*args, "-o", str(tmp_path / "a2")]) == 0
+    second = json.loads(capsys.readouterr().out)["tuning"]
+    assert second["tasks_tuned"] == 0 and second["tasks_from_database"] == first["tasks"]
+    assert json.loads((tmp_path / "a2" / "artifact.json").read_text())["schedules"] == {"database": first["tasks"]}
+    feeds = sample_inputs(model, 1)
+    for folder in ("a1", "a2"):
+        got = load_artifact(tmp_path / folder)(feeds)[0]
+        np.testing.assert_allclose(got, run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_tuning_measures_through_an_rpc_tracker_on_loopback(tmp_path, capsys):
+    """--rpc-tracker/--rpc-key: a TVM RPC tracker and server on 127.0.0.1 stand in for a board."""
+    import json
+    import os
+    import sys
+    import time
+
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (in the tvm extra)")
+    port = _free_port()
+    env = {**os.environ, "TVM_NUM_THREADS": "1"}
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                                "--port-end", str(port + 1)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        time.sleep(2)
+        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key",
+                                   "loopback", "--host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(4)
+        assert main(["compile", str(EXAMPLE / "model.onnx"), "--target", "x86", "--tune", "3", "--rpc-tracker",
+                     f"127.0.0.1:{port}", "--rpc-key", "loopback", "--tuning-db", str(tmp_path / "db"), "-o",
+                     str(tmp_path / "a"), "--json"]) == 0
+    finally:
+        for p in (server, tracker):
+            if p is not None:
+                p.kill()
+                p.wait()
+    tuning = json.loads(capsys.readouterr().out)["tuning"]
+    assert tuning["runner"] == "rpc" and tuning["tasks_tuned"] > 0
+    secs = _records(tmp_path / "db")
+    assert secs and min(secs) < 1  # at least one candidate measured on the server (errors record 1e10 s)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "arm", "--tune", "2"], "measures on the device"),
+    (["--target", "cuda", "--tune", "2"], "CPU targets"),
+    (["--target", "x86", "--tune", "-1"], "--tune must be"),
+    (["--target", "x86", "--rpc-tracker", "localhost"], "go together"),
+    (["--target", "x86", "--rpc-tracker", "localhost", "--rpc-key", "k"], "HOST:PORT"),
+])
+def test_bad_tuning_options_are_usage_errors(argv, message, tmp_path, capsys):
+    assert main(["compile", str(EXAMPLE / "model.onnx"), *argv, "-o", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_contraction_rule_tiles_vectorizes_and_stays_exact():
+    """The conv schedule itself, outside the pipeline: a parallel outer loop, a vectorized inner
+    loop of the SIMD width, and the same numbers as numpy."""
+    import tvm
+    from graphslim.kernels.pipeline import NHWC_LAYOUTS
+    from graphslim.kernels.schedules import ContractionCPU, vector_bits
+    from models import ModelBuilder
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from graphslim.backend import _static_batch
+
+    b = ModelBuilder("conv", (2, 5, 9, 9), 0)
+    model = b.build(b.relu(b.conv("input", 24, k=3)))
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    with target:
+        static = from_onnx(_static_batch(model, 2), keep_params_in_input=False)
+        mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(static)
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+    name = next(gv for gv in mod.get_global_vars() if gv.name_hint.startswith("fused_conv2d"))
+    sch = ContractionCPU().apply(mod[name], target, False)
+    assert sch is not None and vector_bits(target) == 256
+    text = sch.mod.script()
+    assert "T.parallel(" in text and ("T.vectorized(T.int64(8))" in text or "T.vectorized(T.int64(24))" in text)
+    assert "T.unroll(" in text
+    if "avx2" not in __import__("graphslim.backend", fromlist=["x"]).host_cpu_flags():
+        pytest.skip("host cannot run AVX2 code")
+    lib = tvm.tirx.build(sch.mod["main"].with_attr("global_symbol", "main"), target=target)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 9, 9, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 5, 24)).astype(np.float32)
+    bias = rng.standard_normal((1, 1, 1, 24)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((2, 9, 9, 24), np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(bias), out)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ref = sum(np.einsum("nhwc,cf->nhwf", xp[:, i:i + 9, j:j + 9], w[i, j]) for i in range(3) for j in range(3))
+    np.testing.assert_allclose(out.numpy(), np.maximum(ref + bias, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec, bits", [
+    ({"kind": "llvm", "mcpu": "haswell"}, 256), ({"kind": "llvm", "mcpu": "znver3"}, 256),
+    ({"kind": "llvm", "mcpu": "skylake-avx512"}, 512),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, 128),
+])
+def test_vector_width_comes_from_the_target_features(spec, bits):
+    import tvm
+    from graphslim.kernels.schedules import vector_bits
+
+    assert vector_bits(tvm.target.Target(spec)) == bits
