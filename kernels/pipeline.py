@@ -58,7 +58,8 @@ def cpu_pipeline(target: Any, *, tune: int = 0, tuning_db: str | Path | None = N
 def apply_schedule_rules(mod: Any, target: Any, rules: list[Any], report: dict[str, Any] | None = None) -> Any:
     """Schedule every PrimFunc not scheduled yet (e.g. by a tuning database) with the first rule
     that accepts it, like dlight's ``ApplyDefaultSchedule``, recording per kernel which rule did
-    (``report["kernels"][name]``: a rule name, "database" or "unscheduled") and counts per rule."""
+    (``report["kernels"][name]``: a rule name, "database", "kernel:NAME" for graphslim's own
+    hand-written kernels, or "unscheduled") and counts per rule."""
     from tvm import tirx
 
     kernels: dict[str, str] = {}
@@ -66,7 +67,11 @@ def apply_schedule_rules(mod: Any, target: Any, rules: list[Any], report: dict[s
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]):
+        attrs = func.attrs if func.attrs is not None else {}
+        if "graphslim.kernel" in attrs:
+            kernels[gv.name_hint] = f"kernel:{attrs['graphslim.kernel']}"
+            continue
+        if "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]):
             kernels[gv.name_hint] = "database"
             continue
         kernels[gv.name_hint] = "unscheduled"
