@@ -188,11 +188,7 @@ def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: 
     except Exception as e:  # noqa: BLE001 - the frontend raises many types for unsupported ops
         raise GraphslimError(f"TVM's ONNX frontend cannot import the model: {type(e).__name__}: {e}") from None
     mod = relax.transform.DecomposeOpsForInference()(mod)
-    applied = []
-    for name, rewrite in REWRITES.items():
-        mod, changed = rewrite(mod, spec)
-        if changed:
-            applied.append(name)
+    applied: list[str] = []
     tgt = tvm.target.Target(spec)
     tuning_meta: dict[str, Any] = {}
     schedule_meta: dict[str, Any] = {}
@@ -201,9 +197,14 @@ def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: 
             from graphslim.kernels.pipeline import cpu_pipeline
 
             mod = cpu_pipeline(tgt, tune=tune, tuning_db=tuning_db, tuning_report=tuning_meta, rpc=rpc,
-                               progress=progress, schedule_report=schedule_meta)(mod)
+                               progress=progress, schedule_report=schedule_meta, rewrites=REWRITES, spec=spec,
+                               rewrites_applied=applied)(mod)
             ex = tvm.compile(mod, tgt)
         else:
+            for name, rewrite in REWRITES.items():
+                mod, changed = rewrite(mod, spec)
+                if changed:
+                    applied.append(name)
             ex = tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
     inits = {i.name for i in static.graph.initializer}
     inputs = [{"name": vi.name, "shape": [d.dim_value for d in vi.type.tensor_type.shape.dim],

@@ -4,7 +4,10 @@ TVM's CPU pipeline (``relax.backend.cpu_generic``) legalizes and fuses but leave
 unscheduled. This one, for LLVM targets:
 
 1. converts convolutions to NHWC activations with HWIO weights (``relax.transform.ConvertLayout``:
-   the transposes it adds at the edges fold into the constant weights or run once per model);
+   the transposes it adds at the edges fold into the constant weights or run once per model),
+   and removes transpose pairs that cancel;
+   then applies graphslim's Relax rewrites (``graphslim.kernels.REWRITES``: the compression-aware
+   kernels see NHWC convolutions with constant HWIO weights);
 2. legalizes and fuses exactly as TVM does (so MetaSchedule task keys match TVM's own);
 3. applies a MetaSchedule database when tuning (``tune`` trials, ``tuning_db`` folder);
 4. schedules every kernel left with graphslim's default rules
@@ -17,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NHWC_LAYOUTS", "apply_schedule_rules", "cpu_pipeline"]
+__all__ = ["NHWC_LAYOUTS", "apply_schedule_rules", "cancel_transposes", "cpu_pipeline"]
 
 #: ConvertLayout's desired layouts: data NHWC, kernel HWIO (output channel innermost).
 NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -25,7 +28,9 @@ NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 def cpu_pipeline(target: Any, *, tune: int = 0, tuning_db: str | Path | None = None,
                  tuning_report: dict[str, Any] | None = None, rpc: tuple[str, str] | None = None,
-                 progress: bool = False, schedule_report: dict[str, Any] | None = None) -> Any:
+                 progress: bool = False, schedule_report: dict[str, Any] | None = None,
+                 rewrites: dict[str, Any] | None = None, spec: dict[str, Any] | None = None,
+                 rewrites_applied: list[str] | None = None) -> Any:
     """A module pass compiling a Relax module (from the ONNX frontend) for an LLVM ``target``.
     ``schedule_report`` (a dict) receives which rule scheduled each kernel (see
     :func:`apply_schedule_rules`) and ``tuning_report`` what tuning did."""
@@ -38,6 +43,12 @@ def cpu_pipeline(target: Any, *, tune: int = 0, tuning_db: str | Path | None = N
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
+            mod = relax.transform.DeadCodeElimination()(cancel_transposes(mod))
+            mod = relax.transform.FoldConstant()(mod)  # the weights' layout transforms
+            for name, rewrite in (rewrites or {}).items():
+                mod, changed = rewrite(mod, spec)
+                if changed and rewrites_applied is not None:
+                    rewrites_applied.append(name)
             mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
             if tune > 0 or tuning_db is not None:
                 if tuning_db is None:
@@ -91,3 +102,41 @@ def apply_schedule_rules(mod: Any, target: Any, rules: list[Any], report: dict[s
             counts[how] = counts.get(how, 0) + 1
         report.update(kernels=dict(sorted(kernels.items())), counts=dict(sorted(counts.items())))
     return mod
+
+
+def cancel_transposes(mod: Any) -> Any:
+    """``permute_dims(permute_dims(x, a), b)`` -> ``x`` where the two permutations cancel (the
+    inner one is left for dead-code elimination when nothing else uses it)."""
+    import tvm
+    from tvm import relax
+
+    permute = tvm.ir.Op.get("relax.permute_dims")
+
+    def axes(call: Any, rank: int) -> list[int]:
+        given = call.attrs.axes
+        return [int(a) for a in given] if given is not None else list(range(rank))[::-1]
+
+    @relax.expr_functor.mutator
+    class Cancel(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if call.op != permute:
+                return call
+            arg = call.args[0]
+            inner = self.lookup_binding(arg) if isinstance(arg, relax.Var) else arg
+            if not isinstance(inner, relax.Call) or inner.op != permute:
+                return call
+            try:
+                rank = len(inner.args[0].ty.shape)
+            except (AttributeError, TypeError):
+                return call
+            a, b = axes(inner, rank), axes(call, rank)
+            if [a[i] for i in b] == list(range(rank)):
+                return inner.args[0]
+            return call
+
+    cancel = Cancel(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            cancel.builder_.update_func(gv, cancel.visit_expr(func))
+    return cancel.builder_.get()

@@ -21,6 +21,7 @@ does not recognise is compiled exactly as before.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -73,9 +74,14 @@ def choose_block(w: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> tuple[t
     return (best[1], best[2]) if best else None
 
 
-def bsr_dense_func(m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dtype: str = "float32") -> Any:
-    """The kernel as a PrimFunc ``(x[m,k], data, indices, indptr, y[m,n])``."""
+def bsr_dense_func(m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dtype: str = "float32",
+                   relu: bool = False) -> Any:
+    """The kernel as a PrimFunc ``(x[m,k], data, indices, indptr, bias[n], y[m,n])``: the
+    model's bias (zeros when it has none) and, with ``relu``, a ReLU are applied to each
+    finished tile (the epilogue the rewrite absorbs)."""
     from tvm.script import tirx as T
+
+    lo = 0.0 if relu else -3.4e38  # ReLU as max(v, lo); -3.4e38 (float32 lowest) leaves v as it is
 
     br, bc = block
     nb = n // br
@@ -85,7 +91,7 @@ def bsr_dense_func(m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dt
     @T.prim_func(private=True, s_tir=True)
     def bsr_dense(x: T.Buffer((m, k), dtype), data: T.Buffer((nnz, bc, br), dtype),
                   indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
-                  y: T.Buffer((m, n), dtype)):
+                  bias: T.Buffer((n,), dtype), y: T.Buffer((m, n), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
         for io in T.parallel(nb):
             acc = T.alloc_buffer((rt, br), dtype, scope="local")
@@ -100,14 +106,98 @@ def bsr_dense_func(m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dt
                                 acc[r, j] = acc[r, j] + x[ro * rt + r, indices[p] * bc + c] * data[p, c, j]
                 for r in T.unroll(rt):
                     for j in T.vectorized(br):
-                        y[ro * rt + r, io * br + j] = acc[r, j]
+                        y[ro * rt + r, io * br + j] = T.max(acc[r, j] + bias[io * br + j], T.cast(lo, dtype))
 
+    if br == 1:
+        # One output per block: vectorize over the block's bc contiguous inputs instead, and
+        # sum the lanes at the end (1x4 blocks: one 4-lane FMA per block instead of 4 scalar).
+        @T.prim_func(private=True, s_tir=True)
+        def bsr_dense_row(x: T.Buffer((m, k), dtype), data: T.Buffer((nnz, bc, 1), dtype),
+                          indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
+                          bias: T.Buffer((n,), dtype), y: T.Buffer((m, n), dtype)):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
+            for io in T.parallel(nb):
+                acc = T.alloc_buffer((rt, bc), dtype, scope="local")
+                for ro in range(m // rt):
+                    for r in T.unroll(rt):
+                        for c in T.vectorized(bc):
+                            acc[r, c] = T.cast(0, dtype)
+                    for p in range(indptr[io], indptr[io + 1]):
+                        for r in T.unroll(rt):
+                            for c in T.vectorized(bc):
+                                acc[r, c] = acc[r, c] + x[ro * rt + r, indices[p] * bc + c] * data[p, c, 0]
+                    for r in T.unroll(rt):
+                        y[ro * rt + r, io] = bias[io]
+                        for c in T.unroll(bc):
+                            y[ro * rt + r, io] = y[ro * rt + r, io] + acc[r, c]
+                        y[ro * rt + r, io] = T.max(y[ro * rt + r, io], T.cast(lo, dtype))
+
+        return bsr_dense_row
     return bsr_dense
+
+
+def bsr_conv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                    out_hw: tuple[int, int], k: int, block: tuple[int, int], nnzb: int, dtype: str = "float32",
+                    relu: bool = False) -> Any:
+    """Block-sparse direct convolution on NHWC data that is already padded: ``x`` [N, Hp, Wp, C],
+    weight as BSR of the ``[K, C*KH*KW]`` matrix (ONNX column order c, kh, kw), output
+    [N, Ho, Wo, K]. Each stored block is visited once per tile of ``wt`` output pixels; its
+    column decodes to (c, kh, kw), so no im2col buffer is built. ``bias`` [K] and ``relu`` as
+    in :func:`bsr_dense_func`."""
+    from tvm.script import tirx as T
+
+    lo = 0.0 if relu else -3.4e38
+
+    n, hp, wp, c = shape
+    kh, kw = kernel
+    sh, sw = stride
+    ho, wo = out_hw
+    br, bc = block
+    nb = k // br
+    nnz = max(nnzb, 1)
+    khw = kh * kw
+    wt = next(d for d in (6, 5, 4, 3, 2, 1) if wo % d == 0 and d * max(1, br // 8) <= 12)
+
+    @T.prim_func(private=True, s_tir=True)
+    def bsr_conv2d(x: T.Buffer((n, hp, wp, c), dtype), data: T.Buffer((nnz, bc, br), dtype),
+                   indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
+                   bias: T.Buffer((k,), dtype), y: T.Buffer((n, ho, wo, k), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_conv2d"})
+        for fused in T.parallel(nb * n * ho):
+            acc = T.alloc_buffer((wt, br), dtype, scope="local")
+            for wo_o in range(wo // wt):
+                for t in T.unroll(wt):
+                    for j in T.vectorized(br):
+                        acc[t, j] = T.cast(0, dtype)
+                for p in range(indptr[fused // (n * ho)], indptr[fused // (n * ho) + 1]):
+                    for cc in T.unroll(bc):
+                        for t in T.unroll(wt):
+                            for j in T.vectorized(br):
+                                acc[t, j] = acc[t, j] + x[
+                                    fused % (n * ho) // ho,
+                                    fused % ho * sh + (indices[p] * bc + cc) % khw // kw,
+                                    (wo_o * wt + t) * sw + (indices[p] * bc + cc) % kw,
+                                    (indices[p] * bc + cc) // khw] * data[p, cc, j]
+                for t in T.unroll(wt):
+                    for j in T.vectorized(br):
+                        y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * br + j] = T.max(
+                            acc[t, j] + bias[fused // (n * ho) * br + j], T.cast(lo, dtype))
+
+    return bsr_conv2d
+
+
+def _bsr_consts(matrix: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    data, indices, indptr = to_bsr(matrix, block)
+    if len(indices) == 0:  # an all-zero weight: one zero block keeps the buffers non-empty
+        data, indices = np.zeros((1, block[1], block[0]), matrix.dtype), np.zeros(1, np.int32)
+    return data, indices, indptr
 
 
 def rewrite_bsr_dense(mod: Any, spec: dict[str, Any], threshold: float = DEFAULT_THRESHOLD) -> tuple[Any, bool]:
     """Relax rewrite (``graphslim.kernels.REWRITES["bsr-dense"]``): block-sparse constant weights
-    of ``relax.matmul`` to :func:`bsr_dense_func` calls. CPU targets only."""
+    of ``relax.matmul`` to :func:`bsr_dense_func` calls and of NHWC ``relax.nn.conv2d`` (groups
+    1, no dilation; the CPU pipeline converts layouts first) to :func:`bsr_conv2d_func` calls.
+    CPU targets only."""
     if spec.get("kind") != "llvm":
         return mod, False
     import tvm
@@ -116,43 +206,138 @@ def rewrite_bsr_dense(mod: Any, spec: dict[str, Any], threshold: float = DEFAULT
 
     mod = relax.transform.FoldConstant()(mod)  # permute_dims(W) of a Gemm folds into W^T
     matmul = tvm.ir.Op.get("relax.matmul")
+    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
     changed = []
+    kernels: dict[str, Any] = {}  # kernel name -> its factory (for the epilogue pass)
+
+    def static_shape(expr: Any) -> list[int] | None:
+        try:
+            return [int(d) for d in expr.ty.shape]
+        except (AttributeError, TypeError, ValueError):
+            return None
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if call.op != matmul or not isinstance(call.args[1], Constant):
+            if call.op == matmul:
+                return self._matmul(call)
+            if call.op == conv2d:
+                return self._conv2d(call)
+            return call
+
+        def _matmul(self, call: Any) -> Any:
+            if not isinstance(call.args[1], Constant):
                 return call
             x = call.args[0]
-            xs, ws = x.ty, call.args[1].ty
-            if len(getattr(xs, "shape", None) or []) != 2 or len(ws.shape) != 2:
+            xs, ws = static_shape(x), static_shape(call.args[1])
+            if xs is None or ws is None or len(xs) != 2 or len(ws) != 2 or str(x.ty.dtype) != "float32":
                 return call
-            try:
-                m, k = (int(d) for d in xs.shape)
-            except (TypeError, ValueError):
-                return call
+            m, k = xs
             w = call.args[1].value.numpy()
-            if w.dtype != np.float32 or str(xs.dtype) != "float32":
+            if w.dtype != np.float32:
                 return call
             wt = np.ascontiguousarray(w.T)  # [N, K]: outputs x inputs
             chosen = choose_block(wt, threshold)
             if chosen is None:
                 return call
-            block, _ = chosen
-            data, indices, indptr = to_bsr(wt, block)
-            if len(indices) == 0:
-                data = np.zeros((1, block[1], block[0]), np.float32)
-                indices = np.zeros(1, np.int32)
-            func = bsr_dense_func(m, k, wt.shape[0], block, len(indices))
-            gv = self.builder_.add_func(func, f"bsr_dense_{block[0]}x{block[1]}")
-            changed.append(block)
-            return relax.call_tir(gv, [x, relax.const(data), relax.const(indices), relax.const(indptr)],
+            data, indices, indptr = _bsr_consts(wt, chosen[0])
+            make = functools.partial(bsr_dense_func, m, k, wt.shape[0], chosen[0], len(indices))
+            gv = self.builder_.add_func(make(), f"bsr_dense_{chosen[0][0]}x{chosen[0][1]}")
+            kernels[gv.name_hint] = make
+            changed.append(chosen[0])
+            return relax.call_tir(gv, [x, relax.const(data), relax.const(indices), relax.const(indptr),
+                                       relax.const(np.zeros(wt.shape[0], np.float32))],
                                   relax.TensorType((m, wt.shape[0]), "float32"))
+
+        def _conv2d(self, call: Any) -> Any:
+            # Runs after the CPU pipeline's layout conversion: NHWC data, HWIO constant weights.
+            a = call.attrs
+            if not isinstance(call.args[1], Constant) or str(call.args[0].ty.dtype) != "float32":
+                return call
+            if (a.data_layout, a.kernel_layout, a.out_layout or a.data_layout) != ("NHWC", "HWIO", "NHWC"):
+                return call
+            if int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation):
+                return call
+            xs, w = static_shape(call.args[0]), call.args[1].value.numpy()
+            if xs is None or w.dtype != np.float32:
+                return call
+            kh, kw, _, kout = w.shape
+            matrix = np.ascontiguousarray(w.transpose(3, 2, 0, 1)).reshape(kout, -1)  # [K, C*KH*KW] as in ONNX
+            chosen = choose_block(matrix, threshold)
+            if chosen is None:
+                return call
+            pt, pl, pb, pr = (int(p) for p in a.padding)
+            sh, sw = (int(s) for s in a.strides)
+            n, h, wd, c = xs
+            hp, wp = h + pt + pb, wd + pl + pr
+            ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+            x = call.args[0]
+            if pt or pb or pl or pr:
+                x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, pt, pb, pl, pr, 0, 0]))
+            data, indices, indptr = _bsr_consts(matrix, chosen[0])
+            make = functools.partial(bsr_conv2d_func, (n, hp, wp, c), (kh, kw), (sh, sw), (ho, wo), kout, chosen[0],
+                                     len(indices))
+            gv = self.builder_.add_func(make(), f"bsr_conv2d_{chosen[0][0]}x{chosen[0][1]}")
+            kernels[gv.name_hint] = make
+            changed.append(chosen[0])
+            return relax.call_tir(gv, [x, relax.const(data), relax.const(indices), relax.const(indptr),
+                                       relax.const(np.zeros(kout, np.float32))],
+                                  relax.TensorType((n, ho, wo, kout), "float32"))
 
     rewriter = Rewriter(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    new = rewriter.builder_.get()
-    return (new, True) if changed else (mod, False)
+    if not changed:
+        return mod, False
+    new = _fuse_epilogues(rewriter.builder_.get(), kernels)
+    return relax.transform.DeadCodeElimination()(new), True
+
+
+def _fuse_epilogues(mod: Any, kernels: dict[str, Any]) -> Any:
+    """``add(bsr(...), constant bias)`` and ``relu(bsr(...))`` -> one BSR call that applies them to
+    each finished tile (the kernels' bias argument and ReLU variant), as TVM's fusion does for
+    the dense path. The unfused calls are left for dead-code elimination."""
+    import tvm
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    add, relu, call_tir = (tvm.ir.Op.get(n) for n in ("relax.add", "relax.nn.relu", "relax.call_tir"))
+    with_relu: dict[str, Any] = {}
+
+    @relax.expr_functor.mutator
+    class Epilogue(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if call.op not in (add, relu) or not isinstance(call.args[0], relax.Var):
+                return call
+            inner = self.lookup_binding(call.args[0])
+            if not isinstance(inner, relax.Call) or inner.op != call_tir:
+                return call
+            name = inner.args[0].name_hint
+            base = name[:-len("_relu")] if name.endswith("_relu") else name
+            if base not in kernels:
+                return call
+            args = list(inner.args[1].fields)
+            out_ty = inner.ty
+            if call.op == add:
+                if name.endswith("_relu") or not isinstance(call.args[1], Constant):
+                    return call
+                b = call.args[1].value.numpy()
+                k = int(out_ty.shape[-1])
+                if b.size != k or b.shape[-1] != k or b.dtype != np.float32 or np.any(args[4].value.numpy()):
+                    return call
+                args[4] = relax.const(b.reshape(k))
+                return relax.call_tir(inner.args[0], args, out_ty)
+            if name.endswith("_relu"):
+                return call
+            if base not in with_relu:
+                with_relu[base] = self.builder_.add_func(kernels[base](relu=True), f"{base}_relu")
+            return relax.call_tir(with_relu[base], args, out_ty)
+
+    fuse = Epilogue(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            fuse.builder_.update_func(gv, fuse.visit_expr(func))
+    return fuse.builder_.get()

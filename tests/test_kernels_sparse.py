@@ -43,18 +43,23 @@ def test_to_bsr_round_trips(block, sparsity):
 
 @needs_avx2
 @pytest.mark.parametrize("block", [(16, 1), (4, 4), (1, 4)])
-@pytest.mark.parametrize("m, k, n, sparsity", [(1, 64, 32, 0.9), (3, 48, 64, 0.5), (8, 128, 48, 0.0),
-                                               (32, 64, 64, 0.95), (6, 32, 16, 1.0)])
-def test_bsr_kernel_matches_numpy(block, m, k, n, sparsity):
+@pytest.mark.parametrize("m, k, n, sparsity, relu", [(1, 64, 32, 0.9, False), (3, 48, 64, 0.5, True),
+                                                     (8, 128, 48, 0.0, False), (32, 64, 64, 0.95, True),
+                                                     (6, 32, 16, 1.0, False)])
+def test_bsr_kernel_matches_numpy(block, m, k, n, sparsity, relu):
     w = block_sparse(n, k, block, sparsity, seed=m + k)
     data, indices, indptr = to_bsr(w, block)
     if len(indices) == 0:  # the rewrite stores one zero block for an all-zero weight; so do we
         data, indices = np.zeros((1, block[1], block[0]), np.float32), np.zeros(1, np.int32)
-    lib = tvm.tirx.build(bsr_dense_func(m, k, n, block, len(indices)).with_attr("global_symbol", "main"), target=HOST)
-    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    func = bsr_dense_func(m, k, n, block, len(indices), relu=relu)
+    lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=HOST)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
     y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x, data, indices, indptr)), y)
-    np.testing.assert_allclose(y.numpy(), x @ w.T, rtol=1e-4, atol=1e-4)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, data, indices, indptr, bias)), y)
+    ref = x @ w.T + bias
+    np.testing.assert_allclose(y.numpy(), np.maximum(ref, 0) if relu else ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("block", [(16, 1), (4, 4), (1, 4)])
@@ -104,3 +109,76 @@ def test_dense_layers_stay_on_the_dense_path(tmp_path):
     art = compile_model(model, "x86", tmp_path / "a", batch=4)
     assert art.meta["rewrites"] == []
     assert "kernel:bsr_dense" not in art.meta["kernel_schedules"].values()
+
+
+def cnn(batch: int = 2):
+    b = ModelBuilder("cnn", (batch, 8, 12, 12), 0)
+    x = b.relu(b.conv("input", 32, k=3))
+    x = b.relu(b.conv(x, 32, k=3, stride=2))
+    x = b.add(b.conv(x, 32, k=1, pad=0), x)  # 1x1 conv in a residual add
+    return b.build(b.gemm(b.flatten(x), 10))
+
+
+@needs_avx2
+@pytest.mark.parametrize("block", [(16, 1), (4, 4), (1, 4)])
+def test_sparse_conv_rewrite_matches_onnx_runtime(block, tmp_path):
+    """3x3 (padded, strided) and 1x1 convolutions with block-sparse weights run on the BSR conv
+    kernel in NHWC, with no transposes left between them and bias + ReLU fused into the kernel
+    (the ``_relu`` variants), and match ORT within 1e-4."""
+    model, _ = apply(cnn(), f"sparsify-blocks{{sparsity=0.9,block=[{block[0]},{block[1]}]}}")
+    art = compile_model(model, "x86", tmp_path / "a", batch=2)
+    kernels = art.meta["kernel_schedules"]
+    convs = [name for name, how in kernels.items() if how == "kernel:bsr_conv2d"]
+    assert len(convs) == 3 and sum(name.endswith("_relu") for name in convs) == 2, kernels
+    assert not any(name.startswith(("fused_relu", "fused_add_relu", "relu")) for name in kernels), kernels
+    transposes = [name for name in kernels if "transpose" in name]
+    assert len(transposes) <= 2, kernels  # the model's input (NCHW -> NHWC) and the Flatten before Gemm
+    feeds = sample_inputs(model, 2)
+    got = load_artifact(art.folder)(feeds)[0]
+    np.testing.assert_allclose(got, run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+@needs_avx2
+@pytest.mark.parametrize("shape, kernel, stride, k, block", [
+    ((1, 10, 10, 3), (3, 3), (1, 1), 16, (16, 1)), ((2, 9, 11, 8), (3, 3), (2, 2), 8, (4, 4)),
+    ((1, 6, 6, 12), (1, 1), (1, 1), 4, (1, 4)), ((1, 8, 8, 16), (5, 5), (1, 1), 32, (16, 1)),
+])
+def test_bsr_conv_kernel_matches_numpy(shape, kernel, stride, k, block):
+    from graphslim.kernels.sparse import bsr_conv2d_func
+
+    n, hp, wp, c = shape
+    kh, kw = kernel
+    ho, wo = (hp - kh) // stride[0] + 1, (wp - kw) // stride[1] + 1
+    w = block_sparse(k, c * kh * kw, block, 0.7, seed=c)  # [K, C*KH*KW], ONNX column order
+    data, indices, indptr = to_bsr(w, block)
+    f = bsr_conv2d_func(shape, kernel, stride, (ho, wo), k, block, len(indices))
+    lib = tvm.tirx.build(f.with_attr("global_symbol", "main"), target=HOST)
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    y = tvm.runtime.tensor(np.full((n, ho, wo, k), np.nan, np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, data, indices, indptr, np.zeros(k, np.float32))), y)
+    w4 = w.reshape(k, c, kh, kw)
+    ref = np.zeros((n, ho, wo, k), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i:i + stride[0] * (ho - 1) + 1:stride[0], j:j + stride[1] * (wo - 1) + 1:stride[1], :]
+            ref += np.einsum("nhwc,kc->nhwk", patch, w4[:, :, i, j])
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cancel_transposes_removes_inverse_pairs_only():
+    from graphslim.kernels.pipeline import cancel_transposes
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 2, 3, 4), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+            b = bb.emit(relax.op.permute_dims(a, [0, 3, 1, 2]))  # inverse of a: cancels
+            c = bb.emit(relax.op.permute_dims(b, [0, 2, 3, 1]))
+            d = bb.emit(relax.op.permute_dims(c, [0, 2, 3, 1]))  # not an inverse: stays
+            out = bb.emit_output(relax.op.nn.relu(d))
+        bb.emit_func_output(out)
+    mod = relax.transform.DeadCodeElimination()(cancel_transposes(bb.get()))
+    text = mod["main"].script()
+    assert text.count("R.permute_dims") == 2, text
