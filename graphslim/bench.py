@@ -10,7 +10,41 @@ import onnx
 
 from graphslim.data import Dataset
 
-__all__ = ["measure_callable", "measure_ort", "measure_tvm"]
+__all__ = ["PeakMemory", "measure_callable", "measure_ort", "measure_tvm"]
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory a block of work adds to the process: ``extra_mb`` = peak resident set during the
+    block minus the resident set before it (Linux: the peak is reset through
+    /proc/self/clear_refs first; elsewhere the process peak so far is used, which can only
+    overstate the baseline). Use as ``with PeakMemory() as mem: ...; mem.result()``."""
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            pass
+        self.before = _status_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.peak = _status_kb("VmHWM")
+
+    def result(self) -> dict[str, float]:
+        if self.before is None or self.peak is None:
+            return {}
+        return {"peak_rss_mb": round(self.peak / 1024, 1), "extra_mb": round(max(0, self.peak - self.before) / 1024, 1)}
 
 
 def measure_ort(model: onnx.ModelProto, data: Dataset, *, batch: int = 1, warmup: int = 5, repeat: int = 30,
@@ -21,9 +55,11 @@ def measure_ort(model: onnx.ModelProto, data: Dataset, *, batch: int = 1, warmup
     """
     from graphslim.verify import ort_session
 
-    sess = ort_session(model, optimize=True, threads=threads)
     feeds = _batch_of(data, batch)
-    return measure_callable(lambda: sess.run(None, feeds), batch, warmup, repeat, max_seconds)
+    with PeakMemory() as mem:
+        sess = ort_session(model, optimize=True, threads=threads)
+        result = measure_callable(lambda: sess.run(None, feeds), batch, warmup, repeat, max_seconds)
+    return {**result, "memory": mem.result()}
 
 
 def measure_tvm(runner: Any, data: Dataset, *, warmup: int = 5, repeat: int = 30, max_seconds: float = 5.0

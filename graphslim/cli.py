@@ -373,23 +373,28 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
                          **measure_ort(model, data, batch=b, warmup=args.warmup, repeat=args.repeat, max_seconds=30)})
     if Path(args.model).is_dir():
         from graphslim.backend import load_artifact
+        from graphslim.bench import PeakMemory
 
-        runner = load_artifact(args.model)
-        data = load_data(args.data, _model_for_inputs(runner.meta)) if args.data else random_inputs(
-            _model_for_inputs(runner.meta), runner.meta["batch"], 0)
-        rows.append({"what": "model", "path": args.model, "runtime": f"tvm ({runner.meta['target']})",
-                     **measure_tvm(runner, data, warmup=args.warmup, repeat=args.repeat, max_seconds=30)})
+        with PeakMemory() as mem:
+            runner = load_artifact(args.model)
+            data = load_data(args.data, _model_for_inputs(runner.meta)) if args.data else random_inputs(
+                _model_for_inputs(runner.meta), runner.meta["batch"], 0)
+            timing = measure_tvm(runner, data, warmup=args.warmup, repeat=args.repeat, max_seconds=30)
+        rows.append({"what": "model", "path": args.model, "runtime": f"tvm ({runner.meta['target']})", **timing,
+                     "memory": mem.result()})
     base = {r["batch"]: r["median_ms"] for r in rows if r["what"] == "baseline"}
     for r in rows:
         r["vs_baseline"] = round(r["median_ms"] / base[r["batch"]], 4) if r["batch"] in base else None
     if args.json:
         return EXIT_OK, {"results": rows}
     lines = [f"{'what':<9} {'runtime':<18} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'per s':>10} "
-             f"{'vs base':>8}"]
+             f"{'vs base':>8} {'+MB peak':>9}"]
     for r in rows:
         vs = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
+        extra = r.get("memory", {}).get("extra_mb")
         lines.append(f"{r['what']:<9} {r['runtime']:<18} {r['batch']:>5} {r['median_ms']:>10.4f} {r['p90_ms']:>9.4f} "
-                     f"{r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8}")
+                     f"{r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8} "
+                     f"{'-' if extra is None else format(extra, '.1f'):>9}")
     return EXIT_OK, "\n".join(lines)
 
 

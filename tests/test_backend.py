@@ -112,6 +112,8 @@ def test_bench_compares_artifact_with_baseline(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)["results"]
     assert [r["runtime"] for r in rows] == ["onnxruntime", "tvm (x86)"]
     assert rows[1]["vs_baseline"] > 0 and rows[0]["vs_baseline"] == 1.0
+    for r in rows:  # peak memory the model added (Linux /proc), and the process peak during it
+        assert r["memory"]["peak_rss_mb"] > 10 and 0 <= r["memory"]["extra_mb"] <= r["memory"]["peak_rss_mb"]
 
 
 def test_compiled_artifact_is_byte_identical_and_cached(tmp_path):
