@@ -143,9 +143,12 @@ np.save(sys.argv[3], out.numpy() if hasattr(out, "numpy") else out[0].numpy())
 """
 
 
-def test_arm_artifact_runs_under_qemu(tmp_path):
+@pytest.mark.parametrize("pipeline", ["fold-batchnorm,prune-channels{ratio=0.5}",
+                                      "fold-batchnorm,sparsify-blocks{sparsity=0.9,block=[16,1]}"])
+def test_arm_artifact_runs_under_qemu(pipeline, tmp_path):
     """The AArch64 library runs under qemu-user-static with an aarch64 Python and TVM runtime
-    (the sysroot .ci/aarch64-sysroot.sh builds) and matches ONNX Runtime on x86. Timing under
+    (the sysroot .ci/aarch64-sysroot.sh builds) and matches ONNX Runtime on x86: a pruned model
+    on the dense schedules, and a block-sparse one on the BSR conv kernels (NEON). Timing under
     emulation means nothing; correctness does."""
     import os
     from pathlib import Path
@@ -156,8 +159,11 @@ def test_arm_artifact_runs_under_qemu(tmp_path):
         pytest.skip("needs qemu-user-static and GRAPHSLIM_AARCH64_SYSROOT (.ci/aarch64-sysroot.sh)")
     if shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("needs gcc-aarch64-linux-gnu to link the ARM library")
-    model, _ = apply(ARCHITECTURES["resnet"](), "fold-batchnorm,prune-channels{ratio=0.5}")
+    model, _ = apply(ARCHITECTURES["resnet"](), pipeline)
     art = compile_model(model, "arm", tmp_path / "arm", batch=2)
+    if "sparsify" in pipeline:
+        assert art.meta["rewrites"] == ["bsr-dense"]
+        assert "kernel:bsr_conv2d" in art.meta["kernel_schedules"].values()
     x = sample_inputs(model, 2)["input"]
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "run.py").write_text(_RUN_ON_ARM)
