@@ -3,11 +3,14 @@
 * :mod:`graphslim.kernels.schedules`: default CPU schedules for the dense hot ops (dlight rules);
 * :mod:`graphslim.kernels.pipeline`: the Relax pipeline for CPU targets that applies them;
 * :mod:`graphslim.kernels.tuning`: MetaSchedule tuning with a reusable database;
-* :mod:`graphslim.kernels.sparse`: the block-sparse (BSR) dense kernel and its rewrite.
+* :mod:`graphslim.kernels.sparse`: the block-sparse (BSR) dense and conv kernels and their rewrite;
+* :mod:`graphslim.kernels.int8`: the int8 (AVX2 ``vpmaddwd``) dense kernel for QDQ layers.
 
 ``REWRITES`` maps a name to ``f(mod, target_spec) -> (mod, changed)``; the backend
-(:mod:`graphslim.backend`) applies every rewrite to the Relax module (as imported from ONNX)
-before lowering, and lists the ones that changed something in ``artifact.json``. A rewrite must
+(:mod:`graphslim.backend`) applies every rewrite before lowering and lists the ones that changed
+something in ``artifact.json``. A rewrite whose ``stage`` attribute is ``"import"`` sees the
+module as imported from ONNX (e.g. QDQ weights still int8); the others run on CPU targets after
+the layout conversion and constant folding (NHWC convolutions, folded weights). A rewrite must
 leave every pattern it does not fully handle as it was: the dense path is always correct.
 Importing this package does not import TVM; each rewrite imports it when called.
 """
@@ -26,6 +29,15 @@ def _bsr_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     return rewrite_bsr_dense(mod, spec)
 
 
+def _int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    from graphslim.kernels.int8 import rewrite_int8_dense
+
+    return rewrite_int8_dense(mod, spec)
+
+
+_int8_dense.stage = "import"  # type: ignore[attr-defined] - runs before constants fold
+
 REWRITES: dict[str, Callable[[Any, dict[str, Any]], tuple[Any, bool]]] = {
+    "int8-dense": _int8_dense,
     "bsr-dense": _bsr_dense,
 }

@@ -42,13 +42,13 @@ def cpu_pipeline(target: Any, *, tune: int = 0, tuning_db: str | Path | None = N
     @tvm.transform.module_pass(opt_level=0, name="GraphslimCPUPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
+            early = {n: r for n, r in (rewrites or {}).items() if getattr(r, "stage", "") == "import"}
+            late = {n: r for n, r in (rewrites or {}).items() if n not in early}
+            mod = _apply_rewrites(mod, early, spec, rewrites_applied)
             mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
             mod = relax.transform.DeadCodeElimination()(cancel_transposes(mod))
             mod = relax.transform.FoldConstant()(mod)  # the weights' layout transforms
-            for name, rewrite in (rewrites or {}).items():
-                mod, changed = rewrite(mod, spec)
-                if changed and rewrites_applied is not None:
-                    rewrites_applied.append(name)
+            mod = _apply_rewrites(mod, late, spec, rewrites_applied)
             mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
             if tune > 0 or tuning_db is not None:
                 if tuning_db is None:
@@ -64,6 +64,15 @@ def cpu_pipeline(target: Any, *, tune: int = 0, tuning_db: str | Path | None = N
         return mod
 
     return _pipeline
+
+
+def _apply_rewrites(mod: Any, rewrites: dict[str, Any], spec: dict[str, Any] | None,
+                    applied: list[str] | None) -> Any:
+    for name, rewrite in rewrites.items():
+        mod, changed = rewrite(mod, spec or {})
+        if changed and applied is not None:
+            applied.append(name)
+    return mod
 
 
 def apply_schedule_rules(mod: Any, target: Any, rules: list[Any], report: dict[str, Any] | None = None) -> Any:

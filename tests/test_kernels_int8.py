@@ -1,0 +1,72 @@
+"""The int8 (AVX2 vpmaddwd) dense kernel against numpy, and the QDQ rewrite end to end against
+ONNX Runtime (skipped without the tvm extra or on a host without AVX2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import apply
+from models import ModelBuilder, run, sample_inputs
+
+pytest.importorskip("tvm", reason="needs the tvm extra (apache-tvm)")
+
+import tvm  # noqa: E402
+
+from graphslim.backend import compile_model, host_cpu_flags, load_artifact  # noqa: E402
+from graphslim.data import Dataset  # noqa: E402
+from graphslim.kernels.int8 import pack_weights, qdense_func  # noqa: E402
+
+pytestmark = pytest.mark.skipif("avx2" not in host_cpu_flags(), reason="host cannot run AVX2 code")
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+
+
+@pytest.mark.parametrize("qdtype", ["uint8", "int8"])
+@pytest.mark.parametrize("m, k, n", [(1, 64, 16), (3, 130, 48), (8, 256, 32), (32, 64, 64)])
+def test_int8_kernel_is_exact_against_numpy(qdtype, m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    info = np.iinfo(qdtype)
+    q = rng.integers(info.min, info.max + 1, (m, k)).astype(qdtype)
+    w = rng.integers(-128, 128, (n, k)).astype(np.int8)  # includes -128: the full int8 range
+    scale = rng.uniform(0.001, 0.1, n).astype(np.float32)
+    offset = rng.standard_normal(n).astype(np.float32)
+    lib = tvm.tirx.build(qdense_func(m, k, n, qdtype).with_attr("global_symbol", "main"), target=HOST)
+    assert "vpmaddwd" in lib.inspect_source("asm")
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (q, pack_weights(w), scale, offset)), y)
+    acc = q.astype(np.int64) @ w.T.astype(np.int64)  # exact integer reference
+    np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset).astype(np.float32),
+                               rtol=1e-6, atol=1e-5)
+
+
+def qdq_mlp(batch: int = 4):
+    b = ModelBuilder("mlp", (batch, 64), 0)
+    x = b.relu(b.gemm("input", 128))  # Gemm (transB): W [N, K], per-channel on axis 0
+    x = b.relu(b.bias_add(b.matmul(x, 96)))  # MatMul: W [K, N], per-channel on axis 1
+    model = b.build(b.gemm(x, 10))  # 10 outputs: not a multiple of 16, stays on the float path
+    data = Dataset({"input": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)})
+    qmodel, _ = apply(model, "quantize-int8", data=data)
+    return qmodel
+
+
+def test_qdq_layers_run_on_the_int8_kernel_and_match_onnx_runtime(tmp_path):
+    model = qdq_mlp()
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    art = compile_model(model, "x86", tmp_path / "a", batch=4)
+    assert art.meta["rewrites"] == ["int8-dense"]
+    int8 = [k for k, v in art.meta["kernel_schedules"].items() if v == "kernel:int8_dense"]
+    assert len(int8) == 2, art.meta["kernel_schedules"]
+    feeds = sample_inputs(model, 4)
+    got, ref = load_artifact(art.folder)(feeds)[0], run(model, feeds)[0]
+    # integer accumulation is exact where ORT's QDQ float math rounds: at most one step of the
+    # output's quantization scale apart
+    out_scale = next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+                     if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=float(out_scale) * 1.01)
+    assert np.mean(np.argmax(got, 1) == np.argmax(ref, 1)) >= 0.75
+
+
+def test_arm_target_keeps_qdq_on_the_float_path(tmp_path):
+    art = compile_model(qdq_mlp(), "arm", tmp_path / "a", batch=4)
+    assert "int8-dense" not in art.meta["rewrites"]
+    assert "kernel:int8_dense" not in art.meta["kernel_schedules"].values()
