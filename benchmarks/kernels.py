@@ -3,11 +3,13 @@
 1. BSR dense kernel (graphslim.kernels.sparse) vs graphslim's dense TVM matmul schedule vs numpy
    vs ONNX Runtime (MatMul), for a 1024x1024 weight at 0/50/80/90/95% block sparsity, blocks
    1x4, 4x4 and 16x1, batch 1 and 32. Ratios are against the dense TVM kernel and against ORT.
-2. End to end: ORT on the original vs ORT on the compressed model vs TVM (graphslim compile,
-   host CPU, default schedules plus the BSR rewrite) on the compressed model, for the MNIST CNN
+2. The int8 kernel (QDQ MatMul/Gemm, AVX2 vpmaddwd) vs graphslim's fp32 TVM kernel vs ORT fp32
+   MatMul vs ORT MatMulInteger (uint8 x int8), 1024x1024, batch 1 and 32.
+3. End to end: ORT on the original vs ORT on the compressed model vs TVM (graphslim compile,
+   host CPU, default schedules plus the rewrites) on the compressed model, for the MNIST CNN
    (trained where torch and ../shared/data/mnist exist, else random weights) and the
    ResNet-style CIFAR net, batch 1; compressed = prune-channels 50% + sparsify-blocks 90% (16x1)
-   of the Gemm layers.
+   of the Gemm layers, or prune-channels 50% + quantize-int8.
 
 Medians of repeated runs; numpy and ORT are timed before TVM runs in this process (TVM's thread
 pool slows them otherwise), the end-to-end numbers come from ``graphslim bench`` processes.
@@ -70,11 +72,7 @@ def ort_matmul_ms(w: np.ndarray, x: np.ndarray) -> float:
 
 def kernel_table(batches: list[int]) -> list[str]:
     import tvm
-    from graphslim.kernels.pipeline import apply_schedule_rules
-    from graphslim.kernels.schedules import default_cpu_rules
     from graphslim.kernels.sparse import bsr_dense_func, to_bsr
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from graphslim.backend import _default_threads
 
@@ -89,21 +87,7 @@ def kernel_table(batches: list[int]) -> list[str]:
     for b, block, s in cases:
         w, x_b = block_sparse(block, s), xs[b]
         ref_ms[(b, block, s)] = (median_ms(lambda w=w, x_b=x_b: x_b @ w.T), ort_matmul_ms(w, x_b))
-    dense_ms = {}
-    for b in batches:
-        bb = relax.BlockBuilder()
-        x = relax.Var("x", relax.TensorType((b, K), "float32"))
-        with bb.function("main", [x]):
-            out = bb.emit(relax.op.matmul(x, relax.const(np.zeros((K, N), np.float32))))
-            bb.emit_func_output(out)
-        with target:
-            mod = tvm.transform.Sequential(cpu.legalize_passes(target))(bb.get())
-            mod = apply_schedule_rules(mod, target, default_cpu_rules())
-        name = next(gv for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
-        lib = tvm.tirx.build(mod[name].with_attr("global_symbol", "main"), target=target)
-        args = [tvm.runtime.tensor(xs[b]), tvm.runtime.tensor(rng.standard_normal((K, N)).astype(np.float32)),
-                tvm.runtime.tensor(np.zeros((b, N), np.float32))]
-        dense_ms[b] = lib.time_evaluator("main", tvm.cpu(), number=20, repeat=7)(*args).median * 1e3
+    dense_ms = {b: _tvm_dense_ms(b, target) for b in batches}
     for b, block, s in cases:
         w = block_sparse(block, s)
         data, indices, indptr = to_bsr(w, block)
@@ -124,29 +108,110 @@ def kernel_table(batches: list[int]) -> list[str]:
             "TVM dense | vs ORT |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
+def int8_table(batches: list[int]) -> list[str]:
+    """int8 kernel (QDQ layers) vs fp32 kernels, 1024x1024: TVM int8 (vpmaddwd) vs graphslim's
+    dense fp32 TVM kernel vs ORT fp32 MatMul vs ORT MatMulInteger (uint8 x int8)."""
+    import onnxruntime as ort
+    import tvm
+    from graphslim.kernels.int8 import pack_weights, qdense_func
+
+    from graphslim.backend import _default_threads
+
+    rng = np.random.default_rng(3)
+    w = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    ort_ms = {}
+    for b in batches:
+        q = rng.integers(0, 256, (b, K)).astype(np.uint8)
+        g = helper.make_graph([helper.make_node("MatMulInteger", ["q", "w"], ["y"])], "mmi",
+                              [helper.make_tensor_value_info("q", TensorProto.UINT8, [b, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [b, N])],
+                              [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 9
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        ort_ms[b] = (ort_matmul_ms(w.astype(np.float32), q.astype(np.float32)),
+                     median_ms(lambda sess=sess, q=q: sess.run(None, {"q": q})))
+    _default_threads()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    rows = []
+    for b in batches:
+        q = rng.integers(0, 256, (b, K)).astype(np.uint8)
+        lib = tvm.tirx.build(qdense_func(b, K, N).with_attr("global_symbol", "main"), target=target)
+        y = tvm.runtime.tensor(np.zeros((b, N), np.float32))
+        args = [tvm.runtime.tensor(a) for a in (q, pack_weights(w), np.ones(N, np.float32), np.zeros(N, np.float32))]
+        lib["main"](*args, y)
+        assert np.array_equal(y.numpy(), (q.astype(np.int64) @ w.T.astype(np.int64)).astype(np.float32))
+        int8 = lib.time_evaluator("main", tvm.cpu(), number=20, repeat=7)(*args, y).median * 1e3
+        fp32 = _tvm_dense_ms(b, target)
+        o32, o8 = ort_ms[b]
+        rows.append(f"| {b} | {int8:.4f} | {fp32:.4f} | {o32:.4f} | {o8:.4f} | {fp32 / int8:.2f}x | {o32 / int8:.2f}x | "
+                    f"{o8 / int8:.2f}x |")
+        print(rows[-1], flush=True)
+    return ["| batch | TVM int8 ms | TVM fp32 ms | ORT fp32 ms | ORT MatMulInteger ms | int8 vs TVM fp32 | vs ORT fp32 "
+            "| vs ORT int8 |", "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
+
+
+def _tvm_dense_ms(b: int, target) -> float:
+    """graphslim's fp32 dense schedule for [b, K] x [K, N]."""
+    import tvm
+    from graphslim.kernels.pipeline import apply_schedule_rules
+    from graphslim.kernels.schedules import default_cpu_rules
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((b, K), "float32"))
+    with bb.function("main", [x]):
+        out = bb.emit(relax.op.matmul(x, relax.const(np.zeros((K, N), np.float32))))
+        bb.emit_func_output(out)
+    with target:
+        mod = tvm.transform.Sequential(cpu.legalize_passes(target))(bb.get())
+        mod = apply_schedule_rules(mod, target, default_cpu_rules())
+    name = next(gv for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    lib = tvm.tirx.build(mod[name].with_attr("global_symbol", "main"), target=target)
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal((b, K)).astype(np.float32)),
+            tvm.runtime.tensor(rng.standard_normal((K, N)).astype(np.float32)),
+            tvm.runtime.tensor(np.zeros((b, N), np.float32))]
+    return lib.time_evaluator("main", tvm.cpu(), number=20, repeat=7)(*args).median * 1e3
+
+
 def end_to_end(repeat: int) -> list[str]:
     path, how = mnist_model()
     models = {f"MNIST CNN ({how})": path, "ResNet-style CIFAR net": resnet_cifar()[0]}
-    pipeline = "fold-batchnorm,prune-channels{ratio=0.5},sparsify-blocks{sparsity=0.9,block=[16,1],ops=[Gemm]}"
+    pipelines = {
+        "prune 50% + BSR (sparsify-blocks 90% 16x1, Gemm)":
+            "fold-batchnorm,prune-channels{ratio=0.5},sparsify-blocks{sparsity=0.9,block=[16,1],ops=[Gemm]}",
+        "prune 50% + int8 (quantize-int8, QDQ)": "fold-batchnorm,prune-channels{ratio=0.5},quantize-int8",
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models.items():
-            out = Path(tmp) / model.stem
-            graphslim("optimize", str(model), "--passes", pipeline, "--no-latency", "-o", str(out))
-            art = graphslim("compile", str(out / "model.onnx"), "--target", "x86", "-o", str(out / "compiled"))
+            m = onnx.load(str(model))
+            shape = [d.dim_value or 1 for d in m.graph.input[0].type.tensor_type.shape.dim]
+            calib = Path(tmp) / f"{model.stem}_calib.npz"
+            np.savez(calib, **{m.graph.input[0].name: np.random.default_rng(0).standard_normal(
+                [64, *shape[1:]]).astype(np.float32)})
+            for label, pipeline in pipelines.items():
+                out = Path(tmp) / f"{model.stem}_{len(rows)}"
+                graphslim("optimize", str(model), "--passes", pipeline, "--data", str(calib), "--no-latency",
+                          "-o", str(out))
+                art = graphslim("compile", str(out / "model.onnx"), "--target", "x86", "-o", str(out / "compiled"))
 
-            def bench(target: str) -> float:
-                args = ["bench", target, "--repeat", str(repeat), "--warmup", "20"]
-                return graphslim(*(args + (["--batch", "1"] if target.endswith(".onnx") else [])))["results"][0]["median_ms"]
+                def bench(target: str) -> float:
+                    args = ["bench", target, "--repeat", str(repeat), "--warmup", "20"]
+                    extra = ["--batch", "1"] if target.endswith(".onnx") else []
+                    return graphslim(*args, *extra)["results"][0]["median_ms"]
 
-            ort_orig, ort_comp, tvm_comp = bench(str(model)), bench(str(out / "model.onnx")), bench(str(out / "compiled"))
-            bsr = sum(v == "kernel:bsr_dense" for v in art["kernel_schedules"].values())
-            rows.append(f"| {name} | {ort_orig:.3f} | {ort_comp:.3f} ({ort_orig / ort_comp:.2f}x) | {tvm_comp:.3f} "
-                        f"({ort_orig / tvm_comp:.2f}x) | {bsr} |")
-            print(rows[-1], flush=True)
-    return [f"Compressed: `{pipeline}`. Batch 1; speed-ups are against ORT on the original.", "",
-            "| model | ORT original ms | ORT compressed ms (speed-up) | TVM compressed ms (speed-up) | layers on the "
-            "BSR kernel |", "|---|---:|---:|---:|---:|", *rows]
+                ort_orig, ort_comp, tvm_comp = bench(str(model)), bench(str(out / "model.onnx")), bench(
+                    str(out / "compiled"))
+                own = sum(v.startswith("kernel:") for v in art["kernel_schedules"].values())
+                rows.append(f"| {name} | {label} | {ort_orig:.3f} | {ort_comp:.3f} ({ort_orig / ort_comp:.2f}x) | "
+                            f"{tvm_comp:.3f} ({ort_orig / tvm_comp:.2f}x) | {own} |")
+                print(rows[-1], flush=True)
+    return ["Batch 1; speed-ups are against ORT on the original. Calibration data: 64 random inputs.", "",
+            "| model | compressed by | ORT original ms | ORT compressed ms (speed-up) | TVM compressed ms (speed-up) "
+            "| layers on graphslim kernels |", "|---|---|---:|---:|---:|---:|", *rows]
 
 
 def main() -> None:
@@ -154,10 +219,16 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--out", type=Path, default=RESULTS / "kernels.md")
+    ap.add_argument("--only", choices=["bsr", "int8", "e2e"], help="run one part")
     args = ap.parse_args()
-    e2e = end_to_end(args.repeat)  # subprocesses: before this process starts TVM's thread pool
-    lines = ["### BSR dense kernel, 1024x1024 weight", "", *kernel_table([int(b) for b in args.batches.split(",")]),
-             "", "### End to end", "", *e2e]
+    batches = [int(b) for b in args.batches.split(",")]
+    lines = []
+    if args.only in (None, "e2e"):  # subprocesses: before this process starts TVM's thread pool
+        lines += ["### End to end", "", *end_to_end(args.repeat), ""]
+    if args.only in (None, "int8"):
+        lines += ["### int8 dense kernel (QDQ layers), 1024x1024 weight", "", *int8_table(batches), ""]
+    if args.only in (None, "bsr"):
+        lines += ["### BSR dense kernel, 1024x1024 weight", "", *kernel_table(batches)]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,12 @@ def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8") -> Any:
                scale: T.Buffer((n,), "float32"), offset: T.Buffer((n,), "float32"),
                y: T.Buffer((m, n), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_dense"})
+        # activation pairs packed once per call as int32 (two int16 halves), broadcast below
+        pairs = T.alloc_buffer((m, kp), "int32")
+        for i in T.parallel(m):
+            for p in range(kp):
+                pairs[i, p] = T.bitwise_or(T.bitwise_and(T.Cast("int32", q[i, p * 2]), 65535),
+                                           T.shift_left(T.Cast("int32", q[i, p * 2 + 1]), 16))
         for jo in T.parallel(n // NB):
             acc = T.alloc_buffer((rt, NB), "int32", scope="local")
             for ro in range(m // rt):
@@ -62,9 +68,7 @@ def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8") -> Any:
                         for g in T.unroll(2):
                             acc[r, T.Ramp(g * 8, 1, 8)] = acc[r, T.Ramp(g * 8, 1, 8)] + T.call_llvm_pure_intrin(
                                 "int32x8", "llvm.x86.avx2.pmadd.wd",
-                                T.reinterpret("int16x16", T.Broadcast(
-                                    T.bitwise_or(T.bitwise_and(T.Cast("int32", q[ro * rt + r, p * 2]), 65535),
-                                                 T.shift_left(T.Cast("int32", q[ro * rt + r, p * 2 + 1]), 16)), 8)),
+                                T.reinterpret("int16x16", T.Broadcast(pairs[ro * rt + r, p], 8)),
                                 w[jo, p, T.Ramp(g * 16, 1, 16)])
                 for r in T.unroll(rt):
                     for j in T.vectorized(NB):
