@@ -85,11 +85,12 @@ def main() -> None:
                 graphslim("compile", str(model), "--target", "x86", "--batch", str(batch), "-o", f"{base}_default")
                 t0 = time.perf_counter()
                 meta = graphslim("compile", str(model), "--target", "x86", "--batch", str(batch), "--tune",
-                                 str(args.trials), "-o", f"{base}_tuned")
+                                 str(args.trials), "-o", f"{base}_tuned") if args.trials else {
+                    "tuning": {"trials": 0, "tasks": 0}}
                 tune_s = time.perf_counter() - t0
                 ort = bench(str(model), batch, args.repeat)
                 default = bench(f"{base}_default", batch, args.repeat)
-                tuned = bench(f"{base}_tuned", batch, args.repeat)
+                tuned = bench(f"{base}_tuned", batch, args.repeat) if args.trials else float("nan")
                 rows.append((name, batch, ort, default, tuned, meta["tuning"], tune_s))
                 print(rows[-1][:5], flush=True)
     lines = [

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from graphslim.analysis.sparsity import block_sparsity
+from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
 __all__ = ["BLOCKS", "bsr_dense_func", "choose_block", "rewrite_bsr_dense", "to_bsr"]
 
@@ -87,13 +88,14 @@ def bsr_dense_func(m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dt
     nb = n // br
     nnz = max(nnzb, 1)
     rt = next(d for d in (4, 3, 2, 1) if m % d == 0)  # rows of X per pass over a block row
+    loop = T.parallel if m * nnz * br * bc >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
     @T.prim_func(private=True, s_tir=True)
     def bsr_dense(x: T.Buffer((m, k), dtype), data: T.Buffer((nnz, bc, br), dtype),
                   indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
                   bias: T.Buffer((n,), dtype), y: T.Buffer((m, n), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
-        for io in T.parallel(nb):
+        for io in loop(nb):
             acc = T.alloc_buffer((rt, br), dtype, scope="local")
             for ro in range(m // rt):
                 for r in T.unroll(rt):
@@ -116,7 +118,7 @@ def bsr_dense_func(m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dt
                           indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
                           bias: T.Buffer((n,), dtype), y: T.Buffer((m, n), dtype)):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
-            for io in T.parallel(nb):
+            for io in loop(nb):
                 acc = T.alloc_buffer((rt, bc), dtype, scope="local")
                 for ro in range(m // rt):
                     for r in T.unroll(rt):
@@ -157,13 +159,14 @@ def bsr_conv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], s
     nnz = max(nnzb, 1)
     khw = kh * kw
     wt = next(d for d in (6, 5, 4, 3, 2, 1) if wo % d == 0 and d * max(1, br // 8) <= 12)
+    loop = T.parallel if n * ho * wo * nnz * br * bc >= PARALLEL_MIN_MACS else T.serial
 
     @T.prim_func(private=True, s_tir=True)
     def bsr_conv2d(x: T.Buffer((n, hp, wp, c), dtype), data: T.Buffer((nnz, bc, br), dtype),
                    indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
                    bias: T.Buffer((k,), dtype), y: T.Buffer((n, ho, wo, k), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_conv2d"})
-        for fused in T.parallel(nb * n * ho):
+        for fused in loop(nb * n * ho):
             acc = T.alloc_buffer((wt, br), dtype, scope="local")
             for wo_o in range(wo // wt):
                 for t in T.unroll(wt):

@@ -273,7 +273,7 @@ def test_contraction_rule_tiles_vectorizes_and_stays_exact():
 
     from graphslim.backend import _static_batch
 
-    b = ModelBuilder("conv", (2, 5, 9, 9), 0)
+    b = ModelBuilder("conv", (2, 16, 9, 9), 0)  # 560k multiply-adds: above the parallel threshold
     model = b.build(b.relu(b.conv("input", 24, k=3)))
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     with target:
@@ -290,8 +290,8 @@ def test_contraction_rule_tiles_vectorizes_and_stays_exact():
         pytest.skip("host cannot run AVX2 code")
     lib = tvm.tirx.build(sch.mod["main"].with_attr("global_symbol", "main"), target=target)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 9, 9, 5)).astype(np.float32)
-    w = rng.standard_normal((3, 3, 5, 24)).astype(np.float32)
+    x = rng.standard_normal((2, 9, 9, 16)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 16, 24)).astype(np.float32)
     bias = rng.standard_normal((1, 1, 1, 24)).astype(np.float32)
     out = tvm.runtime.tensor(np.zeros((2, 9, 9, 24), np.float32))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(bias), out)
@@ -310,3 +310,27 @@ def test_vector_width_comes_from_the_target_features(spec, bits):
     from graphslim.kernels.schedules import vector_bits
 
     assert vector_bits(tvm.target.Target(spec)) == bits
+
+
+def test_small_kernels_stay_on_one_thread():
+    """Below PARALLEL_MIN_MACS a kernel is not parallelized: waking the thread pool costs more."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from graphslim.backend import _static_batch
+    from graphslim.kernels.pipeline import NHWC_LAYOUTS
+    from graphslim.kernels.schedules import PARALLEL_MIN_MACS, ContractionCPU
+    from models import ModelBuilder
+
+    b = ModelBuilder("conv", (1, 4, 6, 6), 0)
+    model = b.build(b.conv("input", 8, k=3))
+    assert 36 * 8 * 36 < PARALLEL_MIN_MACS
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    with target:
+        mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(from_onnx(_static_batch(model, 1), keep_params_in_input=False))
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+    name = next(gv for gv in mod.get_global_vars() if gv.name_hint.startswith("fused_conv2d"))
+    text = ContractionCPU().apply(mod[name], target, False).mod.script()
+    assert "T.parallel(" not in text and "T.vectorized(" in text
