@@ -25,9 +25,9 @@ import functools
 from typing import Any
 
 import numpy as np
+from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
 from graphslim.analysis.sparsity import block_sparsity
-from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
 __all__ = ["BLOCKS", "bsr_dense_func", "choose_block", "rewrite_bsr_dense", "to_bsr"]
 

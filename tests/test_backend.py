@@ -315,14 +315,14 @@ def test_vector_width_comes_from_the_target_features(spec, bits):
 def test_small_kernels_stay_on_one_thread():
     """Below PARALLEL_MIN_MACS a kernel is not parallelized: waking the thread pool costs more."""
     import tvm
+    from graphslim.kernels.pipeline import NHWC_LAYOUTS
+    from graphslim.kernels.schedules import PARALLEL_MIN_MACS, ContractionCPU
+    from models import ModelBuilder
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.relax.frontend.onnx import from_onnx
 
     from graphslim.backend import _static_batch
-    from graphslim.kernels.pipeline import NHWC_LAYOUTS
-    from graphslim.kernels.schedules import PARALLEL_MIN_MACS, ContractionCPU
-    from models import ModelBuilder
 
     b = ModelBuilder("conv", (1, 4, 6, 6), 0)
     model = b.build(b.conv("input", 8, k=3))

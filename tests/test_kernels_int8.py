@@ -12,10 +12,10 @@ from models import ModelBuilder, run, sample_inputs
 pytest.importorskip("tvm", reason="needs the tvm extra (apache-tvm)")
 
 import tvm  # noqa: E402
+from graphslim.kernels.int8 import pack_weights, qdense_func  # noqa: E402
 
 from graphslim.backend import compile_model, host_cpu_flags, load_artifact  # noqa: E402
 from graphslim.data import Dataset  # noqa: E402
-from graphslim.kernels.int8 import pack_weights, qdense_func  # noqa: E402
 
 pytestmark = pytest.mark.skipif("avx2" not in host_cpu_flags(), reason="host cannot run AVX2 code")
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
