@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 #: MNIST CNN ran 0.032-0.043 ms on one thread vs 0.037-0.059 ms on two). Multiply-adds for
 #: contractions, elements for elementwise kernels.
 PARALLEL_MIN_MACS = 200_000
-PARALLEL_MIN_ELEMENTS = 64 * 1024
+PARALLEL_MIN_ELEMENTS = 16 * 1024
 
 
 def vector_bits(target: Any) -> int:
