@@ -155,13 +155,12 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
             return relax.call_tir(gv, [q, relax.const(pack_weights(wn)), relax.const(scale), relax.const(offset)],
                                   relax.TensorType((xs[0], n), "float32"))
 
-    rewriter = Rewriter(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    from graphslim.kernels.pipeline import visit_relax_functions
+
+    new = visit_relax_functions(Rewriter(mod), mod)
     if not changed:
         return mod, False
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get()), True
+    return relax.transform.DeadCodeElimination()(new), True
 
 
 rewrite_int8_dense.stage = "import"  # type: ignore[attr-defined] - needs the int8 constants unfolded

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NHWC_LAYOUTS", "apply_schedule_rules", "cancel_transposes", "cpu_pipeline"]
+__all__ = ["NHWC_LAYOUTS", "apply_schedule_rules", "cancel_transposes", "cpu_pipeline", "visit_relax_functions"]
 
 #: ConvertLayout's desired layouts: data NHWC, kernel HWIO (output channel innermost).
 NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -144,8 +144,15 @@ def cancel_transposes(mod: Any) -> Any:
                 return inner.args[0]
             return call
 
-    cancel = Cancel(mod)
+    return visit_relax_functions(Cancel(mod), mod)
+
+
+def visit_relax_functions(mutator: Any, mod: Any) -> Any:
+    """Run a ``relax.PyExprMutator`` (built on ``mod``) over every Relax function of ``mod`` and
+    return the rewritten module (PrimFuncs the mutator added included)."""
+    from tvm import relax
+
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            cancel.builder_.update_func(gv, cancel.visit_expr(func))
-    return cancel.builder_.get()
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()

@@ -25,6 +25,7 @@ import functools
 from typing import Any
 
 import numpy as np
+from graphslim.kernels.pipeline import visit_relax_functions
 from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
 from graphslim.analysis.sparsity import block_sparsity
@@ -288,13 +289,10 @@ def rewrite_bsr_dense(mod: Any, spec: dict[str, Any], threshold: float = DEFAULT
                                        relax.const(np.zeros(kout, np.float32))],
                                   relax.TensorType((n, ho, wo, kout), "float32"))
 
-    rewriter = Rewriter(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    new = visit_relax_functions(Rewriter(mod), mod)
     if not changed:
         return mod, False
-    new = _fuse_epilogues(rewriter.builder_.get(), kernels)
+    new = _fuse_epilogues(new, kernels)
     return relax.transform.DeadCodeElimination()(new), True
 
 
@@ -339,8 +337,4 @@ def _fuse_epilogues(mod: Any, kernels: dict[str, Any]) -> Any:
                 with_relu[base] = self.builder_.add_func(kernels[base](relu=True), f"{base}_relu")
             return relax.call_tir(with_relu[base], args, out_ty)
 
-    fuse = Epilogue(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            fuse.builder_.update_func(gv, fuse.visit_expr(func))
-    return fuse.builder_.get()
+    return visit_relax_functions(Epilogue(mod), mod)
