@@ -4,12 +4,13 @@
    vs ONNX Runtime (MatMul), for a 1024x1024 weight at 0/50/80/90/95% block sparsity, blocks
    1x4, 4x4 and 16x1, batch 1 and 32. Ratios are against the dense TVM kernel and against ORT.
 2. The int8 kernel (QDQ MatMul/Gemm, AVX2 vpmaddwd) vs graphslim's fp32 TVM kernel vs ORT fp32
-   MatMul vs ORT MatMulInteger (uint8 x int8), 1024x1024, batch 1 and 32.
+   MatMul vs ORT MatMulInteger (uint8 x int8), 1024x1024, batch 1 and 32; the binary-weight
+   kernel (quantize-binary layers) vs the same fp32 kernels.
 3. End to end: ORT on the original vs ORT on the compressed model vs TVM (graphslim compile,
    host CPU, default schedules plus the rewrites) on the compressed model, for the MNIST CNN
    (trained where torch and ../shared/data/mnist exist, else random weights) and the
    ResNet-style CIFAR net, batch 1; compressed = prune-channels 50% + sparsify-blocks 90% (16x1)
-   of the Gemm layers, or prune-channels 50% + quantize-int8.
+   of the Gemm layers, or prune-channels 50% + quantize-int8, or prune-channels 50% + quantize-binary.
 
 Medians of repeated runs; numpy and ORT are timed before TVM runs in this process (TVM's thread
 pool slows them otherwise), the end-to-end numbers come from ``graphslim bench`` processes.
@@ -152,8 +153,53 @@ def int8_table(batches: list[int]) -> list[str]:
             "| vs ORT int8 |", "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
+def binary_table(batches: list[int]) -> list[str]:
+    """Binary-weight kernel (1-bit packed weights, float activations) vs graphslim's fp32 TVM
+    kernel vs ORT fp32 MatMul on the same +-alpha weight, 1024x1024."""
+    import tvm
+    from graphslim.kernels.binary import SIGN_TABLE, _groups, _row_tile, binary_dense_func, pack_signs, split_binary
+
+    from graphslim.backend import _default_threads
+
+    rng = np.random.default_rng(4)
+    w = (np.where(rng.random((N, K)) < 0.5, -1.0, 1.0) * rng.uniform(0.1, 1.0, (N, 1))).astype(np.float32)
+    negative, alpha = split_binary(w)
+    xs = {b: rng.standard_normal((b, K)).astype(np.float32) for b in batches}
+    ort_ms = {b: ort_matmul_ms(w, xs[b]) for b in batches}
+    _default_threads()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    rows = []
+    for b in batches:
+        groups = _groups(N, _row_tile(b))
+        lib = tvm.tirx.build(binary_dense_func(b, K, N, groups).with_attr("global_symbol", "main"), target=target)
+        y = tvm.runtime.tensor(np.zeros((b, N), np.float32))
+        args = [tvm.runtime.tensor(a) for a in (xs[b], pack_signs(negative, groups), SIGN_TABLE, alpha,
+                                                 np.zeros(N, np.float32))]
+        lib["main"](*args, y)
+        np.testing.assert_allclose(y.numpy(), xs[b] @ w.T, rtol=1e-4, atol=1e-3)
+        dense = _tvm_dense_timer(b, target)
+        # alternate the two kernels (this machine's speed drifts by up to ~1.5x between minutes):
+        # the ratio is the median of the per-round ratios
+        rounds = [(lib.time_evaluator("main", tvm.cpu(), number=20, repeat=3)(*args, y).median * 1e3, dense(3))
+                  for _ in range(7)]
+        binary, fp32 = (float(np.median([r[i] for r in rounds])) for i in (0, 1))
+        ratio = float(np.median([d / bn for bn, d in rounds]))
+        rows.append(f"| {b} | {binary:.4f} | {fp32:.4f} | {ort_ms[b]:.4f} | {ratio:.2f}x | "
+                    f"{ort_ms[b] / binary:.2f}x |")
+        print(rows[-1], flush=True)
+    return ["Weights: 1 bit each (128 KiB) against 4 MiB of fp32. The two TVM kernels alternate in 7 rounds; "
+            "the ratio is the median of the rounds' ratios.", "",
+            "| batch | TVM binary ms | TVM fp32 ms | ORT fp32 ms | binary vs TVM fp32 | vs ORT fp32 |",
+            "|---:|---:|---:|---:|---:|---:|", *rows]
+
+
 def _tvm_dense_ms(b: int, target) -> float:
-    """graphslim's fp32 dense schedule for [b, K] x [K, N]."""
+    """graphslim's fp32 dense schedule for [b, K] x [K, N]: median ms."""
+    return _tvm_dense_timer(b, target)(7)
+
+
+def _tvm_dense_timer(b: int, target):
+    """A function ``(repeat) -> median ms`` timing graphslim's fp32 dense schedule for [b, K] x [K, N]."""
     import tvm
     from graphslim.kernels.pipeline import apply_schedule_rules
     from graphslim.kernels.schedules import default_cpu_rules
@@ -174,7 +220,7 @@ def _tvm_dense_ms(b: int, target) -> float:
     args = [tvm.runtime.tensor(rng.standard_normal((b, K)).astype(np.float32)),
             tvm.runtime.tensor(rng.standard_normal((K, N)).astype(np.float32)),
             tvm.runtime.tensor(np.zeros((b, N), np.float32))]
-    return lib.time_evaluator("main", tvm.cpu(), number=20, repeat=7)(*args).median * 1e3
+    return lambda repeat: lib.time_evaluator("main", tvm.cpu(), number=20, repeat=repeat)(*args).median * 1e3
 
 
 def end_to_end(repeat: int) -> list[str]:
@@ -184,6 +230,7 @@ def end_to_end(repeat: int) -> list[str]:
         "prune 50% + BSR (sparsify-blocks 90% 16x1, Gemm)":
             "fold-batchnorm,prune-channels{ratio=0.5},sparsify-blocks{sparsity=0.9,block=[16,1],ops=[Gemm]}",
         "prune 50% + int8 (quantize-int8, QDQ)": "fold-batchnorm,prune-channels{ratio=0.5},quantize-int8",
+        "prune 50% + binary (quantize-binary)": "fold-batchnorm,prune-channels{ratio=0.5},quantize-binary",
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,7 +267,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--out", type=Path, default=RESULTS / "kernels.md")
-    ap.add_argument("--only", choices=["bsr", "int8", "e2e"], help="run one part")
+    ap.add_argument("--only", choices=["bsr", "int8", "binary", "e2e"], help="run one part")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     lines = []
@@ -228,6 +275,9 @@ def main() -> None:
         lines += ["### End to end", "", *end_to_end(args.repeat), ""]
     if args.only in (None, "int8"):
         lines += ["### int8 dense kernel (QDQ layers), 1024x1024 weight", "", *int8_table(batches), ""]
+    if args.only in (None, "binary"):
+        lines += ["### Binary-weight dense kernel (quantize-binary layers), 1024x1024 weight", "",
+                  *binary_table(batches), ""]
     if args.only in (None, "bsr"):
         lines += ["### BSR dense kernel, 1024x1024 weight", "", *kernel_table(batches)]
     text = "\n".join(lines) + "\n"

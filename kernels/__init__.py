@@ -4,7 +4,9 @@
 * :mod:`graphslim.kernels.pipeline`: the Relax pipeline for CPU targets that applies them;
 * :mod:`graphslim.kernels.tuning`: MetaSchedule tuning with a reusable database;
 * :mod:`graphslim.kernels.sparse`: the block-sparse (BSR) dense and conv kernels and their rewrite;
-* :mod:`graphslim.kernels.int8`: the int8 (AVX2 ``vpmaddwd``) dense kernel for QDQ layers.
+* :mod:`graphslim.kernels.int8`: the int8 (AVX2 ``vpmaddwd``) dense kernel for QDQ layers;
+* :mod:`graphslim.kernels.binary`: dense and conv kernels on 1-bit packed weights (binary layers);
+* :mod:`graphslim.kernels.rewrite`: the shared rewrite of constant-weight matmul/conv2d to a kernel.
 
 ``REWRITES`` maps a name to ``f(mod, target_spec) -> (mod, changed)``; the backend
 (:mod:`graphslim.backend`) applies every rewrite before lowering and lists the ones that changed
@@ -35,9 +37,16 @@ def _int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     return rewrite_int8_dense(mod, spec)
 
 
+def _binary(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    from graphslim.kernels.binary import rewrite_binary
+
+    return rewrite_binary(mod, spec)
+
+
 _int8_dense.stage = "import"  # type: ignore[attr-defined] - runs before constants fold
 
 REWRITES: dict[str, Callable[[Any, dict[str, Any]], tuple[Any, bool]]] = {
     "int8-dense": _int8_dense,
     "bsr-dense": _bsr_dense,
+    "binary": _binary,
 }

@@ -25,7 +25,6 @@ import functools
 from typing import Any
 
 import numpy as np
-from graphslim.kernels.pipeline import visit_relax_functions
 from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
 from graphslim.analysis.sparsity import block_sparsity
@@ -200,141 +199,31 @@ def _bsr_consts(matrix: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray,
 def rewrite_bsr_dense(mod: Any, spec: dict[str, Any], threshold: float = DEFAULT_THRESHOLD) -> tuple[Any, bool]:
     """Relax rewrite (``graphslim.kernels.REWRITES["bsr-dense"]``): block-sparse constant weights
     of ``relax.matmul`` to :func:`bsr_dense_func` calls and of NHWC ``relax.nn.conv2d`` (groups
-    1, no dilation; the CPU pipeline converts layouts first) to :func:`bsr_conv2d_func` calls.
-    CPU targets only."""
+    1, no dilation; the CPU pipeline converts layouts first) to :func:`bsr_conv2d_func` calls,
+    through :func:`graphslim.kernels.rewrite.rewrite_contractions`. CPU targets only."""
     if spec.get("kind") != "llvm":
         return mod, False
-    import tvm
-    from tvm import relax
-    from tvm.ir.expr import Constant
+    from graphslim.kernels.rewrite import ConvShape, KernelCall, rewrite_contractions
 
-    mod = relax.transform.FoldConstant()(mod)  # permute_dims(W) of a Gemm folds into W^T
-    matmul = tvm.ir.Op.get("relax.matmul")
-    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
-    changed = []
-    kernels: dict[str, Any] = {}  # kernel name -> its factory (for the epilogue pass)
-
-    def static_shape(expr: Any) -> list[int] | None:
-        try:
-            return [int(d) for d in expr.ty.shape]
-        except (AttributeError, TypeError, ValueError):
+    def dense(m: int, wt: np.ndarray) -> KernelCall | None:
+        chosen = choose_block(wt, threshold)
+        if chosen is None:
             return None
+        block = chosen[0]
+        data, indices, indptr = _bsr_consts(wt, block)
+        make = functools.partial(bsr_dense_func, m, wt.shape[1], wt.shape[0], block, len(indices))
+        return KernelCall(f"bsr_dense_{block[0]}x{block[1]}", make, [data, indices, indptr], f"{block[0]}x{block[1]}")
 
-    @relax.expr_functor.mutator
-    class Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if call.op == matmul:
-                return self._matmul(call)
-            if call.op == conv2d:
-                return self._conv2d(call)
-            return call
+    def conv(s: ConvShape, w: np.ndarray) -> KernelCall | None:
+        matrix = np.ascontiguousarray(w.transpose(3, 2, 0, 1)).reshape(s.k, -1)  # [K, C*KH*KW] as in ONNX
+        chosen = choose_block(matrix, threshold)
+        if chosen is None:
+            return None
+        block = chosen[0]
+        data, indices, indptr = _bsr_consts(matrix, block)
+        make = functools.partial(bsr_conv2d_func, (s.n, s.hp, s.wp, s.c), (s.kh, s.kw), (s.sh, s.sw), (s.ho, s.wo),
+                                 s.k, block, len(indices))
+        return KernelCall(f"bsr_conv2d_{block[0]}x{block[1]}", make, [data, indices, indptr], f"{block[0]}x{block[1]}")
 
-        def _matmul(self, call: Any) -> Any:
-            if not isinstance(call.args[1], Constant):
-                return call
-            x = call.args[0]
-            xs, ws = static_shape(x), static_shape(call.args[1])
-            if xs is None or ws is None or len(xs) != 2 or len(ws) != 2 or str(x.ty.dtype) != "float32":
-                return call
-            m, k = xs
-            w = call.args[1].value.numpy()
-            if w.dtype != np.float32:
-                return call
-            wt = np.ascontiguousarray(w.T)  # [N, K]: outputs x inputs
-            chosen = choose_block(wt, threshold)
-            if chosen is None:
-                return call
-            data, indices, indptr = _bsr_consts(wt, chosen[0])
-            make = functools.partial(bsr_dense_func, m, k, wt.shape[0], chosen[0], len(indices))
-            gv = self.builder_.add_func(make(), f"bsr_dense_{chosen[0][0]}x{chosen[0][1]}")
-            kernels[gv.name_hint] = make
-            changed.append(chosen[0])
-            return relax.call_tir(gv, [x, relax.const(data), relax.const(indices), relax.const(indptr),
-                                       relax.const(np.zeros(wt.shape[0], np.float32))],
-                                  relax.TensorType((m, wt.shape[0]), "float32"))
-
-        def _conv2d(self, call: Any) -> Any:
-            # Runs after the CPU pipeline's layout conversion: NHWC data, HWIO constant weights.
-            a = call.attrs
-            if not isinstance(call.args[1], Constant) or str(call.args[0].ty.dtype) != "float32":
-                return call
-            if (a.data_layout, a.kernel_layout, a.out_layout or a.data_layout) != ("NHWC", "HWIO", "NHWC"):
-                return call
-            if int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation):
-                return call
-            xs, w = static_shape(call.args[0]), call.args[1].value.numpy()
-            if xs is None or w.dtype != np.float32:
-                return call
-            kh, kw, _, kout = w.shape
-            matrix = np.ascontiguousarray(w.transpose(3, 2, 0, 1)).reshape(kout, -1)  # [K, C*KH*KW] as in ONNX
-            chosen = choose_block(matrix, threshold)
-            if chosen is None:
-                return call
-            pt, pl, pb, pr = (int(p) for p in a.padding)
-            sh, sw = (int(s) for s in a.strides)
-            n, h, wd, c = xs
-            hp, wp = h + pt + pb, wd + pl + pr
-            ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-            x = call.args[0]
-            if pt or pb or pl or pr:
-                x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, pt, pb, pl, pr, 0, 0]))
-            data, indices, indptr = _bsr_consts(matrix, chosen[0])
-            make = functools.partial(bsr_conv2d_func, (n, hp, wp, c), (kh, kw), (sh, sw), (ho, wo), kout, chosen[0],
-                                     len(indices))
-            gv = self.builder_.add_func(make(), f"bsr_conv2d_{chosen[0][0]}x{chosen[0][1]}")
-            kernels[gv.name_hint] = make
-            changed.append(chosen[0])
-            return relax.call_tir(gv, [x, relax.const(data), relax.const(indices), relax.const(indptr),
-                                       relax.const(np.zeros(kout, np.float32))],
-                                  relax.TensorType((n, ho, wo, kout), "float32"))
-
-    new = visit_relax_functions(Rewriter(mod), mod)
-    if not changed:
-        return mod, False
-    new = _fuse_epilogues(new, kernels)
-    return relax.transform.DeadCodeElimination()(new), True
-
-
-def _fuse_epilogues(mod: Any, kernels: dict[str, Any]) -> Any:
-    """``add(bsr(...), constant bias)`` and ``relu(bsr(...))`` -> one BSR call that applies them to
-    each finished tile (the kernels' bias argument and ReLU variant), as TVM's fusion does for
-    the dense path. The unfused calls are left for dead-code elimination."""
-    import tvm
-    from tvm import relax
-    from tvm.ir.expr import Constant
-
-    add, relu, call_tir = (tvm.ir.Op.get(n) for n in ("relax.add", "relax.nn.relu", "relax.call_tir"))
-    with_relu: dict[str, Any] = {}
-
-    @relax.expr_functor.mutator
-    class Epilogue(relax.PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if call.op not in (add, relu) or not isinstance(call.args[0], relax.Var):
-                return call
-            inner = self.lookup_binding(call.args[0])
-            if not isinstance(inner, relax.Call) or inner.op != call_tir:
-                return call
-            name = inner.args[0].name_hint
-            base = name[:-len("_relu")] if name.endswith("_relu") else name
-            if base not in kernels:
-                return call
-            args = list(inner.args[1].fields)
-            out_ty = inner.ty
-            if call.op == add:
-                if name.endswith("_relu") or not isinstance(call.args[1], Constant):
-                    return call
-                b = call.args[1].value.numpy()
-                k = int(out_ty.shape[-1])
-                if b.size != k or b.shape[-1] != k or b.dtype != np.float32 or np.any(args[4].value.numpy()):
-                    return call
-                args[4] = relax.const(b.reshape(k))
-                return relax.call_tir(inner.args[0], args, out_ty)
-            if name.endswith("_relu"):
-                return call
-            if base not in with_relu:
-                with_relu[base] = self.builder_.add_func(kernels[base](relu=True), f"{base}_relu")
-            return relax.call_tir(with_relu[base], args, out_ty)
-
-    return visit_relax_functions(Epilogue(mod), mod)
+    mod, labels = rewrite_contractions(mod, dense, conv)
+    return mod, bool(labels)

@@ -144,11 +144,13 @@ np.save(sys.argv[3], out.numpy() if hasattr(out, "numpy") else out[0].numpy())
 
 
 @pytest.mark.parametrize("pipeline", ["fold-batchnorm,prune-channels{ratio=0.5}",
-                                      "fold-batchnorm,sparsify-blocks{sparsity=0.9,block=[16,1]}"])
+                                      "fold-batchnorm,sparsify-blocks{sparsity=0.9,block=[16,1]}",
+                                      "fold-batchnorm,quantize-binary"])
 def test_arm_artifact_runs_under_qemu(pipeline, tmp_path):
     """The AArch64 library runs under qemu-user-static with an aarch64 Python and TVM runtime
     (the sysroot .ci/aarch64-sysroot.sh builds) and matches ONNX Runtime on x86: a pruned model
-    on the dense schedules, and a block-sparse one on the BSR conv kernels (NEON). Timing under
+    on the dense schedules, a block-sparse one on the BSR conv kernels and a binarized one on the
+    binary conv kernels (NEON). Timing under
     emulation means nothing; correctness does."""
     import os
     from pathlib import Path
@@ -164,6 +166,9 @@ def test_arm_artifact_runs_under_qemu(pipeline, tmp_path):
     if "sparsify" in pipeline:
         assert art.meta["rewrites"] == ["bsr-dense"]
         assert "kernel:bsr_conv2d" in art.meta["kernel_schedules"].values()
+    if "binary" in pipeline:
+        assert art.meta["rewrites"] == ["binary"]
+        assert "kernel:binary_conv2d" in art.meta["kernel_schedules"].values()
     x = sample_inputs(model, 2)["input"]
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "run.py").write_text(_RUN_ON_ARM)
