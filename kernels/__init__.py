@@ -4,7 +4,7 @@
 * :mod:`graphslim.kernels.pipeline`: the Relax pipeline for CPU targets that applies them;
 * :mod:`graphslim.kernels.tuning`: MetaSchedule tuning with a reusable database;
 * :mod:`graphslim.kernels.sparse`: the block-sparse (BSR) dense and conv kernels and their rewrite;
-* :mod:`graphslim.kernels.int8`: the int8 (AVX2 ``vpmaddwd``) dense kernel for QDQ layers;
+* :mod:`graphslim.kernels.int8`: the int8 (AVX2 ``vpmaddwd``) dense and conv kernels for QDQ layers;
 * :mod:`graphslim.kernels.binary`: dense and conv kernels on 1-bit packed weights (binary layers);
 * :mod:`graphslim.kernels.rewrite`: the shared rewrite of constant-weight matmul/conv2d to a kernel.
 
@@ -43,10 +43,18 @@ def _binary(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     return rewrite_binary(mod, spec)
 
 
+def _int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    from graphslim.kernels.int8 import rewrite_int8_conv
+
+    return rewrite_int8_conv(mod, spec)
+
+
 _int8_dense.stage = "import"  # type: ignore[attr-defined] - runs before constants fold
+_int8_conv.stage = "import"  # type: ignore[attr-defined]
 
 REWRITES: dict[str, Callable[[Any, dict[str, Any]], tuple[Any, bool]]] = {
     "int8-dense": _int8_dense,
+    "int8-conv": _int8_conv,
     "bsr-dense": _bsr_dense,
     "binary": _binary,
 }

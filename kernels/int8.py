@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["pack_weights", "qdense_func", "rewrite_int8_dense"]
+__all__ = ["pack_conv_weights", "pack_weights", "qconv2d_func", "qdense_func", "rewrite_int8_conv",
+           "rewrite_int8_dense"]
 
 NB = 16  # outputs per tile: two AVX2 int32 vectors
 
@@ -78,16 +79,113 @@ def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8") -> Any:
     return qdense
 
 
+def pack_conv_weights(w: np.ndarray, lanes: int) -> np.ndarray:
+    """int8 OIHW ``w`` [K, C, KH, KW] -> int16 [K/lanes, KH, KW, ceil(C/2), lanes*2]: per tile of
+    ``lanes`` outputs and per tap, the (w[o, 2p], w[o, 2p+1]) input-channel pairs (an odd last
+    channel is paired with a zero weight)."""
+    k, c, kh, kw = w.shape
+    cp = (c + 1) // 2
+    padded = np.zeros((k, 2 * cp, kh, kw), np.int16)
+    padded[:, :c] = w
+    tiles = padded.reshape(k // lanes, lanes, cp, 2, kh, kw).transpose(0, 4, 5, 2, 1, 3)
+    return np.ascontiguousarray(tiles).reshape(k // lanes, kh, kw, cp, lanes * 2)
+
+
+def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                 pads: tuple[int, int, int, int], k: int, lanes: int, zp: int, qdtype: str = "uint8") -> Any:
+    """int8 direct convolution: PrimFunc ``(q[N, C, H, W] qdtype (NCHW, as the model has it),
+    w[K/lanes, KH, KW, C/2, lanes*2] int16, scale[K], offset[K], y[N, Ho, Wo, K] float32)``.
+
+    One pass repacks ``q`` to NHWC channel pairs (one int32 per pair, as ``vpmaddwd`` takes them)
+    with the padding filled with the zero point ``zp`` (where the float input is 0), so the
+    integer sum over the padded window is exact and the zero-point correction a per-output
+    constant (in ``offset``). Then per output row and tile of ``lanes`` (8 or 16) channels, ``wt``
+    output pixels accumulate in int32 registers, one ``vpmaddwd`` per 8 channels per tap and pair."""
+    from tvm.script import tirx as T
+
+    n, c, h, wd = shape
+    kh, kw = kernel
+    sh, sw = stride
+    pt, pl, pb, pr = pads
+    hp, wp = h + pt + pb, wd + pl + pr
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    cp = (c + 1) // 2
+    vg = lanes // 8  # int32x8 vectors per tile
+    wt = next(d for d in (6, 5, 4, 3, 2, 1) if wo % d == 0 and d * vg <= 12)
+
+    @T.prim_func(private=True, s_tir=True)
+    def qconv2d(q: T.Buffer((n, c, h, wd), qdtype), w: T.Buffer((k // lanes, kh, kw, cp, lanes * 2), "int16"), scale: T.Buffer((k,), "float32"),
+                offset: T.Buffer((k,), "float32"), y: T.Buffer((n, ho, wo, k), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_conv2d"})
+        pairs = T.alloc_buffer((n, hp, wp, cp), "int32")
+        for b_h in T.parallel(n * hp):
+            for x_w, p in T.grid(wp, cp):
+                pairs[b_h // hp, b_h % hp, x_w, p] = T.bitwise_or(
+                    T.bitwise_and(T.if_then_else(
+                        b_h % hp >= pt and b_h % hp < pt + h and x_w >= pl and x_w < pl + wd,
+                        T.Cast("int32", q[b_h // hp, p * 2, b_h % hp - pt, x_w - pl]), zp), 65535),
+                    T.shift_left(T.if_then_else(
+                        p * 2 + 1 >= c, 0, T.if_then_else(
+                            b_h % hp >= pt and b_h % hp < pt + h and x_w >= pl and x_w < pl + wd,
+                            T.Cast("int32", q[b_h // hp, p * 2 + 1, b_h % hp - pt, x_w - pl]), zp)), 16))
+        for fused in T.parallel(k // lanes * n * ho):
+            acc = T.alloc_buffer((wt, lanes), "int32", scope="local")
+            for wo_o in range(wo // wt):
+                for t in T.unroll(wt):
+                    for j in T.vectorized(lanes):
+                        acc[t, j] = 0
+                for rh, rw, p in T.grid(kh, kw, cp):
+                    for t in T.unroll(wt):
+                        for g in T.unroll(vg):
+                            acc[t, T.Ramp(g * 8, 1, 8)] = acc[t, T.Ramp(g * 8, 1, 8)] + T.call_llvm_pure_intrin(
+                                "int32x8", "llvm.x86.avx2.pmadd.wd",
+                                T.reinterpret("int16x16", T.Broadcast(pairs[
+                                    fused % (n * ho) // ho, fused % ho * sh + rh, (wo_o * wt + t) * sw + rw, p], 8)),
+                                w[fused // (n * ho), rh, rw, p, T.Ramp(g * 16, 1, 16)])
+                for t in T.unroll(wt):
+                    for j in T.vectorized(lanes):
+                        y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * lanes + j] = (
+                            T.Cast("float32", acc[t, j]) * scale[fused // (n * ho) * lanes + j]
+                            + offset[fused // (n * ho) * lanes + j])
+
+    return qconv2d
+
+
 def _const(expr: Any) -> np.ndarray | None:
     from tvm.ir.expr import Constant
 
     return expr.value.numpy() if isinstance(expr, Constant) else None
 
 
-def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
-    """Relax rewrite (``graphslim.kernels.REWRITES["int8-dense"]``, run on the module as imported,
-    before constants fold): ``matmul(dequantize(q), [permute_dims](dequantize(W_int8)))`` ->
-    :func:`qdense_func`. x86 targets with AVX2 (or AVX-512) only."""
+def _qdq_contraction(call: Any, bound: Any, ops: dict[str, Any]) -> tuple[Any, ...] | None:
+    """``op(dequantize(q, s_x, zp_x), [permute_dims](dequantize(W, s_w, zp_w)))`` with constant
+    int8 ``W``, zero ``zp_w`` and per-tensor ``s_x``/``zp_x`` -> (q, s_x, zp_x, W, s_w, axis,
+    transposed), or None."""
+    from tvm import relax
+
+    a, b = bound(call.args[0]), bound(call.args[1])
+    if not (isinstance(a, relax.Call) and a.op == ops["dequantize"]):
+        return None
+    transposed = isinstance(b, relax.Call) and b.op == ops["permute_dims"]
+    if transposed:
+        if [int(x) for x in b.attrs.axes] != [1, 0]:
+            return None
+        b = bound(b.args[0])
+    if not (isinstance(b, relax.Call) and b.op == ops["dequantize"]):
+        return None
+    w, s_w, zp_w = (_const(e) for e in b.args)
+    s_x, zp_x = _const(a.args[1]), _const(a.args[2])
+    q = a.args[0]
+    if any(v is None for v in (w, s_w, zp_w, s_x, zp_x)) or w.dtype != np.int8 or np.any(zp_w):
+        return None
+    if str(q.ty.dtype) not in ("uint8", "int8") or s_x.size != 1 or zp_x.size != 1:
+        return None
+    return q, s_x, zp_x, w, s_w, int(b.attrs.axis) % w.ndim, transposed
+
+
+def _int8_rewrite(mod: Any, spec: dict[str, Any], op: str, build: Any) -> tuple[Any, bool]:
+    """Run ``build(self, call, operands) -> new expr | None`` on every ``relax.<op>`` call whose
+    operands match :func:`_qdq_contraction`. x86 targets with AVX2 (or AVX-512) only."""
     import tvm
     from tvm import relax
 
@@ -98,6 +196,7 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     if vector_bits(tvm.target.Target(spec)) < 256:
         return mod, False
     ops = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "dequantize", "permute_dims")}
+    target_op = tvm.ir.Op.get(f"relax.{op}")
     changed: list[str] = []
 
     @relax.expr_functor.mutator
@@ -107,53 +206,17 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if call.op != ops["matmul"]:
+            if call.op != target_op:
                 return call
             try:
-                new = self._rewrite(call)
+                operands = _qdq_contraction(call, self.bound, ops)
+                new = None if operands is None else build(self, call, *operands)
             except (AttributeError, TypeError, ValueError):  # not the pattern
                 new = None
-            return call if new is None else new
-
-        def _rewrite(self, call: Any) -> Any:
-            a, b = self.bound(call.args[0]), self.bound(call.args[1])
-            if not (isinstance(a, relax.Call) and a.op == ops["dequantize"]):
-                return None
-            transposed = isinstance(b, relax.Call) and b.op == ops["permute_dims"]
-            if transposed:
-                axes = [int(x) for x in b.attrs.axes]
-                if axes != [1, 0]:
-                    return None
-                b = self.bound(b.args[0])
-            if not (isinstance(b, relax.Call) and b.op == ops["dequantize"]):
-                return None
-            w, s_w, zp_w = (_const(e) for e in b.args)
-            s_x, zp_x = _const(a.args[1]), _const(a.args[2])
-            q = a.args[0]
-            if any(v is None for v in (w, s_w, zp_w, s_x, zp_x)) or w.dtype != np.int8 or w.ndim != 2:
-                return None
-            qdtype = str(q.ty.dtype)
-            if qdtype not in ("uint8", "int8") or s_x.size != 1 or zp_x.size != 1 or np.any(zp_w):
-                return None
-            xs = [int(d) for d in q.ty.shape]
-            if len(xs) != 2:
-                return None
-            # W as [N, K] (outputs x inputs) and the weight scale per output
-            axis = int(b.attrs.axis) % 2
-            if transposed:  # Gemm transB: W is [N, K], per-channel on axis 0
-                wn, per_out = w, axis == 0
-            else:  # MatMul: W is [K, N], per-channel on axis 1
-                wn, per_out = w.T, axis == 1
-            n, k = wn.shape
-            if s_w.size not in (1, n) or (s_w.size == n and not per_out) or n % NB or k % 2 or xs[1] != k:
-                return None
-            scale = (float(s_x.reshape(())) * np.broadcast_to(s_w.reshape(-1), (n,))).astype(np.float32)
-            wsum = wn.astype(np.int64).sum(axis=1)
-            offset = (-scale.astype(np.float64) * float(zp_x.reshape(())) * wsum).astype(np.float32)
-            gv = self.builder_.add_func(qdense_func(xs[0], k, n, qdtype), "int8_dense")
-            changed.append(gv.name_hint)
-            return relax.call_tir(gv, [q, relax.const(pack_weights(wn)), relax.const(scale), relax.const(offset)],
-                                  relax.TensorType((xs[0], n), "float32"))
+            if new is None:
+                return call
+            changed.append(op)
+            return new
 
     from graphslim.kernels.pipeline import visit_relax_functions
 
@@ -163,4 +226,73 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     return relax.transform.DeadCodeElimination()(new), True
 
 
+def _scale_offset(s_x: np.ndarray, zp_x: np.ndarray, s_w: np.ndarray, wsum: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-output float scale ``s_x * s_w[n]`` and offset ``-scale * zp_x * sum_k W[n, k]``."""
+    n = wsum.shape[0]
+    scale = (float(s_x.reshape(())) * np.broadcast_to(s_w.reshape(-1), (n,))).astype(np.float32)
+    offset = (-scale.astype(np.float64) * float(zp_x.reshape(())) * wsum).astype(np.float32)
+    return scale, offset
+
+
+def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    """Relax rewrite (``graphslim.kernels.REWRITES["int8-dense"]``, run on the module as imported,
+    before constants fold): ``matmul(dequantize(q), [permute_dims](dequantize(W_int8)))`` ->
+    :func:`qdense_func`. x86 targets with AVX2 (or AVX-512) only."""
+    from tvm import relax
+
+    def build(self: Any, call: Any, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool) -> Any:
+        xs = [int(d) for d in q.ty.shape]
+        if w.ndim != 2 or len(xs) != 2:
+            return None
+        # W as [N, K] (outputs x inputs) and the weight scale per output
+        if transposed:  # Gemm transB: W is [N, K], per-channel on axis 0
+            wn, per_out = w, axis == 0
+        else:  # MatMul: W is [K, N], per-channel on axis 1
+            wn, per_out = w.T, axis == 1
+        n, k = wn.shape
+        if s_w.size not in (1, n) or (s_w.size == n and not per_out) or n % NB or k % 2 or xs[1] != k:
+            return None
+        scale, offset = _scale_offset(s_x, zp_x, s_w, wn.astype(np.int64).sum(axis=1))
+        gv = self.builder_.add_func(qdense_func(xs[0], k, n, str(q.ty.dtype)), "int8_dense")
+        return relax.call_tir(gv, [q, relax.const(pack_weights(wn)), relax.const(scale), relax.const(offset)],
+                              relax.TensorType((xs[0], n), "float32"))
+
+    return _int8_rewrite(mod, spec, "matmul", build)
+
+
+def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    """Relax rewrite (``graphslim.kernels.REWRITES["int8-conv"]``, on the module as imported):
+    NCHW ``conv2d(dequantize(q), dequantize(W_int8))`` (groups 1, no dilation, output channels a
+    multiple of 8, per-tensor or per-output-channel weight scale) -> :func:`qconv2d_func`, whose
+    NHWC output goes back to NCHW through a ``permute_dims`` that TVM fuses into the elementwise
+    ops that follow (bias, requantization). x86 targets with AVX2 (or AVX-512) only."""
+    from tvm import relax
+
+    def build(self: Any, call: Any, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool) -> Any:
+        a = call.attrs
+        if transposed or w.ndim != 4 or (a.data_layout, a.kernel_layout, a.out_layout or "NCHW") != (
+                "NCHW", "OIHW", "NCHW"):
+            return None
+        if int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation):
+            return None
+        xs = [int(d) for d in q.ty.shape]
+        k = w.shape[0]
+        if len(xs) != 4 or xs[1] != w.shape[1] or k % 8 or s_w.size not in (1, k) or (s_w.size == k and axis != 0):
+            return None
+        lanes = 16 if k % 16 == 0 else 8
+        scale, offset = _scale_offset(s_x, zp_x, s_w, w.reshape(k, -1).astype(np.int64).sum(axis=1))
+        pads = tuple(int(p) for p in a.padding)  # top, left, bottom, right
+        func = qconv2d_func(tuple(xs), (w.shape[2], w.shape[3]), tuple(int(s) for s in a.strides), pads, k, lanes,
+                            int(zp_x.reshape(())), str(q.ty.dtype))
+        gv = self.builder_.add_func(func, "int8_conv2d")
+        out = [int(d) for d in call.ty.shape]  # N, K, Ho, Wo
+        nhwc = self.builder_.emit(relax.call_tir(
+            gv, [q, relax.const(pack_conv_weights(w, lanes)), relax.const(scale), relax.const(offset)],
+            relax.TensorType((out[0], out[2], out[3], k), "float32")))
+        return relax.op.permute_dims(nhwc, [0, 3, 1, 2])
+
+    return _int8_rewrite(mod, spec, "nn.conv2d", build)
+
+
 rewrite_int8_dense.stage = "import"  # type: ignore[attr-defined] - needs the int8 constants unfolded
+rewrite_int8_conv.stage = "import"  # type: ignore[attr-defined]

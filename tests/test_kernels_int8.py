@@ -70,3 +70,65 @@ def test_arm_target_keeps_qdq_on_the_float_path(tmp_path):
     art = compile_model(qdq_mlp(), "arm", tmp_path / "a", batch=4)
     assert "int8-dense" not in art.meta["rewrites"]
     assert "kernel:int8_dense" not in art.meta["kernel_schedules"].values()
+
+
+@pytest.mark.parametrize("qdtype, zp", [("uint8", 128), ("int8", -3)])
+@pytest.mark.parametrize("shape, kernel, stride, pads, k", [
+    ((1, 3, 10, 10), (3, 3), (1, 1), (1, 1, 1, 1), 16), ((2, 8, 9, 11), (3, 3), (2, 2), (1, 0, 2, 1), 8),
+    ((1, 12, 6, 6), (1, 1), (1, 1), (0, 0, 0, 0), 24), ((1, 16, 8, 8), (5, 5), (1, 1), (2, 2, 2, 2), 32),
+])
+def test_int8_conv_kernel_is_exact_against_numpy(qdtype, zp, shape, kernel, stride, pads, k):
+    """Integer result exact (int64 reference on the input padded with the zero point), odd channel
+    counts included; NCHW in, NHWC out."""
+    from graphslim.kernels.int8 import pack_conv_weights, qconv2d_func
+
+    rng = np.random.default_rng(sum(shape) + k)
+    info = np.iinfo(qdtype)
+    q = rng.integers(info.min, info.max + 1, shape).astype(qdtype)
+    w = rng.integers(-128, 128, (k, shape[1], *kernel)).astype(np.int8)
+    scale = rng.uniform(0.001, 0.1, k).astype(np.float32)
+    offset = rng.standard_normal(k).astype(np.float32)
+    lanes = 16 if k % 16 == 0 else 8
+    f = qconv2d_func(shape, kernel, stride, pads, k, lanes, zp, qdtype)
+    lib = tvm.tirx.build(f.with_attr("global_symbol", "main"), target=HOST)
+    assert "vpmaddwd" in lib.inspect_source("asm")
+    pt, pl, pb, pr = pads
+    qp = np.pad(q.astype(np.int64), ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=zp)
+    ho, wo = (qp.shape[2] - kernel[0]) // stride[0] + 1, (qp.shape[3] - kernel[1]) // stride[1] + 1
+    acc = np.zeros((shape[0], ho, wo, k), np.int64)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            patch = qp[:, :, i:i + stride[0] * (ho - 1) + 1:stride[0], j:j + stride[1] * (wo - 1) + 1:stride[1]]
+            acc += np.einsum("nchw,kc->nhwk", patch, w[:, :, i, j].astype(np.int64))
+    y = tvm.runtime.tensor(np.full((shape[0], ho, wo, k), np.nan, np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (q, pack_conv_weights(w, lanes), scale, offset)), y)
+    np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset).astype(np.float32),
+                               rtol=1e-6, atol=1e-5)
+
+
+def qdq_cnn(batch: int = 2):
+    b = ModelBuilder("qcnn", (batch, 3, 12, 12), 0)
+    x = b.relu(b.conv("input", 16, k=3))  # 3 input channels: an odd channel pair
+    x = b.relu(b.conv(x, 24, k=3, stride=2))  # 24 outputs: 8-lane tiles
+    x = b.add(b.conv(x, 24, k=1, pad=0), x)
+    x = b.conv(x, 12, k=3)  # 12 outputs: not a multiple of 8, stays on the float path
+    model = b.build(b.gemm(b.flatten(x), 10))
+    data = Dataset({"input": np.random.default_rng(0).standard_normal((32, 3, 12, 12)).astype(np.float32)})
+    qmodel, _ = apply(model, "quantize-int8", data=data)
+    return qmodel
+
+
+def test_qdq_convolutions_run_on_the_int8_kernel_and_match_onnx_runtime(tmp_path):
+    model = qdq_cnn()
+    art = compile_model(model, "x86", tmp_path / "a", batch=2)
+    assert "int8-conv" in art.meta["rewrites"]
+    convs = [k for k, v in art.meta["kernel_schedules"].items() if v == "kernel:int8_conv2d"]
+    assert len(convs) == 3, art.meta["kernel_schedules"]
+    feeds = sample_inputs(model, 2)
+    got, ref = load_artifact(art.folder)(feeds)[0], run(model, feeds)[0]
+    # exact integer accumulation vs ORT's float QDQ math: a requantization can move by one step per
+    # layer; bound the output by a few steps of its scale
+    out_scale = next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+                     if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1])
+    assert np.max(np.abs(got - ref)) <= 4 * float(out_scale), np.max(np.abs(got - ref)) / float(out_scale)
+    assert np.mean(np.abs(got - ref) <= 1.01 * float(out_scale)) >= 0.9
