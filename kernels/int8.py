@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
 __all__ = ["pack_conv_weights", "pack_weights", "qconv2d_func", "qdense_func", "rewrite_int8_conv",
            "rewrite_int8_dense"]
@@ -46,6 +47,7 @@ def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8") -> Any:
 
     kp = k // 2
     rt = next(d for d in (4, 3, 2, 1) if m % d == 0)
+    loop = T.parallel if m * k * n >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
     @T.prim_func(private=True, s_tir=True)
     def qdense(q: T.Buffer((m, k), qdtype), w: T.Buffer((n // NB, kp, NB * 2), "int16"),
@@ -54,11 +56,11 @@ def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8") -> Any:
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_dense"})
         # activation pairs packed once per call as int32 (two int16 halves), broadcast below
         pairs = T.alloc_buffer((m, kp), "int32")
-        for i in T.parallel(m):
+        for i in loop(m):
             for p in range(kp):
                 pairs[i, p] = T.bitwise_or(T.bitwise_and(T.Cast("int32", q[i, p * 2]), 65535),
                                            T.shift_left(T.Cast("int32", q[i, p * 2 + 1]), 16))
-        for jo in T.parallel(n // NB):
+        for jo in loop(n // NB):
             acc = T.alloc_buffer((rt, NB), "int32", scope="local")
             for ro in range(m // rt):
                 for r in T.unroll(rt):
@@ -93,10 +95,10 @@ def pack_conv_weights(w: np.ndarray, lanes: int) -> np.ndarray:
 
 def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
                  pads: tuple[int, int, int, int], k: int, lanes: int, zp: int, qdtype: str = "uint8") -> Any:
-    """int8 direct convolution: PrimFunc ``(q[N, C, H, W] qdtype (NCHW, as the model has it),
-    w[K/lanes, KH, KW, C/2, lanes*2] int16, scale[K], offset[K], y[N, Ho, Wo, K] float32)``.
+    """int8 direct convolution: PrimFunc ``(q[N, H, W, C] qdtype, w[K/lanes, KH, KW, C/2, lanes*2]
+    int16, scale[K], offset[K], y[N, Ho, Wo, K] float32)``; ``shape`` is (N, C, H, W).
 
-    One pass repacks ``q`` to NHWC channel pairs (one int32 per pair, as ``vpmaddwd`` takes them)
+    One pass repacks ``q`` to channel pairs (one int32 per pair, as ``vpmaddwd`` takes them)
     with the padding filled with the zero point ``zp`` (where the float input is 0), so the
     integer sum over the padded window is exact and the zero-point correction a per-output
     constant (in ``offset``). Then per output row and tile of ``lanes`` (8 or 16) channels, ``wt``
@@ -112,23 +114,24 @@ def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stri
     cp = (c + 1) // 2
     vg = lanes // 8  # int32x8 vectors per tile
     wt = next(d for d in (6, 5, 4, 3, 2, 1) if wo % d == 0 and d * vg <= 12)
+    loop = T.parallel if n * ho * wo * k * c * kh * kw >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
     @T.prim_func(private=True, s_tir=True)
-    def qconv2d(q: T.Buffer((n, c, h, wd), qdtype), w: T.Buffer((k // lanes, kh, kw, cp, lanes * 2), "int16"), scale: T.Buffer((k,), "float32"),
+    def qconv2d(q: T.Buffer((n, h, wd, c), qdtype), w: T.Buffer((k // lanes, kh, kw, cp, lanes * 2), "int16"), scale: T.Buffer((k,), "float32"),
                 offset: T.Buffer((k,), "float32"), y: T.Buffer((n, ho, wo, k), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_conv2d"})
         pairs = T.alloc_buffer((n, hp, wp, cp), "int32")
-        for b_h in T.parallel(n * hp):
+        for b_h in loop(n * hp):
             for x_w, p in T.grid(wp, cp):
                 pairs[b_h // hp, b_h % hp, x_w, p] = T.bitwise_or(
                     T.bitwise_and(T.if_then_else(
                         b_h % hp >= pt and b_h % hp < pt + h and x_w >= pl and x_w < pl + wd,
-                        T.Cast("int32", q[b_h // hp, p * 2, b_h % hp - pt, x_w - pl]), zp), 65535),
+                        T.Cast("int32", q[b_h // hp, b_h % hp - pt, x_w - pl, p * 2]), zp), 65535),
                     T.shift_left(T.if_then_else(
                         p * 2 + 1 >= c, 0, T.if_then_else(
                             b_h % hp >= pt and b_h % hp < pt + h and x_w >= pl and x_w < pl + wd,
-                            T.Cast("int32", q[b_h // hp, p * 2 + 1, b_h % hp - pt, x_w - pl]), zp)), 16))
-        for fused in T.parallel(k // lanes * n * ho):
+                            T.Cast("int32", q[b_h // hp, b_h % hp - pt, x_w - pl, p * 2 + 1]), zp)), 16))
+        for fused in loop(k // lanes * n * ho):
             acc = T.alloc_buffer((wt, lanes), "int32", scope="local")
             for wo_o in range(wo // wt):
                 for t in T.unroll(wt):
@@ -263,9 +266,10 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
 def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     """Relax rewrite (``graphslim.kernels.REWRITES["int8-conv"]``, on the module as imported):
     NCHW ``conv2d(dequantize(q), dequantize(W_int8))`` (groups 1, no dilation, output channels a
-    multiple of 8, per-tensor or per-output-channel weight scale) -> :func:`qconv2d_func`, whose
-    NHWC output goes back to NCHW through a ``permute_dims`` that TVM fuses into the elementwise
-    ops that follow (bias, requantization). x86 targets with AVX2 (or AVX-512) only."""
+    multiple of 8, per-tensor or per-output-channel weight scale) -> :func:`qconv2d_func` between
+    two ``permute_dims`` (NCHW -> NHWC -> NCHW); the CPU pipeline moves them down through the
+    elementwise QDQ ops that follow, so between two such layers they cancel. x86 targets with
+    AVX2 (or AVX-512) only."""
     from tvm import relax
 
     def build(self: Any, call: Any, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool) -> Any:
@@ -286,8 +290,10 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
                             int(zp_x.reshape(())), str(q.ty.dtype))
         gv = self.builder_.add_func(func, "int8_conv2d")
         out = [int(d) for d in call.ty.shape]  # N, K, Ho, Wo
+        # NHWC in and out; the pipeline's transpose sinking cancels these between layers
+        q_nhwc = self.builder_.emit(relax.op.permute_dims(q, [0, 2, 3, 1]))
         nhwc = self.builder_.emit(relax.call_tir(
-            gv, [q, relax.const(pack_conv_weights(w, lanes)), relax.const(scale), relax.const(offset)],
+            gv, [q_nhwc, relax.const(pack_conv_weights(w, lanes)), relax.const(scale), relax.const(offset)],
             relax.TensorType((out[0], out[2], out[3], k), "float32")))
         return relax.op.permute_dims(nhwc, [0, 3, 1, 2])
 

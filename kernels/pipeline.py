@@ -5,7 +5,8 @@ unscheduled. This one, for LLVM targets:
 
 1. converts convolutions to NHWC activations with HWIO weights (``relax.transform.ConvertLayout``:
    the transposes it adds at the edges fold into the constant weights or run once per model),
-   and removes transpose pairs that cancel;
+   moves transposes down through elementwise ops it does not convert (QDQ quantize/dequantize,
+   activations, residual adds) and removes the pairs that then cancel;
    then applies graphslim's Relax rewrites (``graphslim.kernels.REWRITES``: the compression-aware
    kernels see NHWC convolutions with constant HWIO weights);
 2. legalizes and fuses exactly as TVM does (so MetaSchedule task keys match TVM's own);
@@ -20,7 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NHWC_LAYOUTS", "apply_schedule_rules", "cancel_transposes", "cpu_pipeline", "visit_relax_functions"]
+__all__ = ["NHWC_LAYOUTS", "apply_schedule_rules", "cancel_transposes", "cpu_pipeline", "sink_transposes",
+           "visit_relax_functions"]
 
 #: ConvertLayout's desired layouts: data NHWC, kernel HWIO (output channel innermost).
 NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -46,7 +48,7 @@ def cpu_pipeline(target: Any, *, tune: int = 0, tuning_db: str | Path | None = N
             late = {n: r for n, r in (rewrites or {}).items() if n not in early}
             mod = _apply_rewrites(mod, early, spec, rewrites_applied)
             mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
-            mod = relax.transform.DeadCodeElimination()(cancel_transposes(mod))
+            mod = relax.transform.DeadCodeElimination()(cancel_transposes(sink_transposes(mod)))
             mod = relax.transform.FoldConstant()(mod)  # the weights' layout transforms
             mod = _apply_rewrites(mod, late, spec, rewrites_applied)
             mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
@@ -145,6 +147,90 @@ def cancel_transposes(mod: Any) -> Any:
             return call
 
     return visit_relax_functions(Cancel(mod), mod)
+
+
+#: Elementwise ops a transpose moves through unchanged (``f(permute(x)) = permute(f(x))``).
+_UNARY = ("relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu",
+          "relax.astype", "relax.round", "relax.floor", "relax.exp", "relax.negative", "relax.abs")
+#: Elementwise binary ops: both operands permuted alike, or one a broadcast operand of known shape.
+_BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum")
+
+
+def sink_transposes(mod: Any) -> Any:
+    """Move ``permute_dims`` below elementwise ops: ``f(permute_dims(x, p))`` ->
+    ``permute_dims(f(x), p)`` for unary ops, QDQ ``quantize``/``dequantize`` (their channel axis
+    remapped) and binary ops whose other operand is permuted the same way or is a broadcast
+    operand of static shape (permuted back, which constant folding absorbs). ConvertLayout leaves
+    a transpose back to NCHW after every NHWC convolution whose consumer it does not convert (a
+    QDQ chain, for instance); moved down, it meets the next convolution's transpose to NHWC and
+    :func:`cancel_transposes` removes both. Repeats until nothing moves."""
+    import tvm
+    from tvm import relax
+
+    permute = tvm.ir.Op.get("relax.permute_dims")
+    unary = {tvm.ir.Op.get(n) for n in _UNARY}
+    binary = {tvm.ir.Op.get(n) for n in _BINARY}
+    qdq = {tvm.ir.Op.get("relax.quantize"): relax.op.quantize, tvm.ir.Op.get("relax.dequantize"): relax.op.dequantize}
+    moved = [0]
+
+    def rank(expr: Any) -> int | None:
+        try:
+            return len(expr.ty.shape)
+        except (AttributeError, TypeError):
+            return None
+
+    @relax.expr_functor.mutator
+    class Sink(relax.PyExprMutator):
+        def permuted(self, expr: Any) -> tuple[Any, list[int]] | None:
+            inner = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+            if not isinstance(inner, relax.Call) or inner.op != permute or inner.attrs.axes is None:
+                return None
+            return inner.args[0], [int(a) for a in inner.attrs.axes]
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if call.op not in unary and call.op not in binary and call.op not in qdq:
+                return call
+            first = self.permuted(call.args[0])
+            if first is None:
+                return call
+            x, p = first
+            if call.op in unary:
+                new = relax.Call(call.op, [x, *call.args[1:]], call.attrs)
+            elif call.op in qdq:
+                if any(rank(a) not in (0, 1) for a in call.args[1:]):
+                    return call
+                axis = int(call.attrs.axis) % len(p)
+                new = qdq[call.op](x, call.args[1], call.args[2], p[axis], str(call.attrs.out_dtype))
+            else:
+                other = self._other(call.args[1], p)
+                if other is None:
+                    return call
+                new = relax.Call(call.op, [x, other], call.attrs)
+            moved[0] += 1
+            return relax.op.permute_dims(self.builder_.emit(new), p)
+
+        def _other(self, y: Any, p: list[int]) -> Any:
+            same = self.permuted(y)
+            if same is not None:
+                return same[0] if same[1] == p else None
+            try:
+                shape = [int(d) for d in y.ty.shape]
+            except (AttributeError, TypeError, ValueError):
+                return None
+            if len(shape) > len(p):
+                return None
+            full = [1] * (len(p) - len(shape)) + shape
+            inverse = [p.index(i) for i in range(len(p))]
+            y = relax.op.reshape(y, full) if full != shape else y
+            return self.builder_.emit(relax.op.permute_dims(y, inverse))
+
+    for _ in range(64):  # each round moves every transpose past at least one op
+        moved[0] = 0
+        mod = relax.transform.DeadCodeElimination()(visit_relax_functions(Sink(mod), mod))
+        if not moved[0]:
+            break
+    return mod
 
 
 def visit_relax_functions(mutator: Any, mod: Any) -> Any:

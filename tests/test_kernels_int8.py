@@ -79,7 +79,7 @@ def test_arm_target_keeps_qdq_on_the_float_path(tmp_path):
 ])
 def test_int8_conv_kernel_is_exact_against_numpy(qdtype, zp, shape, kernel, stride, pads, k):
     """Integer result exact (int64 reference on the input padded with the zero point), odd channel
-    counts included; NCHW in, NHWC out."""
+    counts included; NHWC in and out."""
     from graphslim.kernels.int8 import pack_conv_weights, qconv2d_func
 
     rng = np.random.default_rng(sum(shape) + k)
@@ -101,7 +101,8 @@ def test_int8_conv_kernel_is_exact_against_numpy(qdtype, zp, shape, kernel, stri
             patch = qp[:, :, i:i + stride[0] * (ho - 1) + 1:stride[0], j:j + stride[1] * (wo - 1) + 1:stride[1]]
             acc += np.einsum("nchw,kc->nhwk", patch, w[:, :, i, j].astype(np.int64))
     y = tvm.runtime.tensor(np.full((shape[0], ho, wo, k), np.nan, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (q, pack_conv_weights(w, lanes), scale, offset)), y)
+    q_nhwc = np.ascontiguousarray(q.transpose(0, 2, 3, 1))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (q_nhwc, pack_conv_weights(w, lanes), scale, offset)), y)
     np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset).astype(np.float32),
                                rtol=1e-6, atol=1e-5)
 

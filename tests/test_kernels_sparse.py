@@ -182,3 +182,35 @@ def test_cancel_transposes_removes_inverse_pairs_only():
     mod = relax.transform.DeadCodeElimination()(cancel_transposes(bb.get()))
     text = mod["main"].script()
     assert text.count("R.permute_dims") == 2, text
+
+
+def test_sink_transposes_moves_through_qdq_and_adds_and_cancels_pairs():
+    """A transpose to NCHW followed by QDQ, ReLU and a bias add, then a transpose back to NHWC (what
+    ConvertLayout leaves between two NHWC convs of a QDQ model): after sinking, the pair cancels,
+    per-channel axes are remapped, the broadcast bias is permuted, and the numbers are the same."""
+    from graphslim.kernels.pipeline import cancel_transposes, sink_transposes
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 5, 8), "float32"))
+    bias = np.arange(8, dtype=np.float32).reshape(1, 8, 1, 1)
+    scale = np.linspace(0.05, 0.1, 8).astype(np.float32)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))  # NHWC -> NCHW
+            a = bb.emit(relax.op.add(a, relax.const(bias)))
+            q = bb.emit(relax.op.quantize(a, relax.const(scale), relax.const(np.zeros(8, np.int8)), 1, "int8"))
+            d = bb.emit(relax.op.dequantize(q, relax.const(scale), relax.const(np.zeros(8, np.int8)), 1, "float32"))
+            r = bb.emit(relax.op.nn.relu(d))
+            out = bb.emit_output(relax.op.permute_dims(r, [0, 2, 3, 1]))  # back to NHWC
+        bb.emit_func_output(out)
+    before = bb.get()
+    after = relax.transform.DeadCodeElimination()(cancel_transposes(sink_transposes(before)))
+    assert after["main"].script().count("R.permute_dims") <= 1, after["main"].script()  # only the bias's
+    data = np.random.default_rng(0).standard_normal((1, 4, 5, 8)).astype(np.float32) * 3
+
+    def run_mod(mod):
+        ex = tvm.compile(mod, HOST)
+        return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+
+    np.testing.assert_array_equal(run_mod(after), run_mod(before))
