@@ -72,10 +72,11 @@ def pack_weights_vnni(w: np.ndarray, tile: int) -> np.ndarray:
 
 
 def _vnni_dense_tile(m: int, n: int) -> tuple[int, int]:
-    """(rows, 16-lane vectors) per register tile: enough independent accumulators to hide
-    ``vpdpbusd``'s latency, at most 24 of the 32 zmm registers."""
-    rt = next(d for d in (8, 6, 4, 3, 2, 1) if m % d == 0)
-    g = next(g for g in (4, 2, 1) if n % (16 * g) == 0 and rt * g <= 24)
+    """(rows, 16-lane vectors) per register tile: 4 vectors (64 outputs) by up to 4 rows where
+    the shape allows (measured best on Emerald Rapids, 1024x1024: 0.076 ms at batch 32 against
+    0.081-0.13 for 8x2, 8x1, 16x1, 4x2, 2x4 tiles; at batch 1, 1x4 and 1x8 tie)."""
+    g = next(g for g in (4, 2, 1) if n % (16 * g) == 0)
+    rt = next(d for d in (4, 3, 2, 1) if m % d == 0 and d * g <= 16)
     return rt, g
 
 
