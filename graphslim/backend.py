@@ -5,9 +5,10 @@ ONNX -> Relax (``tvm.relax.frontend.onnx.from_onnx``) -> graphslim's Relax rewri
 pipeline for the target -> ``tvm.compile`` -> ``OUT_DIR/model.so`` (``model.tar`` for a cross
 target without a linker) and ``OUT_DIR/artifact.json``.
 
-Targets: ``x86`` is the host CPU as LLVM sees it (AVX-512 where the host has it, AVX2 on an AVX2
-host such as this project's AMD EPYC machines, which lack AVX-512); ``x86-avx2`` and
-``x86-avx512`` pin the ISA; ``arm`` / ``arm64-neon`` cross-compile for aarch64-linux-gnu with
+Targets: ``x86`` is the host CPU as LLVM sees it (AVX-512 and VNNI on this project's Intel Emerald
+Rapids machines, AVX2 only on the AMD EPYC machines it also runs on); ``x86-avx2``, ``x86-avx512``
+and ``x86-avx512-vnni`` pin the ISA (an artifact that needs an instruction set the CPU lacks is
+refused when loaded); ``arm`` / ``arm64-neon`` cross-compile for aarch64-linux-gnu with
 NEON, linked by Debian's ``aarch64-linux-gnu-gcc`` when it is installed; ``cuda`` generates CUDA
 with TVM's GPU schedules. Shapes are static: symbolic leading (batch) dimensions are fixed to
 ``batch``. apache-tvm is the optional extra ``tvm``.
@@ -37,7 +38,7 @@ __all__ = ["TARGETS", "Artifact", "build", "compile_model", "host_cpu_flags", "l
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("x86", "x86-avx2", "x86-avx512", "arm", "arm64-neon", "cuda")
+TARGETS = ("x86", "x86-avx2", "x86-avx512", "x86-avx512-vnni", "arm", "arm64-neon", "cuda")
 ARM_CC = "aarch64-linux-gnu-gcc"
 CUDA_ARCH = "sm_80"
 
@@ -89,6 +90,8 @@ def _target_spec(name: str) -> dict[str, Any]:
         return {"kind": "llvm", "mcpu": "haswell", "num-cores": cores}
     if name == "x86-avx512":
         return {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": cores}
+    if name == "x86-avx512-vnni":  # AVX-512 with VNNI (int8 vpdpbusd): Cascade Lake and later
+        return {"kind": "llvm", "mcpu": "cascadelake", "num-cores": cores}
     if name in ("arm", "arm64-neon"):
         return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
     if name == "cuda":
@@ -311,7 +314,36 @@ def load_artifact(folder: str | Path) -> _Runner:
         raise InputError(f"{folder}: compiled for aarch64; run it on an ARM device (or under qemu-aarch64)")
     if target == "cuda":
         raise InputError(f"{folder}: compiled for CUDA; no CUDA device is available here")
-    mcpu = meta.get("tvm_target", {}).get("mcpu", "")
-    if "avx512" in mcpu and "avx512f" not in host_cpu_flags():
-        raise InputError(f"{folder}: compiled for {mcpu}, but this CPU has no AVX-512; compile with --target x86")
+    missing = _missing_cpu_features(meta.get("tvm_target", {}))
+    if missing:
+        mcpu = meta.get("tvm_target", {}).get("mcpu", "")
+        raise InputError(f"{folder}: compiled for {mcpu}, but this CPU has no {', '.join(missing)}; "
+                         "compile with --target x86 on this machine")
     return _Runner(folder, meta)
+
+
+#: LLVM feature -> /proc/cpuinfo flag, for the instruction sets graphslim's kernels use.
+_CPU_FEATURES = {"avx2": "avx2", "avx512f": "avx512f", "avx512vnni": "avx512_vnni"}
+
+
+def _missing_cpu_features(spec: dict[str, Any]) -> list[str]:
+    """Instruction sets an x86 artifact's target has that this CPU lacks (running it would die
+    with an illegal instruction)."""
+    if spec.get("kind") != "llvm" or spec.get("mtriple", "").startswith("aarch64") or not spec.get("mcpu"):
+        return []
+    flags = host_cpu_flags()
+    if not flags:
+        return []  # no /proc/cpuinfo: cannot tell
+    tvm = require_tvm()
+    from tvm.target.codegen import target_has_features
+
+    target = tvm.target.Target(spec)
+    missing = []
+    for feature, flag in _CPU_FEATURES.items():
+        try:
+            needed = bool(target_has_features(feature, target))
+        except Exception:  # noqa: BLE001 - feature unknown to this LLVM
+            needed = False
+        if needed and flag not in flags:
+            missing.append(flag.upper().replace("_", "-"))
+    return missing

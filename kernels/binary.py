@@ -8,17 +8,19 @@ activations. These kernels store ``S`` as one bit per weight (32x smaller than f
 
 exactly in float32: a layer's result matches the dense float layer up to float summation order.
 
-How the bits are used: weights are packed per tile of ``8 * G`` outputs as ``bits[N/(8G), K, G]``
-(uint8; bit ``j`` of byte ``g`` set where ``S[tile*8G + g*8 + j, k] = -1``), and a 256-row table
-maps each byte to the 8 floats ``+-1.0`` it stands for. The inner loop is then, per input and per
-byte, one byte load and one FMA whose operand is a table row in L1: the fp32 FMA rate, with a
-32x smaller weight stream. So the kernel wins where the dense layer is memory bound (batch 1:
-1024x1024, 2.9x over graphslim's fp32 kernel on this project's AVX2 machine) and is at FMA speed
-where it is compute bound (batch 32). It cannot beat the FMA rate: with float activations every
+How the bits are used: weights are packed per tile of ``L * G`` outputs as ``bits[N/(L*G), K, G]``,
+one ``L``-bit word per input and ``L`` outputs (bit ``j`` set where that output's sign is -1).
+With ``L = 8`` (AVX2, NEON) a 256-row table maps each byte to the 8 floats ``+-1.0`` it stands
+for: per input and byte, one byte load and one FMA whose operand is a table row in L1. With
+``L = 16`` (AVX-512) a 16-bit word goes into a mask register (``vptestnmd``) that selects +1 or -1
+per lane (``vblendmps``), once per input, for every row or output pixel of the register tile.
+Either way: the fp32 FMA rate with a 32x smaller weight stream. So the kernel wins where the
+dense layer is memory bound (batch 1) and is at FMA speed where it is compute bound (batch 32);
+benchmarks/RESULTS.md has the numbers. It cannot beat the FMA rate: with float activations every
 weight still costs one add, and XNOR/popcount arithmetic (TVM's removed ``bitserial_dense``) needs
 *binarized activations*, which these layers do not have (it would change the model's outputs).
-Quantized activations times binary weights already go to the int8 kernel (``vpmaddwd`` does 16
-multiply-adds per instruction; a bit-serial popcount over 8 activation planes does fewer on AVX2).
+Quantized activations times binary weights already go to the int8 kernels (``vpdpbusd`` does 64
+multiply-adds per instruction; a bit-serial popcount over 8 activation planes does fewer).
 
 The kernels are plain TIR (no intrinsics), so they compile for aarch64 (NEON) as well as x86.
 """
@@ -31,10 +33,18 @@ from typing import Any
 import numpy as np
 from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
-__all__ = ["SIGN_TABLE", "binary_conv2d_func", "binary_dense_func", "pack_signs", "rewrite_binary", "split_binary"]
+__all__ = ["LANE_BITS", "SIGN_TABLE", "binary_conv2d_func", "binary_dense_func", "decode_table", "lanes_for",
+           "pack_signs", "rewrite_binary", "split_binary"]
 
 #: Row ``b``: the 8 floats ``+-1.0`` that byte ``b`` of packed signs stands for (bit set: -1).
 SIGN_TABLE = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, -1.0, 1.0).astype(np.float32)
+#: For 16-lane words: lane ``j`` tests bit ``1 << j``.
+LANE_BITS = (1 << np.arange(16, dtype=np.int32)).reshape(1, 16)
+
+
+def decode_table(lanes: int) -> np.ndarray:
+    """The kernels' ``decode`` argument: :data:`SIGN_TABLE` for 8 lanes, :data:`LANE_BITS` for 16."""
+    return SIGN_TABLE if lanes == 8 else LANE_BITS
 
 
 def split_binary(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -51,18 +61,46 @@ def split_binary(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return np.signbit(w) & (alpha[:, None] > 0), alpha.astype(np.float32)
 
 
-def pack_signs(negative: np.ndarray, groups: int) -> np.ndarray:
-    """bool [N, K] -> uint8 ``bits[N/(8*groups), K, groups]`` (bit j of byte g: output
-    ``tile*8*groups + g*8 + j``); N must be a multiple of ``8 * groups``."""
+def pack_signs(negative: np.ndarray, groups: int, lanes: int = 8) -> np.ndarray:
+    """bool [N, K] -> ``bits[N/(lanes*groups), K, groups]`` (uint8 for 8 lanes, uint16 for 16; bit
+    j of word g: output ``tile*lanes*groups + g*lanes + j``); N a multiple of ``lanes * groups``."""
     n, k = negative.shape
-    tiles = negative.reshape(n // (8 * groups), groups, 8, k).transpose(0, 3, 1, 2)  # [tiles, K, G, 8]
-    return np.packbits(tiles, axis=-1, bitorder="little")[..., 0]
+    tiles = negative.reshape(n // (lanes * groups), groups, lanes, k).transpose(0, 3, 1, 2)  # [tiles, K, G, L]
+    packed = np.packbits(tiles, axis=-1, bitorder="little")  # [tiles, K, G, lanes / 8] bytes
+    return np.ascontiguousarray(packed).view("<u2")[..., 0] if lanes == 16 else packed[..., 0]
 
 
-def _groups(n: int, rows: int) -> int:
-    """Bytes (8 outputs each) per tile: enough independent accumulators (rows x groups >= 8) to
-    hide the FMA latency, not more than fit in registers, and dividing ``n / 8``."""
-    return next(g for g in (8, 4, 2, 1) if (n // 8) % g == 0 and (rows * g <= 12 or g == 1))
+def _sign(lanes: int) -> Any:
+    """``sign(decode, word, j)``: the +-1.0 of lane ``j`` of a packed word, as the kernels compute
+    it: an 8-float row of the byte table (one load, folded into the FMA), or on 16-lane AVX-512
+    ``word & (1 << j)`` (``vptestmd`` into a mask register) selecting -1 or +1 (``vblendmps``),
+    computed once per input and reused by every row of the register tile."""
+    from tvm.script import tirx as T
+
+    if lanes == 8:
+        return lambda decode, word, j: decode[T.Cast("int32", word), j]
+    return lambda decode, word, j: T.Select(T.bitwise_and(T.Cast("int32", word), decode[0, j]) != 0,
+                                            T.float32(-1), T.float32(1))
+
+
+def _buffers(lanes: int) -> tuple[str, tuple[int, int], str]:
+    """(word dtype, decode shape, decode dtype) for a lane count."""
+    return ("uint8", (256, 8), "float32") if lanes == 8 else ("uint16", (1, 16), "int32")
+
+
+def lanes_for(target: Any, n: int) -> int:
+    """16 lanes (AVX-512, one zmm per word) when the target has 512-bit vectors and ``n`` allows,
+    else 8 (the byte table: AVX2, NEON)."""
+    from graphslim.kernels.schedules import vector_bits
+
+    return 16 if n % 16 == 0 and vector_bits(target) >= 512 else 8
+
+
+def _groups(n: int, rows: int, lanes: int = 8) -> int:
+    """Words (``lanes`` outputs each) per tile: enough independent accumulators to hide the FMA
+    latency, not more than fit in registers (16 ymm / 32 zmm), and dividing ``n / lanes``."""
+    budget = 12 if lanes == 8 else 24
+    return next(g for g in (8, 4, 2, 1) if (n // lanes) % g == 0 and (rows * g <= budget or g == 1))
 
 
 def _row_tile(m: int) -> int:
@@ -71,13 +109,16 @@ def _row_tile(m: int) -> int:
     return min(m, 6)
 
 
-def binary_dense_func(m: int, k: int, n: int, groups: int, relu: bool = False) -> Any:
-    """PrimFunc ``(x[m,k], bits[n/(8G), k, G] uint8, table[256, 8], alpha[n], bias[n], y[m,n])``.
-    Rows go in tiles of :func:`_row_tile` and one tail tile of the remaining rows."""
+def binary_dense_func(m: int, k: int, n: int, groups: int, relu: bool = False, lanes: int = 8) -> Any:
+    """PrimFunc ``(x[m,k], bits[n/(L*G), k, G], decode, alpha[n], bias[n], y[m,n])`` for ``L =
+    lanes`` (8: uint8 words and the byte table; 16: uint16 words and :data:`LANE_BITS`). Rows go in
+    tiles of :func:`_row_tile` and one tail tile of the remaining rows."""
     from tvm.script import tirx as T
 
     lo = 0.0 if relu else -3.4e38  # ReLU as max(v, lo); -3.4e38 (float32 lowest) leaves v as it is
-    g8 = 8 * groups
+    gl = lanes * groups
+    word_t, decode_shape, decode_t = _buffers(lanes)
+    sign = _sign(lanes)
     rt = _row_tile(m)
     tail = m % rt
     tail_at = m - tail
@@ -85,51 +126,51 @@ def binary_dense_func(m: int, k: int, n: int, groups: int, relu: bool = False) -
     loop = T.parallel if m * k * n >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
     @T.prim_func(private=True, s_tir=True)
-    def binary_dense(x: T.Buffer((m, k), "float32"), bits: T.Buffer((n // g8, k, groups), "uint8"),
-                     table: T.Buffer((256, 8), "float32"), alpha: T.Buffer((n,), "float32"),
+    def binary_dense(x: T.Buffer((m, k), "float32"), bits: T.Buffer((n // gl, k, groups), word_t),
+                     decode: T.Buffer(decode_shape, decode_t), alpha: T.Buffer((n,), "float32"),
                      bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "binary_dense"})
-        for io in loop(n // g8):
-            acc = T.alloc_buffer((rt, g8), "float32", scope="local")
+        for io in loop(n // gl):
+            acc = T.alloc_buffer((rt, gl), "float32", scope="local")
             for ro in range(m // rt):
                 for r in T.unroll(rt):
-                    for j in T.vectorized(g8):
+                    for j in T.vectorized(gl):
                         acc[r, j] = T.float32(0)
                 for kk in range(k):
                     for r in T.unroll(rt):
                         for g in T.unroll(groups):
-                            for j in T.vectorized(8):
-                                acc[r, g * 8 + j] = acc[r, g * 8 + j] + x[ro * rt + r, kk] * table[
-                                    T.Cast("int32", bits[io, kk, g]), j]
+                            for j in T.vectorized(lanes):
+                                acc[r, g * lanes + j] = acc[r, g * lanes + j] + x[ro * rt + r, kk] * sign(
+                                    decode, bits[io, kk, g], j)
                 for r in T.unroll(rt):
-                    for j in T.vectorized(g8):
-                        y[ro * rt + r, io * g8 + j] = T.max(acc[r, j] * alpha[io * g8 + j] + bias[io * g8 + j],
+                    for j in T.vectorized(gl):
+                        y[ro * rt + r, io * gl + j] = T.max(acc[r, j] * alpha[io * gl + j] + bias[io * gl + j],
                                                             T.float32(lo))
             if tail > 0:
-                acc_t = T.alloc_buffer((tt, g8), "float32", scope="local")
+                acc_t = T.alloc_buffer((tt, gl), "float32", scope="local")
                 for r in T.unroll(tail):
-                    for j in T.vectorized(g8):
+                    for j in T.vectorized(gl):
                         acc_t[r, j] = T.float32(0)
                 for kk in range(k):
                     for r in T.unroll(tail):
                         for g in T.unroll(groups):
-                            for j in T.vectorized(8):
-                                acc_t[r, g * 8 + j] = acc_t[r, g * 8 + j] + x[tail_at + r, kk] * table[
-                                    T.Cast("int32", bits[io, kk, g]), j]
+                            for j in T.vectorized(lanes):
+                                acc_t[r, g * lanes + j] = acc_t[r, g * lanes + j] + x[tail_at + r, kk] * sign(
+                                    decode, bits[io, kk, g], j)
                 for r in T.unroll(tail):
-                    for j in T.vectorized(g8):
-                        y[tail_at + r, io * g8 + j] = T.max(acc_t[r, j] * alpha[io * g8 + j] + bias[io * g8 + j],
+                    for j in T.vectorized(gl):
+                        y[tail_at + r, io * gl + j] = T.max(acc_t[r, j] * alpha[io * gl + j] + bias[io * gl + j],
                                                             T.float32(lo))
 
     return binary_dense
 
 
 def binary_conv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                       out_hw: tuple[int, int], k: int, groups: int, relu: bool = False) -> Any:
-    """Direct binary convolution on padded NHWC ``x`` [N, Hp, Wp, C]: PrimFunc ``(x, bits[K/(8G),
-    KH*KW*C, G] uint8 (inputs in (kh, kw, c) order), table, alpha[K], bias[K], y[N, Ho, Wo, K])``.
-    Each thread owns a tile of ``8G`` output channels and one output row; ``wt`` output pixels
-    share every table row loaded."""
+                       out_hw: tuple[int, int], k: int, groups: int, relu: bool = False, lanes: int = 8) -> Any:
+    """Direct binary convolution on padded NHWC ``x`` [N, Hp, Wp, C]: PrimFunc ``(x, bits[K/(L*G),
+    KH*KW*C, G] (inputs in (kh, kw, c) order), decode, alpha[K], bias[K], y[N, Ho, Wo, K])``, words
+    and ``decode`` as in :func:`binary_dense_func`. Each thread owns a tile of ``L*G`` output
+    channels and one output row; ``wt`` output pixels share every decoded word."""
     from tvm.script import tirx as T
 
     lo = 0.0 if relu else -3.4e38
@@ -137,32 +178,35 @@ def binary_conv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int]
     kh, kw = kernel
     sh, sw = stride
     ho, wo = out_hw
-    g8 = 8 * groups
-    wt = next(d for d in (6, 5, 4, 3, 2, 1) if wo % d == 0 and d * groups <= 12)
+    gl = lanes * groups
+    word_t, decode_shape, decode_t = _buffers(lanes)
+    sign = _sign(lanes)
+    budget = 12 if lanes == 8 else 24
+    wt = next(d for d in (12, 8, 7, 6, 5, 4, 3, 2, 1) if wo % d == 0 and d * groups <= budget)
     loop = T.parallel if n * ho * wo * k * kh * kw * c >= PARALLEL_MIN_MACS else T.serial
 
     @T.prim_func(private=True, s_tir=True)
-    def binary_conv2d(x: T.Buffer((n, hp, wp, c), "float32"), bits: T.Buffer((k // g8, kh * kw * c, groups), "uint8"),
-                      table: T.Buffer((256, 8), "float32"), alpha: T.Buffer((k,), "float32"),
+    def binary_conv2d(x: T.Buffer((n, hp, wp, c), "float32"), bits: T.Buffer((k // gl, kh * kw * c, groups), word_t),
+                      decode: T.Buffer(decode_shape, decode_t), alpha: T.Buffer((k,), "float32"),
                       bias: T.Buffer((k,), "float32"), y: T.Buffer((n, ho, wo, k), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "binary_conv2d"})
-        for fused in loop(k // g8 * n * ho):
-            acc = T.alloc_buffer((wt, g8), "float32", scope="local")
+        for fused in loop(k // gl * n * ho):
+            acc = T.alloc_buffer((wt, gl), "float32", scope="local")
             for wo_o in range(wo // wt):
                 for t in T.unroll(wt):
-                    for j in T.vectorized(g8):
+                    for j in T.vectorized(gl):
                         acc[t, j] = T.float32(0)
                 for rh, rw, rc in T.grid(kh, kw, c):
                     for t in T.unroll(wt):
                         for g in T.unroll(groups):
-                            for j in T.vectorized(8):
-                                acc[t, g * 8 + j] = acc[t, g * 8 + j] + x[
+                            for j in T.vectorized(lanes):
+                                acc[t, g * lanes + j] = acc[t, g * lanes + j] + x[
                                     fused % (n * ho) // ho, fused % ho * sh + rh, (wo_o * wt + t) * sw + rw, rc
-                                ] * table[T.Cast("int32", bits[fused // (n * ho), (rh * kw + rw) * c + rc, g]), j]
+                                ] * sign(decode, bits[fused // (n * ho), (rh * kw + rw) * c + rc, g], j)
                 for t in T.unroll(wt):
-                    for j in T.vectorized(g8):
-                        y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * g8 + j] = T.max(
-                            acc[t, j] * alpha[fused // (n * ho) * g8 + j] + bias[fused // (n * ho) * g8 + j],
+                    for j in T.vectorized(gl):
+                        y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * gl + j] = T.max(
+                            acc[t, j] * alpha[fused // (n * ho) * gl + j] + bias[fused // (n * ho) * gl + j],
                             T.float32(lo))
 
     return binary_conv2d
@@ -175,26 +219,32 @@ def rewrite_binary(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     is a multiple of 8 -> :func:`binary_dense_func` / :func:`binary_conv2d_func`. CPU targets only."""
     if spec.get("kind") != "llvm":
         return mod, False
+    import tvm
     from graphslim.kernels.rewrite import ConvShape, KernelCall, rewrite_contractions
+
+    target = tvm.target.Target(spec)
 
     def dense(m: int, wt: np.ndarray) -> KernelCall | None:
         split = split_binary(wt)
         if split is None or wt.shape[0] % 8:
             return None
-        groups = _groups(wt.shape[0], _row_tile(m))
-        make = functools.partial(binary_dense_func, m, wt.shape[1], wt.shape[0], groups)
-        return KernelCall("binary_dense", make, [pack_signs(split[0], groups), SIGN_TABLE, split[1]], "binary")
+        lanes = lanes_for(target, wt.shape[0])
+        groups = _groups(wt.shape[0], _row_tile(m), lanes)
+        make = functools.partial(binary_dense_func, m, wt.shape[1], wt.shape[0], groups, lanes=lanes)
+        return KernelCall("binary_dense", make, [pack_signs(split[0], groups, lanes), decode_table(lanes), split[1]],
+                          "binary")
 
     def conv(s: ConvShape, w: np.ndarray) -> KernelCall | None:
         matrix = np.ascontiguousarray(w.transpose(3, 0, 1, 2)).reshape(s.k, -1)  # [K, (kh, kw, c)]
         split = split_binary(matrix)
         if split is None or s.k % 8:
             return None
-        groups = _groups(s.k, 1)
-        groups = next(g for g in (2, 1) if g <= groups)  # 16 channels per tile; output pixels fill the rest
+        lanes = lanes_for(target, s.k)
+        groups = 2 if s.k % (2 * lanes) == 0 else 1  # output pixels fill the rest of the register tile
         make = functools.partial(binary_conv2d_func, (s.n, s.hp, s.wp, s.c), (s.kh, s.kw), (s.sh, s.sw),
-                                 (s.ho, s.wo), s.k, groups)
-        return KernelCall("binary_conv2d", make, [pack_signs(split[0], groups), SIGN_TABLE, split[1]], "binary")
+                                 (s.ho, s.wo), s.k, groups, lanes=lanes)
+        return KernelCall("binary_conv2d", make, [pack_signs(split[0], groups, lanes), decode_table(lanes), split[1]],
+                          "binary")
 
     mod, labels = rewrite_contractions(mod, dense, conv)
     return mod, bool(labels)

@@ -339,3 +339,17 @@ def test_small_kernels_stay_on_one_thread():
     name = next(gv for gv in mod.get_global_vars() if gv.name_hint.startswith("fused_conv2d"))
     text = ContractionCPU().apply(mod[name], target, False).mod.script()
     assert "T.parallel(" not in text and "T.vectorized(" in text
+
+
+def test_artifacts_needing_missing_instruction_sets_are_refused(monkeypatch):
+    """An x86 artifact built for a CPU with AVX-512 / VNNI is refused on a CPU without them (by
+    the features LLVM gives its target), and accepted where they exist."""
+    import graphslim.backend as backend
+
+    monkeypatch.setattr(backend, "host_cpu_flags", lambda: {"avx", "avx2", "fma"})
+    assert backend._missing_cpu_features({"kind": "llvm", "mcpu": "cascadelake"}) == ["AVX512F", "AVX512-VNNI"]
+    assert backend._missing_cpu_features({"kind": "llvm", "mcpu": "skylake-avx512"}) == ["AVX512F"]
+    assert backend._missing_cpu_features({"kind": "llvm", "mcpu": "haswell"}) == []
+    assert backend._missing_cpu_features({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}) == []
+    monkeypatch.setattr(backend, "host_cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    assert backend._missing_cpu_features({"kind": "llvm", "mcpu": "cascadelake"}) == []

@@ -15,6 +15,8 @@ from graphslim.kernels.binary import (  # noqa: E402
     SIGN_TABLE,
     binary_conv2d_func,
     binary_dense_func,
+    decode_table,
+    lanes_for,
     pack_signs,
     split_binary,
 )
@@ -24,6 +26,12 @@ from graphslim.backend import compile_model, host_cpu_flags, load_artifact  # no
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
 AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
 needs_avx2 = pytest.mark.skipif("avx2" not in host_cpu_flags(), reason="host cannot run AVX2 code")
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+LANES = [8, pytest.param(16, marks=pytest.mark.skipif("avx512f" not in host_cpu_flags(), reason="host has no AVX-512"))]
+
+
+def target_for(lanes: int):
+    return HOST if lanes == 8 else AVX512
 
 
 def binary_weight(n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -45,29 +53,40 @@ def test_split_binary_accepts_only_plus_minus_alpha_rows():
     assert alpha[2] == 0 and not negative[2].any()
 
 
-def test_pack_signs_bit_layout():
-    negative = np.random.default_rng(3).random((32, 5)) < 0.5
-    bits = pack_signs(negative, 2)
-    assert bits.shape == (2, 5, 2) and bits.dtype == np.uint8
-    for n in range(32):
-        tile, g, j = n // 16, (n % 16) // 8, n % 8
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_pack_signs_bit_layout(lanes):
+    negative = np.random.default_rng(3).random((4 * lanes, 5)) < 0.5
+    bits = pack_signs(negative, 2, lanes)
+    assert bits.shape == (2, 5, 2) and bits.dtype == (np.uint8 if lanes == 8 else np.uint16)
+    for n in range(4 * lanes):
+        tile, g, j = n // (2 * lanes), (n % (2 * lanes)) // lanes, n % lanes
         np.testing.assert_array_equal((bits[tile, :, g] >> j) & 1, negative[n])
-    assert np.array_equal(SIGN_TABLE[bits[0, 0, 0]], np.where(negative[0:8, 0], -1.0, 1.0))
+    if lanes == 8:
+        assert np.array_equal(SIGN_TABLE[bits[0, 0, 0]], np.where(negative[0:8, 0], -1.0, 1.0))
+
+
+def test_lanes_follow_the_target_vector_width():
+    assert lanes_for(HOST, 64) == 8 and lanes_for(AVX512, 64) == 16 and lanes_for(AVX512, 24) == 8
+    assert lanes_for(AARCH64, 64) == 8
 
 
 @needs_avx2
-@pytest.mark.parametrize("m, k, n, groups, relu", [(1, 64, 64, 8, False), (1, 37, 8, 1, True), (3, 48, 32, 2, True),
-                                                   (4, 128, 16, 2, False), (32, 96, 64, 2, True), (6, 16, 96, 4, False)])
-def test_binary_dense_kernel_matches_numpy(m, k, n, groups, relu):
+@pytest.mark.parametrize("lanes", LANES)
+@pytest.mark.parametrize("m, k, n, groups, relu", [(1, 64, 128, 8, False), (1, 37, 16, 1, True), (3, 48, 32, 2, True),
+                                                   (4, 128, 16, 1, False), (32, 96, 64, 2, True), (6, 16, 192, 4, False)])
+def test_binary_dense_kernel_matches_numpy(lanes, m, k, n, groups, relu):
+    if n % (lanes * groups):
+        pytest.skip("outputs not a whole number of tiles")
     w = binary_weight(n, k, seed=m + k)
     negative, alpha = split_binary(w)
-    lib = tvm.tirx.build(binary_dense_func(m, k, n, groups, relu=relu).with_attr("global_symbol", "main"),
-                         target=HOST)
+    lib = tvm.tirx.build(binary_dense_func(m, k, n, groups, relu=relu, lanes=lanes).with_attr("global_symbol", "main"),
+                         target=target_for(lanes))
     rng = np.random.default_rng(1)
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x, pack_signs(negative, groups), SIGN_TABLE, alpha, bias)), y)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, pack_signs(negative, groups, lanes), decode_table(lanes), alpha,
+                                                   bias)), y)
     ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias
     np.testing.assert_allclose(y.numpy(), np.maximum(ref, 0) if relu else ref, rtol=1e-4, atol=1e-4)
 
@@ -84,25 +103,35 @@ def conv_reference(x: np.ndarray, w_hwio: np.ndarray, stride: tuple[int, int], o
 
 
 @needs_avx2
+@pytest.mark.parametrize("lanes", LANES)
 @pytest.mark.parametrize("shape, kernel, stride, k, groups", [
-    ((1, 10, 10, 3), (3, 3), (1, 1), 16, 2), ((2, 9, 11, 8), (3, 3), (2, 2), 8, 1),
-    ((1, 6, 6, 12), (1, 1), (1, 1), 24, 1), ((1, 8, 8, 16), (5, 5), (1, 1), 32, 2),
+    ((1, 10, 10, 3), (3, 3), (1, 1), 16, 1), ((2, 9, 11, 8), (3, 3), (2, 2), 16, 1),
+    ((1, 6, 6, 12), (1, 1), (1, 1), 48, 1), ((1, 8, 8, 16), (5, 5), (1, 1), 32, 2),
 ])
-def test_binary_conv_kernel_matches_numpy(shape, kernel, stride, k, groups):
+def test_binary_conv_kernel_matches_numpy(lanes, shape, kernel, stride, k, groups):
+    if lanes == 8:
+        groups *= 2
     n, hp, wp, c = shape
     kh, kw = kernel
     ho, wo = (hp - kh) // stride[0] + 1, (wp - kw) // stride[1] + 1
     matrix = binary_weight(k, kh * kw * c, seed=c)  # [K, (kh, kw, c)]
     negative, alpha = split_binary(matrix)
-    f = binary_conv2d_func(shape, kernel, stride, (ho, wo), k, groups, relu=True)
-    lib = tvm.tirx.build(f.with_attr("global_symbol", "main"), target=HOST)
+    f = binary_conv2d_func(shape, kernel, stride, (ho, wo), k, groups, relu=True, lanes=lanes)
+    lib = tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target_for(lanes))
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     bias = np.linspace(-1, 1, k).astype(np.float32)
     y = tvm.runtime.tensor(np.full((n, ho, wo, k), np.nan, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x, pack_signs(negative, groups), SIGN_TABLE, alpha, bias)), y)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, pack_signs(negative, groups, lanes), decode_table(lanes), alpha,
+                                                   bias)), y)
     w_hwio = matrix.reshape(k, kh, kw, c).transpose(1, 2, 3, 0)
     ref = np.maximum(conv_reference(x, w_hwio, stride, (ho, wo)) + bias, 0)
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_avx512_binary_kernel_decodes_words_with_mask_registers():
+    asm = tvm.tirx.build(binary_dense_func(4, 64, 64, 2, lanes=16).with_attr("global_symbol", "main"),
+                         target=AVX512).inspect_source("asm")
+    assert "vptest" in asm and "{%k" in asm and "zmm" in asm, asm[:2000]  # vptest(n)md -> k, masked blend
 
 
 def test_binary_kernels_compile_for_aarch64_with_neon():
