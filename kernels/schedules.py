@@ -43,9 +43,12 @@ log = logging.getLogger(__name__)
 #: Work below which a kernel runs on one thread: waking TVM's thread pool costs a few
 #: microseconds on the project's 2-CPU VMs, more than such kernels take (measured: a compressed
 #: MNIST CNN ran 0.032-0.043 ms on one thread vs 0.037-0.059 ms on two). Multiply-adds for
-#: contractions, elements for elementwise kernels.
+#: contractions, elements for elementwise kernels. The elementwise threshold was lowered from 16k
+#: to 4k on the Emerald Rapids VMs, where QDQ requantization (two float divisions per element)
+#: dominates int8 models: the pruned + int8 ResNet-style net went from 0.15-0.16 to 0.12-0.14 ms,
+#: the pruned fp32 one from 0.16 to 0.12 ms (MNIST CNN within noise).
 PARALLEL_MIN_MACS = 200_000
-PARALLEL_MIN_ELEMENTS = 16 * 1024
+PARALLEL_MIN_ELEMENTS = 4 * 1024
 
 
 def vector_bits(target: Any) -> int:
