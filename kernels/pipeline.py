@@ -159,8 +159,9 @@ _BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "rel
 def sink_transposes(mod: Any) -> Any:
     """Move ``permute_dims`` below elementwise ops: ``f(permute_dims(x, p))`` ->
     ``permute_dims(f(x), p)`` for unary ops, QDQ ``quantize``/``dequantize`` (their channel axis
-    remapped) and binary ops whose other operand is permuted the same way or is a broadcast
-    operand of static shape (permuted back, which constant folding absorbs). ConvertLayout leaves
+    remapped), binary ops whose other operand is permuted the same way or is a broadcast
+    operand of static shape (permuted back, which constant folding absorbs), and NCHW max/avg
+    pooling of NHWC data (pooled in NHWC instead). ConvertLayout leaves
     a transpose back to NCHW after every NHWC convolution whose consumer it does not convert (a
     QDQ chain, for instance); moved down, it meets the next convolution's transpose to NHWC and
     :func:`cancel_transposes` removes both. Repeats until nothing moves."""
@@ -171,6 +172,8 @@ def sink_transposes(mod: Any) -> Any:
     unary = {tvm.ir.Op.get(n) for n in _UNARY}
     binary = {tvm.ir.Op.get(n) for n in _BINARY}
     qdq = {tvm.ir.Op.get("relax.quantize"): relax.op.quantize, tvm.ir.Op.get("relax.dequantize"): relax.op.dequantize}
+    pools = {tvm.ir.Op.get("relax.nn.max_pool2d"): relax.op.nn.max_pool2d,
+             tvm.ir.Op.get("relax.nn.avg_pool2d"): relax.op.nn.avg_pool2d}
     moved = [0]
 
     def rank(expr: Any) -> int | None:
@@ -189,13 +192,20 @@ def sink_transposes(mod: Any) -> Any:
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if call.op not in unary and call.op not in binary and call.op not in qdq:
+            if call.op not in unary and call.op not in binary and call.op not in qdq and call.op not in pools:
                 return call
             first = self.permuted(call.args[0])
             if first is None:
                 return call
             x, p = first
-            if call.op in unary:
+            if call.op in pools:  # NCHW pooling of NHWC data made NCHW: pool in NHWC instead
+                a = call.attrs
+                if p != [0, 3, 1, 2] or (a.layout, a.out_layout or a.layout) != ("NCHW", "NCHW"):
+                    return call
+                new = pools[call.op](x, [int(v) for v in a.pool_size], [int(v) for v in a.strides],
+                                     [int(v) for v in a.padding], [int(v) for v in a.dilation], bool(a.ceil_mode),
+                                     bool(a.count_include_pad), "NHWC", "NHWC")
+            elif call.op in unary:
                 new = relax.Call(call.op, [x, *call.args[1:]], call.attrs)
             elif call.op in qdq:
                 if any(rank(a) not in (0, 1) for a in call.args[1:]):

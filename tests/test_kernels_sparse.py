@@ -185,9 +185,10 @@ def test_cancel_transposes_removes_inverse_pairs_only():
 
 
 def test_sink_transposes_moves_through_qdq_and_adds_and_cancels_pairs():
-    """A transpose to NCHW followed by QDQ, ReLU and a bias add, then a transpose back to NHWC (what
-    ConvertLayout leaves between two NHWC convs of a QDQ model): after sinking, the pair cancels,
-    per-channel axes are remapped, the broadcast bias is permuted, and the numbers are the same."""
+    """A transpose to NCHW followed by a bias add, QDQ, ReLU and max pooling, then a transpose back
+    to NHWC (what ConvertLayout leaves between two NHWC convs of a QDQ model): after sinking, the
+    pair cancels, per-channel axes are remapped, the broadcast bias is permuted, the pooling runs
+    in NHWC, and the numbers are the same."""
     from graphslim.kernels.pipeline import cancel_transposes, sink_transposes
     from tvm import relax
 
@@ -202,11 +203,13 @@ def test_sink_transposes_moves_through_qdq_and_adds_and_cancels_pairs():
             q = bb.emit(relax.op.quantize(a, relax.const(scale), relax.const(np.zeros(8, np.int8)), 1, "int8"))
             d = bb.emit(relax.op.dequantize(q, relax.const(scale), relax.const(np.zeros(8, np.int8)), 1, "float32"))
             r = bb.emit(relax.op.nn.relu(d))
+            r = bb.emit(relax.op.nn.max_pool2d(r, [2, 2], [2, 2], [0, 1, 0, 1]))  # NCHW pooling, padded
             out = bb.emit_output(relax.op.permute_dims(r, [0, 2, 3, 1]))  # back to NHWC
         bb.emit_func_output(out)
     before = bb.get()
     after = relax.transform.DeadCodeElimination()(cancel_transposes(sink_transposes(before)))
-    assert after["main"].script().count("R.permute_dims") <= 1, after["main"].script()  # only the bias's
+    text = after["main"].script()
+    assert text.count("R.permute_dims") <= 1 and 'layout="NHWC"' in text, text  # only the bias's permute
     data = np.random.default_rng(0).standard_normal((1, 4, 5, 8)).astype(np.float32) * 3
 
     def run_mod(mod):
