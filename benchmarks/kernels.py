@@ -10,7 +10,8 @@
    host CPU, default schedules plus the rewrites) on the compressed model, for the MNIST CNN
    (trained where torch and ../shared/data/mnist exist, else random weights) and the
    ResNet-style CIFAR net, batch 1; compressed = prune-channels 50% + sparsify-blocks 90% (16x1)
-   of the Gemm layers, or prune-channels 50% + quantize-int8, or prune-channels 50% + quantize-binary.
+   of the Gemm layers or of all layers, or prune-channels 50% + quantize-int8, or
+   prune-channels 50% + quantize-binary.
 
 Medians of repeated runs; numpy and ORT are timed before TVM runs in this process (TVM's thread
 pool slows them otherwise), the end-to-end numbers come from ``graphslim bench`` processes.
@@ -253,6 +254,8 @@ def end_to_end(repeat: int) -> list[str]:
     pipelines = {
         "prune 50% + BSR (sparsify-blocks 90% 16x1, Gemm)":
             "fold-batchnorm,prune-channels{ratio=0.5},sparsify-blocks{sparsity=0.9,block=[16,1],ops=[Gemm]}",
+        "prune 50% + BSR (sparsify-blocks 90% 16x1, Conv and Gemm)":
+            "fold-batchnorm,prune-channels{ratio=0.5},sparsify-blocks{sparsity=0.9,block=[16,1]}",
         "prune 50% + int8 (quantize-int8, QDQ)": "fold-batchnorm,prune-channels{ratio=0.5},quantize-int8",
         "prune 50% + binary (quantize-binary)": "fold-batchnorm,prune-channels{ratio=0.5},quantize-binary",
     }
