@@ -116,14 +116,7 @@ def int8_table(batches: list[int]) -> list[str]:
     dense fp32 TVM kernel vs ORT fp32 MatMul vs ORT MatMulInteger (uint8 x int8)."""
     import onnxruntime as ort
     import tvm
-    from graphslim.kernels.int8 import (
-        _vnni_dense_tile,
-        has_vnni,
-        pack_weights,
-        pack_weights_vnni,
-        qdense_func,
-        qdense_vnni_func,
-    )
+    from graphslim.kernels.int8 import dense_tile, isa_for, pack_weights, qdense_func
 
     from graphslim.backend import _default_threads
 
@@ -146,10 +139,9 @@ def int8_table(batches: list[int]) -> list[str]:
     rows = []
     for b in batches:
         q = rng.integers(0, 256, (b, K)).astype(np.uint8)
-        if has_vnni(target):
-            func, packed = qdense_vnni_func(b, K, N), pack_weights_vnni(w, 16 * _vnni_dense_tile(b, N)[1])
-        else:
-            func, packed = qdense_func(b, K, N), pack_weights(w)
+        isa = isa_for(target)
+        _, lanes, g = dense_tile(b, N, isa)
+        func, packed = qdense_func(b, K, N, "uint8", isa), pack_weights(w, lanes * g, isa)
         lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=target)
         y = tvm.runtime.tensor(np.zeros((b, N), np.float32))
         args = [tvm.runtime.tensor(a) for a in (q, packed, np.ones(N, np.float32), np.zeros(N, np.float32))]
@@ -161,7 +153,7 @@ def int8_table(batches: list[int]) -> list[str]:
         rows.append(f"| {b} | {int8:.4f} | {fp32:.4f} | {o32:.4f} | {o8:.4f} | {fp32 / int8:.2f}x | {o32 / int8:.2f}x | "
                     f"{o8 / int8:.2f}x |")
         print(rows[-1], flush=True)
-    isa = "AVX-512 VNNI (vpdpbusd)" if has_vnni(target) else "AVX2 (vpmaddwd)"
+    isa = "AVX-512 VNNI (vpdpbusd)" if isa_for(target).name == "vnni" else "AVX2 (vpmaddwd)"
     return [f"int8 kernel: {isa}, target {target.attrs.get('mcpu', '')}.", "",
             "| batch | TVM int8 ms | TVM fp32 ms | ORT fp32 ms | ORT MatMulInteger ms | int8 vs TVM fp32 | vs ORT fp32 "
             "| vs ORT int8 |", "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]

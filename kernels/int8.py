@@ -25,24 +25,58 @@ a multiple of 8 output channels. Other layers stay on the dense float path (corr
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
-__all__ = ["has_vnni", "pack_conv_weights", "pack_conv_weights_vnni", "pack_weights", "pack_weights_vnni",
-           "qconv2d_func", "qconv2d_vnni_func", "qdense_func", "qdense_vnni_func", "rewrite_int8_conv",
-           "rewrite_int8_dense"]
-
-NB = 16  # outputs per tile: two AVX2 int32 vectors
+__all__ = ["AVX2", "VNNI", "Isa", "conv_tile", "dense_tile", "has_vnni", "isa_for", "pack_conv_weights",
+           "pack_weights", "qconv2d_func", "qdense_func", "rewrite_int8_conv", "rewrite_int8_dense"]
 
 
-def pack_weights(w: np.ndarray) -> np.ndarray:
-    """int8 ``w`` [N, K] -> int16 [N/16, K/2, 32]: for each tile and input pair, the 16 outputs'
-    (w[n, 2p], w[n, 2p+1]) pairs, as ``vpmaddwd`` consumes them."""
-    n, k = w.shape
-    return np.ascontiguousarray(w.reshape(n // NB, NB, k // 2, 2).transpose(0, 2, 1, 3)
-                                ).reshape(n // NB, k // 2, NB * 2)
+@dataclass(frozen=True)
+class Isa:
+    """An int8 dot-product instruction: ``group`` activations (``bits`` wide each) packed into one
+    int32 and broadcast, times ``group`` int8 weights per int32 lane, summed into ``lanes`` int32
+    accumulators per instruction."""
+
+    name: str
+    group: int  # activations per int32 word: 4 (vpdpbusd, uint8) or 2 (vpmaddwd, int16)
+    bits: int  # width of one activation in the word
+
+    def element(self, value: Any, qdtype: str) -> Any:
+        """One activation as it sits in the word (int8 reads as uint8 ``q + 128`` on VNNI)."""
+        from tvm.script import tirx as T
+
+        if self.group == 4:
+            return T.bitwise_xor(T.bitwise_and(T.Cast("int32", value), 255), 128 if qdtype == "int8" else 0)
+        return T.bitwise_and(T.Cast("int32", value), 65535)
+
+    def pad_element(self, zp: int, qdtype: str) -> int:
+        """The element standing for a padded input (the zero point, where the float input is 0)."""
+        return (zp + (128 if qdtype == "int8" else 0)) & 255 if self.group == 4 else zp & 65535
+
+    def zero_point(self, zp: Any, qdtype: str) -> Any:
+        """The zero point the kernel's integer sums are relative to (see :meth:`element`)."""
+        return zp + 128 if self.group == 4 and qdtype == "int8" else zp
+
+    def mac(self, lanes: int) -> Any:
+        """``mac(acc, word, w)``: ``acc`` (int32 x lanes) plus the dot products of the broadcast
+        ``word`` with the weights ``w`` (int8 x lanes*group)."""
+        from tvm.script import tirx as T
+
+        if self.group == 4:  # AVX-512 VNNI: no saturation, uint8 x int8 -> int32
+            return lambda acc, word, w: T.call_llvm_pure_intrin(
+                f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{lanes * 32}", acc,
+                T.reinterpret(f"int8x{lanes * 4}", T.Broadcast(word, lanes)), w)
+        return lambda acc, word, w: acc + T.call_llvm_pure_intrin(  # AVX2: int16 x int16 -> int32 pairs
+            "int32x8", "llvm.x86.avx2.pmadd.wd", T.reinterpret("int16x16", T.Broadcast(word, 8)),
+            T.Cast("int16x16", w))
+
+
+VNNI = Isa("vnni", 4, 8)
+AVX2 = Isa("avx2", 2, 16)
 
 
 def has_vnni(target: Any) -> bool:
@@ -56,139 +90,110 @@ def has_vnni(target: Any) -> bool:
         return False
 
 
-def _quads(k: int) -> int:
-    return (k + 3) // 4
+def isa_for(target: Any) -> Isa:
+    return VNNI if has_vnni(target) else AVX2
 
 
-def pack_weights_vnni(w: np.ndarray, tile: int) -> np.ndarray:
-    """int8 ``w`` [N, K] -> int8 [N/tile, ceil(K/4), tile*4]: per tile of outputs and quad of
-    inputs, each output's 4 weights (K padded with zeros), as ``vpdpbusd`` takes them."""
+def _words(k: int, isa: Isa) -> int:
+    return -(-k // isa.group)
+
+
+def pack_weights(w: np.ndarray, tile: int, isa: Isa) -> np.ndarray:
+    """int8 ``w`` [N, K] -> int8 [N/tile, ceil(K/group), tile*group]: per tile of outputs and group
+    of inputs, each output's ``group`` weights (K padded with zeros), as the instruction takes them."""
     n, k = w.shape
-    kq = _quads(k)
-    padded = np.zeros((n, kq * 4), np.int8)
+    kw_ = _words(k, isa)
+    padded = np.zeros((n, kw_ * isa.group), np.int8)
     padded[:, :k] = w
-    return np.ascontiguousarray(padded.reshape(n // tile, tile, kq, 4).transpose(0, 2, 1, 3)).reshape(
-        n // tile, kq, tile * 4)
+    return np.ascontiguousarray(padded.reshape(n // tile, tile, kw_, isa.group).transpose(0, 2, 1, 3)).reshape(
+        n // tile, kw_, tile * isa.group)
 
 
-def _vnni_dense_tile(m: int, n: int) -> tuple[int, int]:
-    """(rows, 16-lane vectors) per register tile: 4 vectors (64 outputs) by up to 4 rows where
-    the shape allows (measured best on Emerald Rapids, 1024x1024: 0.076 ms at batch 32 against
-    0.081-0.13 for 8x2, 8x1, 16x1, 4x2, 2x4 tiles; at batch 1, 1x4 and 1x8 tie)."""
-    g = next(g for g in (4, 2, 1) if n % (16 * g) == 0)
-    rt = next(d for d in (4, 3, 2, 1) if m % d == 0 and d * g <= 16)
-    return rt, g
+def pack_conv_weights(w: np.ndarray, tile: int, isa: Isa) -> np.ndarray:
+    """int8 OIHW ``w`` [K, C, KH, KW] -> int8 [K/tile, KH, KW, ceil(C/group), tile*group]: per tile
+    of outputs and per tap, each output's weights for a group of input channels (zeros past C)."""
+    k, c, kh, kw = w.shape
+    cw = _words(c, isa)
+    padded = np.zeros((k, cw * isa.group, kh, kw), np.int8)
+    padded[:, :c] = w
+    tiles = padded.reshape(k // tile, tile, cw, isa.group, kh, kw).transpose(0, 4, 5, 2, 1, 3)
+    return np.ascontiguousarray(tiles).reshape(k // tile, kh, kw, cw, tile * isa.group)
 
 
-def qdense_vnni_func(m: int, k: int, n: int, qdtype: str = "uint8") -> Any:
-    """PrimFunc ``(q[m,k] qdtype, w[n/T, ceil(k/4), T*4] int8, scale[n], offset[n], y[m,n] float32)``
-    with ``T = 16 * g`` from :func:`_vnni_dense_tile`; int8 activations are read as uint8
-    ``q + 128`` (the caller's offset uses the zero point plus 128)."""
+def dense_tile(m: int, n: int, isa: Isa) -> tuple[int, int, int]:
+    """(rows, int32 lanes per vector, vectors) of the dense kernel's register tile. VNNI: 4 zmm
+    (64 outputs) by up to 4 rows where the shape allows (measured best on Emerald Rapids,
+    1024x1024: 0.076 ms at batch 32 against 0.081-0.13 for 8x2, 8x1, 16x1, 4x2 and 2x4 tiles; at
+    batch 1, 1x4 and 1x8 tie). AVX2: 2 ymm (16 outputs) by up to 4 rows."""
+    if isa is VNNI:
+        g = next(g for g in (4, 2, 1) if n % (16 * g) == 0)
+        return next(d for d in (4, 3, 2, 1) if m % d == 0 and d * g <= 16), 16, g
+    return next(d for d in (4, 3, 2, 1) if m % d == 0), 8, 2
+
+
+def conv_tile(k: int, isa: Isa) -> tuple[int, int]:
+    """(int32 lanes per vector, vectors per tile) of the conv kernel for ``k`` output channels."""
+    if isa is VNNI and k % 16 == 0:
+        return 16, 2 if k % 32 == 0 else 1
+    return 8, 2 if k % 16 == 0 else 1
+
+
+def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2) -> Any:
+    """PrimFunc ``(q[m,k] qdtype, w[n/T, ceil(k/group), T*group] int8, scale[n], offset[n],
+    y[m,n] float32)`` with ``T = lanes * vectors`` from :func:`dense_tile` (``n`` a multiple of 16)."""
     from tvm.script import tirx as T
 
-    kq = _quads(k)
-    rt, g = _vnni_dense_tile(m, n)
-    tile = 16 * g
-    flip = 128 if qdtype == "int8" else 0  # int8 -> uint8: flip the sign bit of each byte
+    grp = isa.group
+    kw_ = _words(k, isa)
+    rt, lanes, g = dense_tile(m, n, isa)
+    tile = lanes * g
+    mac = isa.mac(lanes)
     loop = T.parallel if m * k * n >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
     @T.prim_func(private=True, s_tir=True)
-    def qdense_vnni(q: T.Buffer((m, k), qdtype), w: T.Buffer((n // tile, kq, tile * 4), "int8"),
-                    scale: T.Buffer((n,), "float32"), offset: T.Buffer((n,), "float32"),
-                    y: T.Buffer((m, n), "float32")):
+    def qdense(q: T.Buffer((m, k), qdtype), w: T.Buffer((n // tile, kw_, tile * grp), "int8"),
+               scale: T.Buffer((n,), "float32"), offset: T.Buffer((n,), "float32"),
+               y: T.Buffer((m, n), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_dense"})
-        # activation quads packed once per call as int32 (4 bytes), broadcast below
-        quads = T.alloc_buffer((m, kq), "int32")
+        # activation groups packed once per call into int32 words, broadcast below
+        words = T.alloc_buffer((m, kw_), "int32")
         for i in loop(m):
-            for p in range(kq):
-                quads[i, p] = 0
-                for b in T.unroll(4):
-                    quads[i, p] = quads[i, p] + T.shift_left(T.if_then_else(
-                        p * 4 + b < k, T.bitwise_xor(T.bitwise_and(T.Cast("int32", q[i, p * 4 + b]), 255), flip), 0),
-                        b * 8)
+            for p in range(kw_):
+                words[i, p] = 0
+                for b in T.unroll(grp):
+                    words[i, p] = words[i, p] + T.shift_left(T.if_then_else(
+                        p * grp + b < k, isa.element(q[i, p * grp + b], qdtype), 0), b * isa.bits)
         for jo in loop(n // tile):
             acc = T.alloc_buffer((rt, tile), "int32", scope="local")
             for ro in range(m // rt):
                 for r in T.unroll(rt):
                     for j in T.vectorized(tile):
                         acc[r, j] = 0
-                for p in range(kq):
+                for p in range(kw_):
                     for r in T.unroll(rt):
                         for v in T.unroll(g):
-                            acc[r, T.Ramp(v * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[r, T.Ramp(v * 16, 1, 16)],
-                                T.reinterpret("int8x64", T.Broadcast(quads[ro * rt + r, p], 16)),
-                                w[jo, p, T.Ramp(v * 64, 1, 64)])
+                            acc[r, T.Ramp(v * lanes, 1, lanes)] = mac(
+                                acc[r, T.Ramp(v * lanes, 1, lanes)], words[ro * rt + r, p],
+                                w[jo, p, T.Ramp(v * lanes * grp, 1, lanes * grp)])
                 for r in T.unroll(rt):
                     for j in T.vectorized(tile):
                         y[ro * rt + r, jo * tile + j] = (T.Cast("float32", acc[r, j]) * scale[jo * tile + j]
                                                          + offset[jo * tile + j])
 
-    return qdense_vnni
-
-
-def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8") -> Any:
-    """PrimFunc ``(q[m,k] qdtype, w[n/16, k/2, 32] int16, scale[n], offset[n], y[m,n] float32)``."""
-    from tvm.script import tirx as T
-
-    kp = k // 2
-    rt = next(d for d in (4, 3, 2, 1) if m % d == 0)
-    loop = T.parallel if m * k * n >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
-
-    @T.prim_func(private=True, s_tir=True)
-    def qdense(q: T.Buffer((m, k), qdtype), w: T.Buffer((n // NB, kp, NB * 2), "int8"),
-               scale: T.Buffer((n,), "float32"), offset: T.Buffer((n,), "float32"),
-               y: T.Buffer((m, n), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_dense"})
-        # activation pairs packed once per call as int32 (two int16 halves), broadcast below
-        pairs = T.alloc_buffer((m, kp), "int32")
-        for i in loop(m):
-            for p in range(kp):
-                pairs[i, p] = T.bitwise_or(T.bitwise_and(T.Cast("int32", q[i, p * 2]), 65535),
-                                           T.shift_left(T.Cast("int32", q[i, p * 2 + 1]), 16))
-        for jo in loop(n // NB):
-            acc = T.alloc_buffer((rt, NB), "int32", scope="local")
-            for ro in range(m // rt):
-                for r in T.unroll(rt):
-                    for j in T.vectorized(NB):
-                        acc[r, j] = 0
-                for p in range(kp):
-                    for r in T.unroll(rt):
-                        for g in T.unroll(2):
-                            acc[r, T.Ramp(g * 8, 1, 8)] = acc[r, T.Ramp(g * 8, 1, 8)] + T.call_llvm_pure_intrin(
-                                "int32x8", "llvm.x86.avx2.pmadd.wd",
-                                T.reinterpret("int16x16", T.Broadcast(pairs[ro * rt + r, p], 8)),
-                                T.Cast("int16x16", w[jo, p, T.Ramp(g * 16, 1, 16)]))
-                for r in T.unroll(rt):
-                    for j in T.vectorized(NB):
-                        y[ro * rt + r, jo * NB + j] = (T.Cast("float32", acc[r, j]) * scale[jo * NB + j]
-                                                       + offset[jo * NB + j])
-
     return qdense
 
 
-def pack_conv_weights(w: np.ndarray, lanes: int) -> np.ndarray:
-    """int8 OIHW ``w`` [K, C, KH, KW] -> int16 [K/lanes, KH, KW, ceil(C/2), lanes*2]: per tile of
-    ``lanes`` outputs and per tap, the (w[o, 2p], w[o, 2p+1]) input-channel pairs (an odd last
-    channel is paired with a zero weight)."""
-    k, c, kh, kw = w.shape
-    cp = (c + 1) // 2
-    padded = np.zeros((k, 2 * cp, kh, kw), np.int16)
-    padded[:, :c] = w
-    tiles = padded.reshape(k // lanes, lanes, cp, 2, kh, kw).transpose(0, 4, 5, 2, 1, 3)
-    return np.ascontiguousarray(tiles).reshape(k // lanes, kh, kw, cp, lanes * 2)
-
-
 def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                 pads: tuple[int, int, int, int], k: int, lanes: int, zp: int, qdtype: str = "uint8") -> Any:
-    """int8 direct convolution: PrimFunc ``(q[N, H, W, C] qdtype, w[K/lanes, KH, KW, C/2, lanes*2]
-    int16, scale[K], offset[K], y[N, Ho, Wo, K] float32)``; ``shape`` is (N, C, H, W).
+                 pads: tuple[int, int, int, int], k: int, zp: int, qdtype: str = "uint8", isa: Isa = AVX2) -> Any:
+    """int8 direct convolution: PrimFunc ``(q[N, H, W, C] qdtype, w[K/T, KH, KW, ceil(C/group),
+    T*group] int8, scale[K], offset[K], y[N, Ho, Wo, K] float32)``; ``shape`` is (N, C, H, W) and
+    ``T`` from :func:`conv_tile`.
 
-    One pass repacks ``q`` to channel pairs (one int32 per pair, as ``vpmaddwd`` takes them)
-    with the padding filled with the zero point ``zp`` (where the float input is 0), so the
-    integer sum over the padded window is exact and the zero-point correction a per-output
-    constant (in ``offset``). Then per output row and tile of ``lanes`` (8 or 16) channels, ``wt``
-    output pixels accumulate in int32 registers, one ``vpmaddwd`` per 8 channels per tap and pair."""
+    One pass repacks ``q`` into words of ``group`` channels (as the instruction takes them) with
+    the padding filled with the zero point ``zp`` (where the float input is 0), so the integer sum
+    over the padded window is exact and the zero-point correction a per-output constant (in
+    ``offset``). Then per output row and tile of ``T`` channels, ``wt`` output pixels accumulate in
+    int32 registers, one instruction per vector per tap and word."""
     from tvm.script import tirx as T
 
     n, c, h, wd = shape
@@ -197,126 +202,51 @@ def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stri
     pt, pl, pb, pr = pads
     hp, wp = h + pt + pb, wd + pl + pr
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    cp = (c + 1) // 2
-    vg = lanes // 8  # int32x8 vectors per tile
-    wt = next(d for d in (6, 5, 4, 3, 2, 1) if wo % d == 0 and d * vg <= 12)
-    loop = T.parallel if n * ho * wo * k * c * kh * kw >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
-
-    @T.prim_func(private=True, s_tir=True)
-    def qconv2d(q: T.Buffer((n, h, wd, c), qdtype), w: T.Buffer((k // lanes, kh, kw, cp, lanes * 2), "int16"), scale: T.Buffer((k,), "float32"),
-                offset: T.Buffer((k,), "float32"), y: T.Buffer((n, ho, wo, k), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_conv2d"})
-        pairs = T.alloc_buffer((n, hp, wp, cp), "int32")
-        for b_h in loop(n * hp):
-            for x_w, p in T.grid(wp, cp):
-                pairs[b_h // hp, b_h % hp, x_w, p] = T.bitwise_or(
-                    T.bitwise_and(T.if_then_else(
-                        b_h % hp >= pt and b_h % hp < pt + h and x_w >= pl and x_w < pl + wd,
-                        T.Cast("int32", q[b_h // hp, b_h % hp - pt, x_w - pl, p * 2]), zp), 65535),
-                    T.shift_left(T.if_then_else(
-                        p * 2 + 1 >= c, 0, T.if_then_else(
-                            b_h % hp >= pt and b_h % hp < pt + h and x_w >= pl and x_w < pl + wd,
-                            T.Cast("int32", q[b_h // hp, b_h % hp - pt, x_w - pl, p * 2 + 1]), zp)), 16))
-        for fused in loop(k // lanes * n * ho):
-            acc = T.alloc_buffer((wt, lanes), "int32", scope="local")
-            for wo_o in range(wo // wt):
-                for t in T.unroll(wt):
-                    for j in T.vectorized(lanes):
-                        acc[t, j] = 0
-                for rh, rw, p in T.grid(kh, kw, cp):
-                    for t in T.unroll(wt):
-                        for g in T.unroll(vg):
-                            acc[t, T.Ramp(g * 8, 1, 8)] = acc[t, T.Ramp(g * 8, 1, 8)] + T.call_llvm_pure_intrin(
-                                "int32x8", "llvm.x86.avx2.pmadd.wd",
-                                T.reinterpret("int16x16", T.Broadcast(pairs[
-                                    fused % (n * ho) // ho, fused % ho * sh + rh, (wo_o * wt + t) * sw + rw, p], 8)),
-                                w[fused // (n * ho), rh, rw, p, T.Ramp(g * 16, 1, 16)])
-                for t in T.unroll(wt):
-                    for j in T.vectorized(lanes):
-                        y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * lanes + j] = (
-                            T.Cast("float32", acc[t, j]) * scale[fused // (n * ho) * lanes + j]
-                            + offset[fused // (n * ho) * lanes + j])
-
-    return qconv2d
-
-
-def pack_conv_weights_vnni(w: np.ndarray, tile: int) -> np.ndarray:
-    """int8 OIHW ``w`` [K, C, KH, KW] -> int8 [K/tile, KH, KW, ceil(C/4), tile*4]: per tile of
-    outputs and per tap, each output's weights for a quad of input channels (zeros past C)."""
-    k, c, kh, kw = w.shape
-    cq = _quads(c)
-    padded = np.zeros((k, cq * 4, kh, kw), np.int8)
-    padded[:, :c] = w
-    tiles = padded.reshape(k // tile, tile, cq, 4, kh, kw).transpose(0, 4, 5, 2, 1, 3)
-    return np.ascontiguousarray(tiles).reshape(k // tile, kh, kw, cq, tile * 4)
-
-
-def vnni_conv_tile(k: int) -> tuple[int, int]:
-    """(int32 lanes per vector: 16 (zmm) or 8 (ymm), vectors per tile) for ``k`` output channels."""
-    if k % 16 == 0:
-        return 16, 2 if k % 32 == 0 else 1
-    return 8, 1
-
-
-def qconv2d_vnni_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                      pads: tuple[int, int, int, int], k: int, zp: int, qdtype: str = "uint8") -> Any:
-    """AVX-512 VNNI int8 direct convolution: PrimFunc ``(q[N, H, W, C] qdtype, w[K/T, KH, KW,
-    ceil(C/4), T*4] int8, scale[K], offset[K], y[N, Ho, Wo, K] float32)``, ``T`` from
-    :func:`vnni_conv_tile`; as :func:`qconv2d_func` with channel quads instead of pairs (int8
-    activations read as uint8 ``q + 128``: the caller's offset uses the zero point plus 128)."""
-    from tvm.script import tirx as T
-
-    n, c, h, wd = shape
-    kh, kw = kernel
-    sh, sw = stride
-    pt, pl, pb, pr = pads
-    hp, wp = h + pt + pb, wd + pl + pr
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    cq = _quads(c)
-    lanes, g = vnni_conv_tile(k)
+    grp = isa.group
+    cw = _words(c, isa)
+    lanes, g = conv_tile(k, isa)
     tile = lanes * g
-    flip = 128 if qdtype == "int8" else 0
-    pad = (zp + flip) & 255
-    wt = next(d for d in range(min(wo, 12 if g == 1 else 8), 0, -1) if wo % d == 0)
-    intrin, acc_t, byte_t = f"llvm.x86.avx512.vpdpbusd.{lanes * 32}", f"int32x{lanes}", f"int8x{lanes * 4}"
+    pad = isa.pad_element(zp, qdtype)
+    mac = isa.mac(lanes)
+    budget = 24 if isa is VNNI else 12  # accumulators: 32 zmm / 16 ymm registers
+    wt = next(d for d in range(min(wo, budget // g), 0, -1) if wo % d == 0)
     loop = T.parallel if n * ho * wo * k * c * kh * kw >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
     @T.prim_func(private=True, s_tir=True)
-    def qconv2d_vnni(q: T.Buffer((n, h, wd, c), qdtype), w: T.Buffer((k // tile, kh, kw, cq, tile * 4), "int8"),
-                     scale: T.Buffer((k,), "float32"), offset: T.Buffer((k,), "float32"),
-                     y: T.Buffer((n, ho, wo, k), "float32")):
+    def qconv2d(q: T.Buffer((n, h, wd, c), qdtype), w: T.Buffer((k // tile, kh, kw, cw, tile * grp), "int8"),
+                scale: T.Buffer((k,), "float32"), offset: T.Buffer((k,), "float32"),
+                y: T.Buffer((n, ho, wo, k), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_conv2d"})
-        quads = T.alloc_buffer((n, hp, wp, cq), "int32")
+        words = T.alloc_buffer((n, hp, wp, cw), "int32")
         for b_h in loop(n * hp):
-            for x_w, p in T.grid(wp, cq):
-                quads[b_h // hp, b_h % hp, x_w, p] = 0
-                for b in T.unroll(4):
-                    quads[b_h // hp, b_h % hp, x_w, p] = quads[b_h // hp, b_h % hp, x_w, p] + T.shift_left(
-                        T.if_then_else(p * 4 + b >= c, 0, T.if_then_else(
+            for x_w, p in T.grid(wp, cw):
+                words[b_h // hp, b_h % hp, x_w, p] = 0
+                for b in T.unroll(grp):
+                    words[b_h // hp, b_h % hp, x_w, p] = words[b_h // hp, b_h % hp, x_w, p] + T.shift_left(
+                        T.if_then_else(p * grp + b >= c, 0, T.if_then_else(
                             b_h % hp >= pt and b_h % hp < pt + h and x_w >= pl and x_w < pl + wd,
-                            T.bitwise_xor(T.bitwise_and(T.Cast("int32", q[b_h // hp, b_h % hp - pt, x_w - pl, p * 4 + b]),
-                                                        255), flip), pad)), b * 8)
+                            isa.element(q[b_h // hp, b_h % hp - pt, x_w - pl, p * grp + b], qdtype), pad)),
+                        b * isa.bits)
         for fused in loop(k // tile * n * ho):
             acc = T.alloc_buffer((wt, tile), "int32", scope="local")
             for wo_o in range(wo // wt):
                 for t in T.unroll(wt):
                     for j in T.vectorized(tile):
                         acc[t, j] = 0
-                for rh, rw, p in T.grid(kh, kw, cq):
+                for rh, rw, p in T.grid(kh, kw, cw):
                     for t in T.unroll(wt):
                         for v in T.unroll(g):
-                            acc[t, T.Ramp(v * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
-                                acc_t, intrin, acc[t, T.Ramp(v * lanes, 1, lanes)],
-                                T.reinterpret(byte_t, T.Broadcast(quads[
-                                    fused % (n * ho) // ho, fused % ho * sh + rh, (wo_o * wt + t) * sw + rw, p], lanes)),
-                                w[fused // (n * ho), rh, rw, p, T.Ramp(v * lanes * 4, 1, lanes * 4)])
+                            acc[t, T.Ramp(v * lanes, 1, lanes)] = mac(
+                                acc[t, T.Ramp(v * lanes, 1, lanes)],
+                                words[fused % (n * ho) // ho, fused % ho * sh + rh, (wo_o * wt + t) * sw + rw, p],
+                                w[fused // (n * ho), rh, rw, p, T.Ramp(v * lanes * grp, 1, lanes * grp)])
                 for t in T.unroll(wt):
                     for j in T.vectorized(tile):
                         y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * tile + j] = (
                             T.Cast("float32", acc[t, j]) * scale[fused // (n * ho) * tile + j]
                             + offset[fused // (n * ho) * tile + j])
 
-    return qconv2d_vnni
+    return qconv2d
 
 
 def _const(expr: Any) -> np.ndarray | None:
@@ -419,23 +349,18 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
             wn, per_out = w.T, axis == 1
         n, k = wn.shape
         qdtype = str(q.ty.dtype)
-        if s_w.size not in (1, n) or (s_w.size == n and not per_out) or n % NB or xs[1] != k:
+        if s_w.size not in (1, n) or (s_w.size == n and not per_out) or n % 16 or xs[1] != k:
             return None
-        if vnni:
-            zp = zp_x.astype(np.int64) + (128 if qdtype == "int8" else 0)  # the kernel reads int8 as uint8 q + 128
-            func, packed = qdense_vnni_func(xs[0], k, n, qdtype), pack_weights_vnni(wn, 16 * _vnni_dense_tile(xs[0], n)[1])
-        elif k % 2 == 0:
-            zp, func, packed = zp_x, qdense_func(xs[0], k, n, qdtype), pack_weights(wn)
-        else:
-            return None
+        _, lanes, g = dense_tile(xs[0], n, isa)
+        zp = isa.zero_point(zp_x.astype(np.int64), qdtype)
         scale, offset = _scale_offset(s_x, zp, s_w, wn.astype(np.int64).sum(axis=1))
-        gv = self.builder_.add_func(func, "int8_dense_vnni" if vnni else "int8_dense")
-        return relax.call_tir(gv, [q, relax.const(packed), relax.const(scale), relax.const(offset)],
-                              relax.TensorType((xs[0], n), "float32"))
+        gv = self.builder_.add_func(qdense_func(xs[0], k, n, qdtype, isa), f"int8_dense_{isa.name}")
+        return relax.call_tir(gv, [q, relax.const(pack_weights(wn, lanes * g, isa)), relax.const(scale),
+                                   relax.const(offset)], relax.TensorType((xs[0], n), "float32"))
 
     import tvm
 
-    vnni = has_vnni(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else False
+    isa = isa_for(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else AVX2
     return _int8_rewrite(mod, spec, "matmul", build)
 
 
@@ -461,16 +386,13 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
             return None
         qdtype, zp = str(q.ty.dtype), int(zp_x.reshape(()))
         pads = tuple(int(p) for p in a.padding)  # top, left, bottom, right
-        geometry = (tuple(xs), (w.shape[2], w.shape[3]), tuple(int(s) for s in a.strides), pads, k)
-        if vnni:
-            lanes, g = vnni_conv_tile(k)
-            func, packed = qconv2d_vnni_func(*geometry, zp, qdtype), pack_conv_weights_vnni(w, lanes * g)
-            zp += 128 if qdtype == "int8" else 0  # the kernel reads int8 as uint8 q + 128
-        else:
-            lanes = 16 if k % 16 == 0 else 8
-            func, packed = qconv2d_func(*geometry, lanes, zp, qdtype), pack_conv_weights(w, lanes)
-        scale, offset = _scale_offset(s_x, np.asarray(zp), s_w, w.reshape(k, -1).astype(np.int64).sum(axis=1))
-        gv = self.builder_.add_func(func, "int8_conv2d_vnni" if vnni else "int8_conv2d")
+        func = qconv2d_func(tuple(xs), (w.shape[2], w.shape[3]), tuple(int(s) for s in a.strides), pads, k, zp,
+                            qdtype, isa)
+        lanes, g = conv_tile(k, isa)
+        packed = pack_conv_weights(w, lanes * g, isa)
+        scale, offset = _scale_offset(s_x, np.asarray(isa.zero_point(zp, qdtype)), s_w,
+                                      w.reshape(k, -1).astype(np.int64).sum(axis=1))
+        gv = self.builder_.add_func(func, f"int8_conv2d_{isa.name}")
         out = [int(d) for d in call.ty.shape]  # N, K, Ho, Wo
         # NHWC in and out; the pipeline's transpose sinking cancels these between layers
         q_nhwc = self.builder_.emit(relax.op.permute_dims(q, [0, 2, 3, 1]))
@@ -481,7 +403,7 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
 
     import tvm
 
-    vnni = has_vnni(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else False
+    isa = isa_for(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else AVX2
     return _int8_rewrite(mod, spec, "nn.conv2d", build)
 
 

@@ -13,16 +13,17 @@ pytest.importorskip("tvm", reason="needs the tvm extra (apache-tvm)")
 
 import tvm  # noqa: E402
 from graphslim.kernels.int8 import (  # noqa: E402
+    AVX2,
+    conv_tile,
+    dense_tile,
     has_vnni,
     pack_conv_weights,
-    pack_conv_weights_vnni,
     pack_weights,
-    pack_weights_vnni,
     qconv2d_func,
-    qconv2d_vnni_func,
     qdense_func,
-    qdense_vnni_func,
-    vnni_conv_tile,
+)
+from graphslim.kernels.int8 import (
+    VNNI as VNNI_ISA,
 )
 
 from graphslim.backend import compile_model, host_cpu_flags, load_artifact  # noqa: E402
@@ -34,37 +35,32 @@ VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})
 needs_vnni = pytest.mark.skipif("avx512_vnni" not in host_cpu_flags(), reason="host has no AVX-512 VNNI")
 
 
-def _isa_params(isa: str):
-    return pytest.param(isa, marks=needs_vnni) if isa == "vnni" else isa
+SHAPES = [(1, 64, 16), (3, 130, 48), (8, 256, 32), (32, 64, 64), (5, 7, 64), (2, 1030, 128)]  # odd K: padded
 
 
-SHAPES = [(1, 64, 16), (3, 130, 48), (8, 256, 32), (32, 64, 64)]
+def _isa(name: str):
+    return (VNNI_ISA, VNNI, "vpdpbusd") if name == "vnni" else (AVX2, HOST, "vpmaddwd")
 
 
 @pytest.mark.parametrize("qdtype", ["uint8", "int8"])
-@pytest.mark.parametrize("isa, m, k, n", [("avx2", *s) for s in SHAPES] + [
-    pytest.param("vnni", *s, marks=needs_vnni) for s in [*SHAPES, (5, 7, 64), (2, 1030, 128)]])  # K padded to quads
-def test_int8_kernel_is_exact_against_numpy(isa, qdtype, m, k, n):
+@pytest.mark.parametrize("isa_name", ["avx2", pytest.param("vnni", marks=needs_vnni)])
+@pytest.mark.parametrize("m, k, n", SHAPES)
+def test_int8_kernel_is_exact_against_numpy(isa_name, qdtype, m, k, n):
+    isa, target, insn = _isa(isa_name)
     rng = np.random.default_rng(m + k + n)
     info = np.iinfo(qdtype)
     q = rng.integers(info.min, info.max + 1, (m, k)).astype(qdtype)
     w = rng.integers(-128, 128, (n, k)).astype(np.int8)  # includes -128: the full int8 range
     scale = rng.uniform(0.001, 0.1, n).astype(np.float32)
     offset = rng.standard_normal(n).astype(np.float32)
-    acc = q.astype(np.int64) @ w.T.astype(np.int64)  # exact integer reference
-    if isa == "vnni":
-        from graphslim.kernels.int8 import _vnni_dense_tile
-
-        func, packed, target, insn = (qdense_vnni_func(m, k, n, qdtype),
-                                      pack_weights_vnni(w, 16 * _vnni_dense_tile(m, n)[1]), VNNI, "vpdpbusd")
-        if qdtype == "int8":  # read as uint8 q + 128; the rewrite moves the zero point to match
-            acc += 128 * w.astype(np.int64).sum(axis=1)
-    else:
-        func, packed, target, insn = qdense_func(m, k, n, qdtype), pack_weights(w), HOST, "vpmaddwd"
-    lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=target)
+    # exact integer reference, relative to the zero point the kernel uses (int8 read as uint8 q + 128
+    # on VNNI; the rewrite moves the zero point to match)
+    acc = (q.astype(np.int64) + (isa.zero_point(0, qdtype))) @ w.T.astype(np.int64)
+    _, lanes, g = dense_tile(m, n, isa)
+    lib = tvm.tirx.build(qdense_func(m, k, n, qdtype, isa).with_attr("global_symbol", "main"), target=target)
     assert insn in lib.inspect_source("asm")
     y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (q, packed, scale, offset)), y)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (q, pack_weights(w, lanes * g, isa), scale, offset)), y)
     np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset).astype(np.float32),
                                rtol=1e-6, atol=1e-5)
 
@@ -87,7 +83,7 @@ def qdq_mlp(batch: int = 4):
 
 def _flavor(target: str) -> str:
     """The int8 kernels a target gets on this host: "_vnni" names with AVX-512 VNNI."""
-    return "_vnni" if target == "x86" and "avx512_vnni" in host_cpu_flags() else ""
+    return "_vnni" if target == "x86" and "avx512_vnni" in host_cpu_flags() else "_avx2"
 
 
 @pytest.mark.parametrize("target", ["x86", "x86-avx2"])
@@ -114,44 +110,38 @@ def test_arm_target_keeps_qdq_on_the_float_path(tmp_path):
     assert "kernel:int8_dense" not in art.meta["kernel_schedules"].values()
 
 
-@pytest.mark.parametrize("isa", [_isa_params("avx2"), _isa_params("vnni")])
+@pytest.mark.parametrize("isa_name", ["avx2", pytest.param("vnni", marks=needs_vnni)])
 @pytest.mark.parametrize("qdtype, zp", [("uint8", 128), ("int8", -3)])
 @pytest.mark.parametrize("shape, kernel, stride, pads, k", [
     ((1, 3, 10, 10), (3, 3), (1, 1), (1, 1, 1, 1), 16), ((2, 8, 9, 11), (3, 3), (2, 2), (1, 0, 2, 1), 8),
     ((1, 12, 6, 6), (1, 1), (1, 1), (0, 0, 0, 0), 24), ((1, 16, 8, 8), (5, 5), (1, 1), (2, 2, 2, 2), 32),
 ])
-def test_int8_conv_kernel_is_exact_against_numpy(isa, qdtype, zp, shape, kernel, stride, pads, k):
+def test_int8_conv_kernel_is_exact_against_numpy(isa_name, qdtype, zp, shape, kernel, stride, pads, k):
     """Integer result exact (int64 reference on the input padded with the zero point), odd channel
     counts included; NHWC in and out."""
+    isa, target, insn = _isa(isa_name)
     rng = np.random.default_rng(sum(shape) + k)
     info = np.iinfo(qdtype)
     q = rng.integers(info.min, info.max + 1, shape).astype(qdtype)
     w = rng.integers(-128, 128, (k, shape[1], *kernel)).astype(np.int8)
     scale = rng.uniform(0.001, 0.1, k).astype(np.float32)
     offset = rng.standard_normal(k).astype(np.float32)
-    if isa == "vnni":
-        lanes, g = vnni_conv_tile(k)
-        f, packed, target, insn = (qconv2d_vnni_func(shape, kernel, stride, pads, k, zp, qdtype),
-                                   pack_conv_weights_vnni(w, lanes * g), VNNI, "vpdpbusd")
-    else:
-        lanes = 16 if k % 16 == 0 else 8
-        f, packed, target, insn = (qconv2d_func(shape, kernel, stride, pads, k, lanes, zp, qdtype),
-                                   pack_conv_weights(w, lanes), HOST, "vpmaddwd")
+    lanes, g = conv_tile(k, isa)
+    f = qconv2d_func(shape, kernel, stride, pads, k, zp, qdtype, isa)
     lib = tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)
     assert insn in lib.inspect_source("asm")
     pt, pl, pb, pr = pads
-    qp = np.pad(q.astype(np.int64), ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=zp)
+    shift = isa.zero_point(0, qdtype)  # int8 read as uint8 q + 128 on VNNI
+    qp = np.pad(q.astype(np.int64) + shift, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=zp + shift)
     ho, wo = (qp.shape[2] - kernel[0]) // stride[0] + 1, (qp.shape[3] - kernel[1]) // stride[1] + 1
     acc = np.zeros((shape[0], ho, wo, k), np.int64)
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             patch = qp[:, :, i:i + stride[0] * (ho - 1) + 1:stride[0], j:j + stride[1] * (wo - 1) + 1:stride[1]]
             acc += np.einsum("nchw,kc->nhwk", patch, w[:, :, i, j].astype(np.int64))
-    if isa == "vnni" and qdtype == "int8":  # read as uint8 q + 128; the rewrite moves the zero point to match
-        acc += 128 * w.astype(np.int64).reshape(k, -1).sum(axis=1)
     y = tvm.runtime.tensor(np.full((shape[0], ho, wo, k), np.nan, np.float32))
     q_nhwc = np.ascontiguousarray(q.transpose(0, 2, 3, 1))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (q_nhwc, packed, scale, offset)), y)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (q_nhwc, pack_conv_weights(w, lanes * g, isa), scale, offset)), y)
     np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset).astype(np.float32),
                                rtol=1e-6, atol=1e-5)
 
