@@ -16,12 +16,14 @@ move a later requantization by one step. Two instruction sets, chosen from the t
   of bytes packed into one int32 and broadcast (int8 activations are shifted to uint8 by
   flipping their sign bit, the zero point moved by 128), weights as ``[N/T, K/4, T*4]`` int8.
 * AVX2 (``vpmaddwd``, ``llvm.x86.avx2.pmadd.wd``): 16 int16 products summed pairwise into 8
-  int32 lanes; activations as int16 pairs, weights ``[N/16, K/2, 16*2]`` int8 sign-extended
-  in the loop.
+  int32 lanes; activations as int16 pairs, weights ``[N/T, K/2, T*2]`` int8 sign-extended in
+  the loop.
 
-Per-tensor activation scale and zero point, per-tensor or per-output-channel weight scale,
-zero weight zero points; dense: N a multiple of 16 (K padded with zero weights); conv: groups 1,
-a multiple of 8 output channels. Other layers stay on the dense float path (correct, not faster).
+Both share one kernel body per op: :class:`Isa` says how activations pack into a word and which
+instruction multiplies and accumulates. Per-tensor activation scale and zero point, per-tensor
+or per-output-channel weight scale, zero weight zero points; dense: N a multiple of 16 (K padded
+with zero weights); conv: groups 1, a multiple of 8 output channels. Other layers stay on the
+dense float path (correct, not faster).
 """
 from __future__ import annotations
 
