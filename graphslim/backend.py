@@ -8,7 +8,8 @@ target without a linker) and ``OUT_DIR/artifact.json``.
 Targets: ``x86`` is the host CPU as LLVM sees it (AVX-512 and VNNI on this project's Intel Emerald
 Rapids machines, AVX2 only on the AMD EPYC machines it also runs on); ``x86-avx2``, ``x86-avx512``
 and ``x86-avx512-vnni`` pin the ISA (an artifact that needs an instruction set the CPU lacks is
-refused when loaded); ``arm`` / ``arm64-neon`` cross-compile for aarch64-linux-gnu with
+refused when loaded); ``arm`` / ``arm64-neon`` (and ``arm64-dot``, with the int8 dot product)
+cross-compile for aarch64-linux-gnu with
 NEON, linked by Debian's ``aarch64-linux-gnu-gcc`` when it is installed; ``cuda`` generates CUDA
 with TVM's GPU schedules. Shapes are static: symbolic leading (batch) dimensions are fixed to
 ``batch``. apache-tvm is the optional extra ``tvm``.
@@ -38,7 +39,8 @@ __all__ = ["TARGETS", "Artifact", "build", "compile_model", "host_cpu_flags", "l
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("x86", "x86-avx2", "x86-avx512", "x86-avx512-vnni", "arm", "arm64-neon", "cuda")
+TARGETS = ("x86", "x86-avx2", "x86-avx512", "x86-avx512-vnni", "arm", "arm64-neon", "arm64-dot", "cuda")
+ARM_TARGETS = ("arm", "arm64-neon", "arm64-dot")
 ARM_CC = "aarch64-linux-gnu-gcc"
 CUDA_ARCH = "sm_80"
 
@@ -94,6 +96,8 @@ def _target_spec(name: str) -> dict[str, Any]:
         return {"kind": "llvm", "mcpu": "cascadelake", "num-cores": cores}
     if name in ("arm", "arm64-neon"):
         return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    if name == "arm64-dot":  # ARMv8.2 dot product (int8 sdot): Cortex-A55/A76 and later, Neoverse
+        return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
     if name == "cuda":
         return {"kind": "cuda", "arch": CUDA_ARCH}
     raise InputError(f"unknown target '{name}' (targets: {', '.join(TARGETS)})")
@@ -226,7 +230,7 @@ def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: 
     }
 
     def export(folder: Path) -> None:
-        if target in ("arm", "arm64-neon"):
+        if target in ARM_TARGETS:
             if shutil.which(ARM_CC):
                 from tvm.support import cc
 
@@ -310,7 +314,7 @@ def load_artifact(folder: str | Path) -> _Runner:
     except (OSError, ValueError) as e:
         raise InputError(f"{folder}: not a graphslim artifact ({e})") from None
     target = meta.get("target")
-    if target in ("arm", "arm64-neon"):
+    if target in ARM_TARGETS:
         raise InputError(f"{folder}: compiled for aarch64; run it on an ARM device (or under qemu-aarch64)")
     if target == "cuda":
         raise InputError(f"{folder}: compiled for CUDA; no CUDA device is available here")

@@ -30,7 +30,7 @@ __all__ = ["main"]
 log = logging.getLogger("graphslim")
 
 EPILOG = """exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 budget missed"""
-TARGET_CHOICES = ("x86", "x86-avx2", "x86-avx512", "x86-avx512-vnni", "arm", "arm64-neon", "cuda")
+TARGET_CHOICES = ("x86", "x86-avx2", "x86-avx512", "x86-avx512-vnni", "arm", "arm64-neon", "arm64-dot", "cuda")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

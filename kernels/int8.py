@@ -9,7 +9,7 @@ fp32. These rewrites compute such a layer on the integers instead:
 with ``q`` the uint8/int8 activations, ``W`` the int8 weights (symmetric: zero points 0), int32
 accumulation (exact), and the scale/offset applied per output in float. The result is exact
 where ORT's float QDQ math is not, so outputs agree with ORT up to a float rounding that can
-move a later requantization by one step. Two instruction sets, chosen from the target's CPU:
+move a later requantization by one step. Three instruction sets, chosen from the target's CPU:
 
 * AVX-512 VNNI (``vpdpbusd``, ``llvm.x86.avx512.vpdpbusd.512``): 64 uint8 x int8 products
   summed in fours into 16 int32 lanes per instruction, no saturation. Activations go as quads
@@ -18,6 +18,9 @@ move a later requantization by one step. Two instruction sets, chosen from the t
 * AVX2 (``vpmaddwd``, ``llvm.x86.avx2.pmadd.wd``): 16 int16 products summed pairwise into 8
   int32 lanes; activations as int16 pairs, weights ``[N/T, K/2, T*2]`` int8 sign-extended in
   the loop.
+* AArch64 dot product (``sdot``, ``llvm.aarch64.neon.sdot.v4i32.v16i8``, ``+dotprod``: Cortex-A55
+  / A76 and later, Neoverse): 16 int8 x int8 products summed in fours into 4 int32 lanes; uint8
+  activations are shifted to int8 (zero point moved by -128), weights as for VNNI.
 
 Both share one kernel body per op: :class:`Isa` says how activations pack into a word and which
 instruction multiplies and accumulates. Per-tensor activation scale and zero point, per-tensor
@@ -25,6 +28,7 @@ or per-output-channel weight scale, zero weight zero points; dense: N a multiple
 with zero weights); conv: groups 1, a multiple of 8 output channels. Other layers stay on the
 dense float path (correct, not faster).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ from typing import Any
 import numpy as np
 from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
-__all__ = ["AVX2", "VNNI", "Isa", "conv_tile", "dense_tile", "has_vnni", "isa_for", "pack_conv_weights",
+__all__ = ["AVX2", "NEON_DOT", "VNNI", "Isa", "conv_tile", "dense_tile", "has_vnni", "isa_for", "pack_conv_weights",
            "pack_weights", "qconv2d_func", "qdense_func", "rewrite_int8_conv", "rewrite_int8_dense"]
 
 
@@ -44,30 +48,44 @@ class Isa:
     accumulators per instruction."""
 
     name: str
-    group: int  # activations per int32 word: 4 (vpdpbusd, uint8) or 2 (vpmaddwd, int16)
+    group: int  # activations per int32 word: 4 bytes (vpdpbusd, sdot) or 2 int16 (vpmaddwd)
     bits: int  # width of one activation in the word
+    signed: bool = False  # byte activations as int8 (sdot) instead of uint8 (vpdpbusd)
+
+    def _shift(self, qdtype: str) -> int:
+        """What the kernel adds to a byte activation so it fits the instruction's operand type:
+        +128 for int8 on VNNI (uint8 operand), -128 for uint8 on NEON (int8 operand)."""
+        if self.group != 4:
+            return 0
+        if self.signed:
+            return -128 if qdtype == "uint8" else 0
+        return 128 if qdtype == "int8" else 0
 
     def element(self, value: Any, qdtype: str) -> Any:
-        """One activation as it sits in the word (int8 reads as uint8 ``q + 128`` on VNNI)."""
+        """One activation as it sits in the word (flipping a byte's top bit adds or subtracts 128)."""
         from tvm.script import tirx as T
 
         if self.group == 4:
-            return T.bitwise_xor(T.bitwise_and(T.Cast("int32", value), 255), 128 if qdtype == "int8" else 0)
+            return T.bitwise_xor(T.bitwise_and(T.Cast("int32", value), 255), 128 if self._shift(qdtype) else 0)
         return T.bitwise_and(T.Cast("int32", value), 65535)
 
     def pad_element(self, zp: int, qdtype: str) -> int:
         """The element standing for a padded input (the zero point, where the float input is 0)."""
-        return (zp + (128 if qdtype == "int8" else 0)) & 255 if self.group == 4 else zp & 65535
+        return (zp + self._shift(qdtype)) & 255 if self.group == 4 else zp & 65535
 
     def zero_point(self, zp: Any, qdtype: str) -> Any:
         """The zero point the kernel's integer sums are relative to (see :meth:`element`)."""
-        return zp + 128 if self.group == 4 and qdtype == "int8" else zp
+        return zp + self._shift(qdtype)
 
     def mac(self, lanes: int) -> Any:
         """``mac(acc, word, w)``: ``acc`` (int32 x lanes) plus the dot products of the broadcast
         ``word`` with the weights ``w`` (int8 x lanes*group)."""
         from tvm.script import tirx as T
 
+        if self.group == 4 and self.signed:  # AArch64 dot product: int8 x int8 -> int32, 4 lanes
+            return lambda acc, word, w: T.call_llvm_pure_intrin(
+                "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc,
+                T.reinterpret("int8x16", T.Broadcast(word, 4)), w)
         if self.group == 4:  # AVX-512 VNNI: no saturation, uint8 x int8 -> int32
             return lambda acc, word, w: T.call_llvm_pure_intrin(
                 f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{lanes * 32}", acc,
@@ -79,6 +97,7 @@ class Isa:
 
 VNNI = Isa("vnni", 4, 8)
 AVX2 = Isa("avx2", 2, 16)
+NEON_DOT = Isa("neondot", 4, 8, signed=True)
 
 
 def has_vnni(target: Any) -> bool:
@@ -92,8 +111,20 @@ def has_vnni(target: Any) -> bool:
         return False
 
 
-def isa_for(target: Any) -> Isa:
-    return VNNI if has_vnni(target) else AVX2
+def isa_for(target: Any) -> Isa | None:
+    """The int8 instruction set of an LLVM ``target``: VNNI, AVX2, AArch64 dot product, or None
+    (the QDQ layers stay on the float path)."""
+    from graphslim.kernels.schedules import vector_bits
+    from tvm.target.codegen import target_has_features
+
+    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        try:
+            return NEON_DOT if target_has_features("dotprod", target) else None
+        except Exception:  # noqa: BLE001 - feature unknown to this LLVM
+            return None
+    if has_vnni(target):
+        return VNNI
+    return AVX2 if vector_bits(target) >= 256 else None
 
 
 def _words(k: int, isa: Isa) -> int:
@@ -126,10 +157,12 @@ def dense_tile(m: int, n: int, isa: Isa) -> tuple[int, int, int]:
     """(rows, int32 lanes per vector, vectors) of the dense kernel's register tile. VNNI: 4 zmm
     (64 outputs) by up to 4 rows where the shape allows (measured best on Emerald Rapids,
     1024x1024: 0.076 ms at batch 32 against 0.081-0.13 for 8x2, 8x1, 16x1, 4x2 and 2x4 tiles; at
-    batch 1, 1x4 and 1x8 tie). AVX2: 2 ymm (16 outputs) by up to 4 rows."""
+    batch 1, 1x4 and 1x8 tie). AVX2: 2 ymm (16 outputs) by up to 4 rows. NEON: 4 q registers."""
     if isa is VNNI:
         g = next(g for g in (4, 2, 1) if n % (16 * g) == 0)
         return next(d for d in (4, 3, 2, 1) if m % d == 0 and d * g <= 16), 16, g
+    if isa is NEON_DOT:  # 32 q registers: 16 outputs (4 vectors) by up to 4 rows
+        return next(d for d in (4, 3, 2, 1) if m % d == 0), 4, 4
     return next(d for d in (4, 3, 2, 1) if m % d == 0), 8, 2
 
 
@@ -137,6 +170,8 @@ def conv_tile(k: int, isa: Isa) -> tuple[int, int]:
     """(int32 lanes per vector, vectors per tile) of the conv kernel for ``k`` output channels."""
     if isa is VNNI and k % 16 == 0:
         return 16, 2 if k % 32 == 0 else 1
+    if isa is NEON_DOT:
+        return 4, 4 if k % 16 == 0 else 2
     return 8, 2 if k % 16 == 0 else 1
 
 
@@ -210,7 +245,7 @@ def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stri
     tile = lanes * g
     pad = isa.pad_element(zp, qdtype)
     mac = isa.mac(lanes)
-    budget = 24 if isa is VNNI else 12  # accumulators: 32 zmm / 16 ymm registers
+    budget = 12 if isa is AVX2 else 24  # accumulators: 16 ymm / 32 zmm or q registers
     wt = next(d for d in range(min(wo, budget // g), 0, -1) if wo % d == 0)
     loop = T.parallel if n * ho * wo * k * c * kh * kw >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
@@ -284,16 +319,14 @@ def _qdq_contraction(call: Any, bound: Any, ops: dict[str, Any]) -> tuple[Any, .
 
 
 def _int8_rewrite(mod: Any, spec: dict[str, Any], op: str, build: Any) -> tuple[Any, bool]:
-    """Run ``build(self, call, operands) -> new expr | None`` on every ``relax.<op>`` call whose
-    operands match :func:`_qdq_contraction`. x86 targets with AVX2 (or AVX-512) only."""
+    """Run ``build(self, call, isa, *operands) -> new expr | None`` on every ``relax.<op>`` call whose
+    operands match :func:`_qdq_contraction`. Targets with an int8 instruction set only
+    (:func:`isa_for`)."""
     import tvm
     from tvm import relax
 
-    if spec.get("kind") != "llvm" or spec.get("mtriple", "").startswith("aarch64"):
-        return mod, False
-    from graphslim.kernels.schedules import vector_bits
-
-    if vector_bits(tvm.target.Target(spec)) < 256:
+    isa = isa_for(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else None
+    if isa is None:
         return mod, False
     ops = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "dequantize", "permute_dims")}
     target_op = tvm.ir.Op.get(f"relax.{op}")
@@ -310,7 +343,7 @@ def _int8_rewrite(mod: Any, spec: dict[str, Any], op: str, build: Any) -> tuple[
                 return call
             try:
                 operands = _qdq_contraction(call, self.bound, ops)
-                new = None if operands is None else build(self, call, *operands)
+                new = None if operands is None else build(self, call, isa, *operands)
             except (AttributeError, TypeError, ValueError):  # not the pattern
                 new = None
             if new is None:
@@ -340,7 +373,8 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     :func:`qdense_func`. x86 targets with AVX2 (or AVX-512) only."""
     from tvm import relax
 
-    def build(self: Any, call: Any, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool) -> Any:
+    def build(self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int,
+              transposed: bool) -> Any:
         xs = [int(d) for d in q.ty.shape]
         if w.ndim != 2 or len(xs) != 2:
             return None
@@ -360,9 +394,6 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
         return relax.call_tir(gv, [q, relax.const(pack_weights(wn, lanes * g, isa)), relax.const(scale),
                                    relax.const(offset)], relax.TensorType((xs[0], n), "float32"))
 
-    import tvm
-
-    isa = isa_for(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else AVX2
     return _int8_rewrite(mod, spec, "matmul", build)
 
 
@@ -375,7 +406,8 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     AVX2 (or AVX-512) only."""
     from tvm import relax
 
-    def build(self: Any, call: Any, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool) -> Any:
+    def build(self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int,
+              transposed: bool) -> Any:
         a = call.attrs
         if transposed or w.ndim != 4 or (a.data_layout, a.kernel_layout, a.out_layout or "NCHW") != (
                 "NCHW", "OIHW", "NCHW"):
@@ -403,9 +435,6 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
             relax.TensorType((out[0], out[2], out[3], k), "float32")))
         return relax.op.permute_dims(nhwc, [0, 3, 1, 2])
 
-    import tvm
-
-    isa = isa_for(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else AVX2
     return _int8_rewrite(mod, spec, "nn.conv2d", build)
 
 

@@ -51,3 +51,39 @@ def example_model() -> Path:
 @pytest.fixture
 def example_data() -> Path:
     return EXAMPLE / "data.npz"
+
+
+_RUN_ON_ARM = """
+import sys
+sys.path.insert(0, sys.argv[4])
+import numpy as np
+import tvm
+from tvm import relax
+vm = relax.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
+out = vm["main"](tvm.runtime.tensor(np.load(sys.argv[2])))
+np.save(sys.argv[3], out.numpy() if hasattr(out, "numpy") else out[0].numpy())
+"""
+
+
+def run_aarch64(library: Path, x: np.ndarray, tmp_path: Path) -> np.ndarray:
+    """Run an AArch64 ``model.so`` on ``x`` under qemu-user-static, with the aarch64 Python and TVM
+    runtime that ``.ci/aarch64-sysroot.sh`` builds (``GRAPHSLIM_AARCH64_SYSROOT``); skips the
+    calling test when those tools are missing. qemu emulates every AArch64 extension (NEON, dot
+    product), so the code runs whatever the board would have."""
+    import os
+    import shutil
+    import subprocess
+
+    sysroot = os.environ.get("GRAPHSLIM_AARCH64_SYSROOT")
+    qemu = shutil.which("qemu-aarch64-static")
+    if not sysroot or not qemu or not Path(sysroot, "root/usr/bin/python3.11").exists():
+        pytest.skip("needs qemu-user-static and GRAPHSLIM_AARCH64_SYSROOT (.ci/aarch64-sysroot.sh)")
+    if Path(library).suffix != ".so":
+        pytest.skip("needs gcc-aarch64-linux-gnu to link the ARM library")
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "run.py").write_text(_RUN_ON_ARM)
+    r = subprocess.run([qemu, "-L", f"{sysroot}/root", f"{sysroot}/root/usr/bin/python3.11", str(tmp_path / "run.py"),
+                        str(library), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), f"{sysroot}/site"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.load(tmp_path / "y.npy")

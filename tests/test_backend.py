@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import onnx
 import pytest
-from conftest import EXAMPLE, apply
+from conftest import EXAMPLE, apply, run_aarch64
 from models import ARCHITECTURES, run, sample_inputs
 
 pytest.importorskip("tvm", reason="needs the tvm extra (apache-tvm)")
@@ -131,18 +131,6 @@ def test_compiled_artifact_is_byte_identical_and_cached(tmp_path):
     assert json.loads((tmp_path / "o2" / "report.json").read_text())["cache"]["hit"] is True
 
 
-_RUN_ON_ARM = """
-import sys
-sys.path.insert(0, sys.argv[4])
-import numpy as np
-import tvm
-from tvm import relax
-vm = relax.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
-out = vm["main"](tvm.runtime.tensor(np.load(sys.argv[2])))
-np.save(sys.argv[3], out.numpy() if hasattr(out, "numpy") else out[0].numpy())
-"""
-
-
 @pytest.mark.parametrize("pipeline", ["fold-batchnorm,prune-channels{ratio=0.5}",
                                       "fold-batchnorm,sparsify-blocks{sparsity=0.9,block=[16,1]}",
                                       "fold-batchnorm,quantize-binary"])
@@ -150,18 +138,9 @@ def test_arm_artifact_runs_under_qemu(pipeline, tmp_path):
     """The AArch64 library runs under qemu-user-static with an aarch64 Python and TVM runtime
     (the sysroot .ci/aarch64-sysroot.sh builds) and matches ONNX Runtime on x86: a pruned model
     on the dense schedules, a block-sparse one on the BSR conv kernels and a binarized one on the
-    binary conv kernels (NEON). Timing under
-    emulation means nothing; correctness does."""
-    import os
-    from pathlib import Path
-
-    sysroot = os.environ.get("GRAPHSLIM_AARCH64_SYSROOT")
-    qemu = shutil.which("qemu-aarch64-static")
-    if not sysroot or not qemu or not Path(sysroot, "root/usr/bin/python3.11").exists():
-        pytest.skip("needs qemu-user-static and GRAPHSLIM_AARCH64_SYSROOT (.ci/aarch64-sysroot.sh)")
-    if shutil.which("aarch64-linux-gnu-gcc") is None:
-        pytest.skip("needs gcc-aarch64-linux-gnu to link the ARM library")
+    binary conv kernels (NEON). Timing under emulation means nothing; correctness does."""
     model, _ = apply(ARCHITECTURES["resnet"](), pipeline)
+    x = sample_inputs(model, 2)["input"]
     art = compile_model(model, "arm", tmp_path / "arm", batch=2)
     if "sparsify" in pipeline:
         assert art.meta["rewrites"] == ["bsr-dense"]
@@ -169,15 +148,8 @@ def test_arm_artifact_runs_under_qemu(pipeline, tmp_path):
     if "binary" in pipeline:
         assert art.meta["rewrites"] == ["binary"]
         assert "kernel:binary_conv2d" in art.meta["kernel_schedules"].values()
-    x = sample_inputs(model, 2)["input"]
-    np.save(tmp_path / "x.npy", x)
-    (tmp_path / "run.py").write_text(_RUN_ON_ARM)
-    r = subprocess.run([qemu, "-L", f"{sysroot}/root", f"{sysroot}/root/usr/bin/python3.11", str(tmp_path / "run.py"),
-                        str(tmp_path / "arm" / art.meta["library"]), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
-                        f"{sysroot}/site"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref = run(model, {"input": x})[0]
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref, rtol=1e-4, atol=1e-4)
+    got = run_aarch64(tmp_path / "arm" / art.meta["library"], x, tmp_path)
+    np.testing.assert_allclose(got, run(model, {"input": x})[0], rtol=1e-4, atol=1e-4)
 
 
 def _free_port() -> int:

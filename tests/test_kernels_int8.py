@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import apply
+from conftest import apply, run_aarch64
 from models import ModelBuilder, run, sample_inputs
 
 pytest.importorskip("tvm", reason="needs the tvm extra (apache-tvm)")
@@ -14,17 +14,17 @@ pytest.importorskip("tvm", reason="needs the tvm extra (apache-tvm)")
 import tvm  # noqa: E402
 from graphslim.kernels.int8 import (  # noqa: E402
     AVX2,
+    NEON_DOT,
     conv_tile,
     dense_tile,
     has_vnni,
+    isa_for,
     pack_conv_weights,
     pack_weights,
     qconv2d_func,
     qdense_func,
 )
-from graphslim.kernels.int8 import (
-    VNNI as VNNI_ISA,
-)
+from graphslim.kernels.int8 import VNNI as VNNI_ISA  # noqa: E402
 
 from graphslim.backend import compile_model, host_cpu_flags, load_artifact  # noqa: E402
 from graphslim.data import Dataset  # noqa: E402
@@ -65,10 +65,22 @@ def test_int8_kernel_is_exact_against_numpy(isa_name, qdtype, m, k, n):
                                rtol=1e-6, atol=1e-5)
 
 
+ARM_DOT = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
+
+
+def test_int8_kernels_compile_to_the_aarch64_dot_product():
+    for func in (qdense_func(4, 64, 32, "uint8", NEON_DOT),
+                 qconv2d_func((1, 8, 6, 6), (3, 3), (1, 1), (1, 1, 1, 1), 16, 3, "uint8", NEON_DOT)):
+        asm = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=ARM_DOT).inspect_source("asm")
+        assert "sdot" in asm, asm[:2000]
+
+
 def test_vnni_is_detected_from_the_target_cpu():
     assert has_vnni(VNNI) and has_vnni(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"}))
     assert not has_vnni(HOST)
     assert not has_vnni(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}))
+    assert isa_for(VNNI) is VNNI_ISA and isa_for(HOST) is AVX2 and isa_for(ARM_DOT) is NEON_DOT
+    assert isa_for(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})) is None
 
 
 def qdq_mlp(batch: int = 4):
@@ -175,3 +187,19 @@ def test_qdq_convolutions_run_on_the_int8_kernel_and_match_onnx_runtime(target, 
                      if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1])
     assert np.max(np.abs(got - ref)) <= 4 * float(out_scale), np.max(np.abs(got - ref)) / float(out_scale)
     assert np.mean(np.abs(got - ref) <= 1.01 * float(out_scale)) >= 0.9
+
+
+@pytest.mark.parametrize("model_fn, batch", [(qdq_mlp, 4), (qdq_cnn, 2)])
+def test_qdq_layers_on_the_arm_dot_product_run_under_qemu(model_fn, batch, tmp_path):
+    """``arm64-dot`` puts QDQ MatMul/Gemm and Conv layers on the sdot kernels; the AArch64 library,
+    run under qemu, matches ORT on x86 within a few output quantization steps."""
+    model = model_fn()
+    art = compile_model(model, "arm64-dot", tmp_path / "arm", batch=batch)
+    names = [k for k, v in art.meta["kernel_schedules"].items() if v.startswith("kernel:int8_")]
+    assert len(names) == (2 if model_fn is qdq_mlp else 3) and all("_neondot" in k for k in names), names
+    x = sample_inputs(model, batch)["input"]
+    got = run_aarch64(tmp_path / "arm" / art.meta["library"], x, tmp_path)
+    ref = run(model, {"input": x})[0]
+    out_scale = next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+                     if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1])
+    assert np.max(np.abs(got - ref)) <= 4 * float(out_scale), np.max(np.abs(got - ref)) / float(out_scale)
