@@ -144,7 +144,8 @@ def int8_table(batches: list[int]) -> list[str]:
         func, packed = qdense_func(b, K, N, "uint8", isa), pack_weights(w, lanes * g, isa)
         lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=target)
         y = tvm.runtime.tensor(np.zeros((b, N), np.float32))
-        args = [tvm.runtime.tensor(a) for a in (q, packed, np.ones(N, np.float32), np.zeros(N, np.float32))]
+        args = [tvm.runtime.tensor(a) for a in (q, packed, np.ones(N, np.float32), np.zeros(N, np.float32),
+                                                 np.zeros(N, np.float32))]
         lib["main"](*args, y)
         assert np.array_equal(y.numpy(), (q.astype(np.int64) @ w.T.astype(np.int64)).astype(np.float32))
         int8 = lib.time_evaluator("main", tvm.cpu(), number=20, repeat=7)(*args, y).median * 1e3

@@ -43,6 +43,12 @@ def _binary(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     return rewrite_binary(mod, spec)
 
 
+def _int8_requantize(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    from graphslim.kernels.int8 import fuse_requantization
+
+    return fuse_requantization(mod, spec)
+
+
 def _int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     from graphslim.kernels.int8 import rewrite_int8_conv
 
@@ -57,4 +63,5 @@ REWRITES: dict[str, Callable[[Any, dict[str, Any]], tuple[Any, bool]]] = {
     "int8-conv": _int8_conv,
     "bsr-dense": _bsr_dense,
     "binary": _binary,
+    "int8-requantize": _int8_requantize,
 }

@@ -175,10 +175,14 @@ def conv_tile(k: int, isa: Isa) -> tuple[int, int]:
     return 8, 2 if k % 16 == 0 else 1
 
 
-def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2) -> Any:
-    """PrimFunc ``(q[m,k] qdtype, w[n/T, ceil(k/group), T*group] int8, scale[n], offset[n],
-    y[m,n] float32)`` with ``T = lanes * vectors`` from :func:`dense_tile` (``n`` a multiple of 16)."""
+def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2, out_dtype: str = "float32",
+                epilogue: Any = None) -> Any:
+    """PrimFunc ``(q[m,k] qdtype, w[n/T, ceil(k/group), T*group] int8, scale[n], offset[n], bias[n],
+    y[m,n] out_dtype)`` with ``T = lanes * vectors`` from :func:`dense_tile` (``n`` a multiple of
+    16): ``y = epilogue((acc * scale + offset) + bias)`` (see :func:`fuse_requantization`)."""
     from tvm.script import tirx as T
+
+    epilogue = epilogue or (lambda v: v)
 
     grp = isa.group
     kw_ = _words(k, isa)
@@ -189,8 +193,8 @@ def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2) 
 
     @T.prim_func(private=True, s_tir=True)
     def qdense(q: T.Buffer((m, k), qdtype), w: T.Buffer((n // tile, kw_, tile * grp), "int8"),
-               scale: T.Buffer((n,), "float32"), offset: T.Buffer((n,), "float32"),
-               y: T.Buffer((m, n), "float32")):
+               scale: T.Buffer((n,), "float32"), offset: T.Buffer((n,), "float32"), bias: T.Buffer((n,), "float32"),
+               y: T.Buffer((m, n), out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_dense"})
         # activation groups packed once per call into int32 words, broadcast below
         words = T.alloc_buffer((m, kw_), "int32")
@@ -214,14 +218,16 @@ def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2) 
                                 w[jo, p, T.Ramp(v * lanes * grp, 1, lanes * grp)])
                 for r in T.unroll(rt):
                     for j in T.vectorized(tile):
-                        y[ro * rt + r, jo * tile + j] = (T.Cast("float32", acc[r, j]) * scale[jo * tile + j]
-                                                         + offset[jo * tile + j])
+                        y[ro * rt + r, jo * tile + j] = epilogue(
+                            (T.Cast("float32", acc[r, j]) * scale[jo * tile + j] + offset[jo * tile + j])
+                            + bias[jo * tile + j])
 
     return qdense
 
 
 def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                 pads: tuple[int, int, int, int], k: int, zp: int, qdtype: str = "uint8", isa: Isa = AVX2) -> Any:
+                 pads: tuple[int, int, int, int], k: int, zp: int, qdtype: str = "uint8", isa: Isa = AVX2,
+                 out_dtype: str = "float32", epilogue: Any = None) -> Any:
     """int8 direct convolution: PrimFunc ``(q[N, H, W, C] qdtype, w[K/T, KH, KW, ceil(C/group),
     T*group] int8, scale[K], offset[K], y[N, Ho, Wo, K] float32)``; ``shape`` is (N, C, H, W) and
     ``T`` from :func:`conv_tile`.
@@ -230,8 +236,11 @@ def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stri
     the padding filled with the zero point ``zp`` (where the float input is 0), so the integer sum
     over the padded window is exact and the zero-point correction a per-output constant (in
     ``offset``). Then per output row and tile of ``T`` channels, ``wt`` output pixels accumulate in
-    int32 registers, one instruction per vector per tap and word."""
+    int32 registers, one instruction per vector per tap and word. ``bias`` [K], ``out_dtype`` and
+    ``epilogue`` as in :func:`qdense_func`."""
     from tvm.script import tirx as T
+
+    epilogue = epilogue or (lambda v: v)
 
     n, c, h, wd = shape
     kh, kw = kernel
@@ -251,8 +260,8 @@ def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stri
 
     @T.prim_func(private=True, s_tir=True)
     def qconv2d(q: T.Buffer((n, h, wd, c), qdtype), w: T.Buffer((k // tile, kh, kw, cw, tile * grp), "int8"),
-                scale: T.Buffer((k,), "float32"), offset: T.Buffer((k,), "float32"),
-                y: T.Buffer((n, ho, wo, k), "float32")):
+                scale: T.Buffer((k,), "float32"), offset: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
+                y: T.Buffer((n, ho, wo, k), out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_conv2d"})
         words = T.alloc_buffer((n, hp, wp, cw), "int32")
         for b_h in loop(n * hp):
@@ -279,9 +288,9 @@ def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stri
                                 w[fused // (n * ho), rh, rw, p, T.Ramp(v * lanes * grp, 1, lanes * grp)])
                 for t in T.unroll(wt):
                     for j in T.vectorized(tile):
-                        y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * tile + j] = (
-                            T.Cast("float32", acc[t, j]) * scale[fused // (n * ho) * tile + j]
-                            + offset[fused // (n * ho) * tile + j])
+                        y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * tile + j] = epilogue(
+                            (T.Cast("float32", acc[t, j]) * scale[fused // (n * ho) * tile + j]
+                             + offset[fused // (n * ho) * tile + j]) + bias[fused // (n * ho) * tile + j])
 
     return qconv2d
 
@@ -390,9 +399,11 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
         _, lanes, g = dense_tile(xs[0], n, isa)
         zp = isa.zero_point(zp_x.astype(np.int64), qdtype)
         scale, offset = _scale_offset(s_x, zp, s_w, wn.astype(np.int64).sum(axis=1))
-        gv = self.builder_.add_func(qdense_func(xs[0], k, n, qdtype, isa), f"int8_dense_{isa.name}")
+        args = {"op": "dense", "m": xs[0], "k": k, "n": n, "qdtype": qdtype, "isa": isa.name}
+        gv = self.builder_.add_func(_tagged(qdense_func(xs[0], k, n, qdtype, isa), args), f"int8_dense_{isa.name}")
         return relax.call_tir(gv, [q, relax.const(pack_weights(wn, lanes * g, isa)), relax.const(scale),
-                                   relax.const(offset)], relax.TensorType((xs[0], n), "float32"))
+                                   relax.const(offset), relax.const(np.zeros(n, np.float32))],
+                              relax.TensorType((xs[0], n), "float32"))
 
     return _int8_rewrite(mod, spec, "matmul", build)
 
@@ -420,8 +431,9 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
             return None
         qdtype, zp = str(q.ty.dtype), int(zp_x.reshape(()))
         pads = tuple(int(p) for p in a.padding)  # top, left, bottom, right
-        func = qconv2d_func(tuple(xs), (w.shape[2], w.shape[3]), tuple(int(s) for s in a.strides), pads, k, zp,
-                            qdtype, isa)
+        geometry = (tuple(xs), (w.shape[2], w.shape[3]), tuple(int(s) for s in a.strides), pads, k, zp)
+        func = _tagged(qconv2d_func(*geometry, qdtype, isa),
+                       {"op": "conv2d", "geometry": geometry, "qdtype": qdtype, "isa": isa.name})
         lanes, g = conv_tile(k, isa)
         packed = pack_conv_weights(w, lanes * g, isa)
         scale, offset = _scale_offset(s_x, np.asarray(isa.zero_point(zp, qdtype)), s_w,
@@ -431,7 +443,8 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
         # NHWC in and out; the pipeline's transpose sinking cancels these between layers
         q_nhwc = self.builder_.emit(relax.op.permute_dims(q, [0, 2, 3, 1]))
         nhwc = self.builder_.emit(relax.call_tir(
-            gv, [q_nhwc, relax.const(packed), relax.const(scale), relax.const(offset)],
+            gv, [q_nhwc, relax.const(packed), relax.const(scale), relax.const(offset),
+                 relax.const(np.zeros(k, np.float32))],
             relax.TensorType((out[0], out[2], out[3], k), "float32")))
         return relax.op.permute_dims(nhwc, [0, 3, 1, 2])
 
@@ -440,3 +453,153 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
 
 rewrite_int8_dense.stage = "import"  # type: ignore[attr-defined] - needs the int8 constants unfolded
 rewrite_int8_conv.stage = "import"  # type: ignore[attr-defined]
+
+
+_ISAS = {isa.name: isa for isa in (VNNI, AVX2, NEON_DOT)}
+
+
+def _tagged(func: Any, args: dict[str, Any]) -> Any:
+    """``func`` carrying the arguments that rebuild it (read by :func:`fuse_requantization`)."""
+    import json
+
+    return func.with_attr("graphslim.int8_kernel", json.dumps(args))
+
+
+def _rebuild(tag: str, out_dtype: str, epilogue: Any) -> Any:
+    import json
+
+    a = json.loads(tag)
+    isa = _ISAS[a["isa"]]
+    if a["op"] == "dense":
+        func = qdense_func(a["m"], a["k"], a["n"], a["qdtype"], isa, out_dtype, epilogue)
+    else:
+        geometry = [tuple(v) if isinstance(v, list) else v for v in a["geometry"]]
+        func = qconv2d_func(*geometry, a["qdtype"], isa, out_dtype, epilogue)
+    return _tagged(func, a)
+
+
+def _scalar(expr: Any) -> float | int | None:
+    v = _const(expr)
+    return None if v is None or v.size != 1 else v.reshape(()).item()
+
+
+def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    """Relax rewrite (``graphslim.kernels.REWRITES["int8-requantize"]``, after constants fold):
+    the elementwise ops that follow an int8 kernel, up to the next layer's input (a per-channel
+    bias ``add``, then per-tensor ``quantize`` / ``dequantize`` and ``relu``, each the only user of
+    the one before), move into the kernel's epilogue, so the kernel writes the requantized uint8 /
+    int8 tensor the next int8 layer reads instead of a float32 tensor that a separate kernel
+    reads back. The epilogue repeats TVM's legalization of those ops (same float operations in the
+    same order: ``clip(round(v / s) + zp)``, ``(int32(q) - zp) * s``), so results are bit-identical
+    to the unfused path (a test compares them)."""
+    import tvm
+    from tvm import relax
+    from tvm.script import tirx as T
+
+    if spec.get("kind") != "llvm":
+        return mod, False
+    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("add", "quantize", "dequantize", "nn.relu", "call_tir")}
+    fused: list[str] = []
+
+    def steps_after(var: Any, users: dict[Any, list[Any]], bound: dict[Any, Any], k: int) -> list[tuple[Any, Any]]:
+        """(binding var, step) pairs of the chain after ``var``."""
+        chain: list[tuple[Any, Any]] = []
+        first = True
+        while True:
+            uses = users.get(var, [])
+            if len(uses) != 1:
+                return chain
+            nxt = uses[0]
+            call = bound.get(nxt)
+            if not isinstance(call, relax.Call) or not call.args or not call.args[0].same_as(var):
+                return chain
+            step = None
+            if call.op == ops["add"] and first:
+                c = _const(call.args[1])
+                if c is not None and c.dtype == np.float32 and c.size == k and c.shape[-1] == k:
+                    step = ("bias", c.reshape(k))
+            elif call.op == ops["quantize"] or call.op == ops["dequantize"]:
+                s_, z_ = _scalar(call.args[1]), _scalar(call.args[2])
+                out = str(call.attrs.out_dtype)
+                if s_ is not None and z_ is not None and (call.op == ops["dequantize"]) == (out == "float32"):
+                    step = ("quantize" if call.op == ops["quantize"] else "dequantize", (np.float32(s_), int(z_), out))
+            elif call.op == ops["nn.relu"]:
+                step = ("relu", None)
+            if step is None:
+                return chain
+            chain.append((nxt, step))
+            var, first = nxt, False
+
+    def make_epilogue(steps: list[tuple[str, Any]]) -> Any:
+        def epilogue(v: Any) -> Any:
+            for kind, arg in steps:
+                if kind == "quantize":
+                    s_, z_, out = arg
+                    info = np.iinfo(out)
+                    v = T.Cast(out, T.max(T.min(T.round(v / T.float32(s_)) + T.float32(z_), T.float32(info.max)),
+                                          T.float32(info.min)))
+                elif kind == "dequantize":
+                    s_, z_, _ = arg
+                    v = T.Cast("float32", T.Cast("int32", v) - z_) * T.float32(s_)
+                elif kind == "relu":
+                    v = T.max(v, T.float32(0))
+            return v
+
+        return epilogue
+
+    def apply_plans(mod: Any, gv: Any, func: Any, plans: dict[Any, tuple[Any, list[tuple[Any, Any]]]]) -> Any:
+        """Bind each chain's last variable to a call of the kernel rebuilt with the chain as epilogue."""
+
+        @relax.expr_functor.mutator
+        class Fuse(relax.PyExprMutator):
+            def visit_var_binding_(self, binding: Any) -> None:
+                plan = next((p for v, p in plans.items() if v.same_as(binding.var)), None)
+                if plan is None:
+                    return super().visit_var_binding_(binding)
+                call, chain = plan
+                steps = [step for _, step in chain]
+                bias = next((arg for kind, arg in steps if kind == "bias"), None)
+                out_dtype = next(arg[2] for kind, arg in reversed(steps) if kind == "quantize")
+                kernel = self.builder_.add_func(
+                    _rebuild(str(mod[call.args[0]].attrs["graphslim.int8_kernel"]), out_dtype,
+                             make_epilogue([st for st in steps if st[0] != "bias"])),
+                    f"{call.args[0].name_hint}_requant")
+                args = list(call.args[1].fields)
+                if bias is not None:
+                    args[-1] = relax.const(bias.astype(np.float32))
+                new = relax.call_tir(kernel, [self.visit_expr(a) for a in args],
+                                     relax.TensorType(tuple(int(d) for d in call.ty.shape), out_dtype))
+                fused.append(kernel.name_hint)
+                self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
+
+        mutator = Fuse(mod)
+        mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function):
+            continue
+        plans: dict[Any, tuple[Any, list[tuple[Any, Any]]]] = {}  # end var -> (kernel call, chain)
+        for block in func.body.blocks:
+            if not isinstance(block, relax.DataflowBlock):
+                continue
+            users = {v: list(us) for v, us in relax.analysis.udchain(block).items()}
+            bound = {b.var: b.value for b in block.bindings if isinstance(b, relax.VarBinding)}
+            for var, value in bound.items():
+                if not (isinstance(value, relax.Call) and value.op == ops["call_tir"]):
+                    continue
+                attrs = getattr(mod[value.args[0]], "attrs", None)
+                if attrs is None or "graphslim.int8_kernel" not in attrs:
+                    continue
+                k = int(value.ty.shape[-1])
+                chain = steps_after(var, users, bound, k)
+                # the chain must end in a quantize: stopping on a float tensor would gain little
+                while chain and chain[-1][1][0] != "quantize":
+                    chain.pop()
+                if chain:
+                    plans[chain[-1][0]] = (value, chain)
+        if plans:
+            mod = apply_plans(mod, gv, func, plans)
+    if not fused:
+        return mod, False
+    return relax.transform.DeadCodeElimination()(mod), True

@@ -60,8 +60,9 @@ def test_int8_kernel_is_exact_against_numpy(isa_name, qdtype, m, k, n):
     lib = tvm.tirx.build(qdense_func(m, k, n, qdtype, isa).with_attr("global_symbol", "main"), target=target)
     assert insn in lib.inspect_source("asm")
     y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (q, pack_weights(w, lanes * g, isa), scale, offset)), y)
-    np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset).astype(np.float32),
+    bias = rng.standard_normal(n).astype(np.float32)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (q, pack_weights(w, lanes * g, isa), scale, offset, bias)), y)
+    np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset + bias).astype(np.float32),
                                rtol=1e-6, atol=1e-5)
 
 
@@ -103,7 +104,7 @@ def test_qdq_layers_run_on_the_int8_kernel_and_match_onnx_runtime(target, tmp_pa
     model = qdq_mlp()
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     art = compile_model(model, target, tmp_path / "a", batch=4)
-    assert art.meta["rewrites"] == ["int8-dense"]
+    assert art.meta["rewrites"] == ["int8-dense", "int8-requantize"]
     int8 = [k for k, v in art.meta["kernel_schedules"].items() if v == "kernel:int8_dense"]
     assert len(int8) == 2 and all(k.startswith(f"int8_dense{_flavor(target)}") for k in int8), int8
     feeds = sample_inputs(model, 4)
@@ -153,8 +154,10 @@ def test_int8_conv_kernel_is_exact_against_numpy(isa_name, qdtype, zp, shape, ke
             acc += np.einsum("nchw,kc->nhwk", patch, w[:, :, i, j].astype(np.int64))
     y = tvm.runtime.tensor(np.full((shape[0], ho, wo, k), np.nan, np.float32))
     q_nhwc = np.ascontiguousarray(q.transpose(0, 2, 3, 1))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (q_nhwc, pack_conv_weights(w, lanes * g, isa), scale, offset)), y)
-    np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset).astype(np.float32),
+    bias = rng.standard_normal(k).astype(np.float32)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (q_nhwc, pack_conv_weights(w, lanes * g, isa), scale, offset,
+                                                   bias)), y)
+    np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset + bias).astype(np.float32),
                                rtol=1e-6, atol=1e-5)
 
 
@@ -203,3 +206,23 @@ def test_qdq_layers_on_the_arm_dot_product_run_under_qemu(model_fn, batch, tmp_p
     out_scale = next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer
                      if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1])
     assert np.max(np.abs(got - ref)) <= 4 * float(out_scale), np.max(np.abs(got - ref)) / float(out_scale)
+
+
+@pytest.mark.parametrize("model_fn, batch", [(qdq_mlp, 4), (qdq_cnn, 2)])
+def test_requantization_fused_into_the_int8_kernels_is_bit_identical(model_fn, batch, tmp_path, monkeypatch):
+    """The bias add and QDQ chain after an int8 kernel, moved into its epilogue
+    (``int8-requantize``), give exactly the outputs of the unfused path, and leave no separate
+    elementwise kernel between two int8 layers."""
+    import graphslim.kernels as kernels
+
+    model = model_fn()
+    feeds = sample_inputs(model, batch)
+    fused = compile_model(model, "x86", tmp_path / "fused", batch=batch)
+    assert "int8-requantize" in fused.meta["rewrites"]
+    requant = [k for k in fused.meta["kernel_schedules"] if k.endswith("_requant")]
+    assert len(requant) == (2 if model_fn is qdq_mlp else 3), fused.meta["kernel_schedules"]
+    monkeypatch.setattr(kernels, "REWRITES", {k: v for k, v in kernels.REWRITES.items() if k != "int8-requantize"})
+    plain = compile_model(model, "x86", tmp_path / "plain", batch=batch)
+    assert "int8-requantize" not in plain.meta["rewrites"]
+    assert len(plain.meta["kernel_schedules"]) > len(fused.meta["kernel_schedules"])
+    np.testing.assert_array_equal(load_artifact(fused.folder)(feeds)[0], load_artifact(plain.folder)(feeds)[0])
