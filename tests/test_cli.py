@@ -111,3 +111,12 @@ def test_print_pipeline_and_version(example_model):
     assert r.returncode == 0 and r.stdout.strip() == "fold-constants"
     r = _run("--version")
     assert r.returncode == 0 and r.stdout.startswith("graphslim ")
+
+
+def test_cli_targets_are_the_backends():
+    """The CLI keeps its own copy of the target names (it imports no ONNX or TVM at start-up);
+    the two lists must not drift apart."""
+    from graphslim.backend import TARGETS
+    from graphslim.cli import TARGET_CHOICES
+
+    assert TARGET_CHOICES == TARGETS
