@@ -4,7 +4,8 @@
 * :mod:`graphslim.kernels.pipeline`: the Relax pipeline for CPU targets that applies them;
 * :mod:`graphslim.kernels.tuning`: MetaSchedule tuning with a reusable database;
 * :mod:`graphslim.kernels.sparse`: the block-sparse (BSR) dense and conv kernels and their rewrite;
-* :mod:`graphslim.kernels.int8`: the int8 (AVX2 ``vpmaddwd``) dense and conv kernels for QDQ layers;
+* :mod:`graphslim.kernels.int8`: the int8 dense and conv kernels for QDQ layers (VNNI, AVX2, AArch64
+  dot product) and the requantization epilogue;
 * :mod:`graphslim.kernels.binary`: dense and conv kernels on 1-bit packed weights (binary layers);
 * :mod:`graphslim.kernels.rewrite`: the shared rewrite of constant-weight matmul/conv2d to a kernel.
 

@@ -125,6 +125,21 @@ def binary_dense_func(m: int, k: int, n: int, groups: int, relu: bool = False, l
     tt = max(tail, 1)
     loop = T.parallel if m * k * n >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
+    @T.macro
+    def row_tile(x, bits, decode, alpha, bias, y, acc, rows, base, io):  # ``rows`` rows of x from ``base``
+        for r in T.unroll(rows):
+            for j in T.vectorized(gl):
+                acc[r, j] = T.float32(0)
+        for kk in range(k):
+            for r in T.unroll(rows):
+                for g in T.unroll(groups):
+                    for j in T.vectorized(lanes):
+                        acc[r, g * lanes + j] = acc[r, g * lanes + j] + x[base + r, kk] * sign(
+                            decode, bits[io, kk, g], j)
+        for r in T.unroll(rows):
+            for j in T.vectorized(gl):
+                y[base + r, io * gl + j] = T.max(acc[r, j] * alpha[io * gl + j] + bias[io * gl + j], T.float32(lo))
+
     @T.prim_func(private=True, s_tir=True)
     def binary_dense(x: T.Buffer((m, k), "float32"), bits: T.Buffer((n // gl, k, groups), word_t),
                      decode: T.Buffer(decode_shape, decode_t), alpha: T.Buffer((n,), "float32"),
@@ -133,34 +148,10 @@ def binary_dense_func(m: int, k: int, n: int, groups: int, relu: bool = False, l
         for io in loop(n // gl):
             acc = T.alloc_buffer((rt, gl), "float32", scope="local")
             for ro in range(m // rt):
-                for r in T.unroll(rt):
-                    for j in T.vectorized(gl):
-                        acc[r, j] = T.float32(0)
-                for kk in range(k):
-                    for r in T.unroll(rt):
-                        for g in T.unroll(groups):
-                            for j in T.vectorized(lanes):
-                                acc[r, g * lanes + j] = acc[r, g * lanes + j] + x[ro * rt + r, kk] * sign(
-                                    decode, bits[io, kk, g], j)
-                for r in T.unroll(rt):
-                    for j in T.vectorized(gl):
-                        y[ro * rt + r, io * gl + j] = T.max(acc[r, j] * alpha[io * gl + j] + bias[io * gl + j],
-                                                            T.float32(lo))
+                row_tile(x, bits, decode, alpha, bias, y, acc, rt, ro * rt, io)
             if tail > 0:
                 acc_t = T.alloc_buffer((tt, gl), "float32", scope="local")
-                for r in T.unroll(tail):
-                    for j in T.vectorized(gl):
-                        acc_t[r, j] = T.float32(0)
-                for kk in range(k):
-                    for r in T.unroll(tail):
-                        for g in T.unroll(groups):
-                            for j in T.vectorized(lanes):
-                                acc_t[r, g * lanes + j] = acc_t[r, g * lanes + j] + x[tail_at + r, kk] * sign(
-                                    decode, bits[io, kk, g], j)
-                for r in T.unroll(tail):
-                    for j in T.vectorized(gl):
-                        y[tail_at + r, io * gl + j] = T.max(acc_t[r, j] * alpha[io * gl + j] + bias[io * gl + j],
-                                                            T.float32(lo))
+                row_tile(x, bits, decode, alpha, bias, y, acc_t, tail, tail_at, io)
 
     return binary_dense
 

@@ -379,7 +379,8 @@ def _scale_offset(s_x: np.ndarray, zp_x: np.ndarray, s_w: np.ndarray, wsum: np.n
 def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     """Relax rewrite (``graphslim.kernels.REWRITES["int8-dense"]``, run on the module as imported,
     before constants fold): ``matmul(dequantize(q), [permute_dims](dequantize(W_int8)))`` ->
-    :func:`qdense_func`. x86 targets with AVX2 (or AVX-512) only."""
+    :func:`qdense_func`. Targets with an int8 instruction set (:func:`isa_for`): x86 with AVX2 or
+    VNNI, AArch64 with the dot product."""
     from tvm import relax
 
     def build(self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int,
@@ -413,8 +414,8 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     NCHW ``conv2d(dequantize(q), dequantize(W_int8))`` (groups 1, no dilation, output channels a
     multiple of 8, per-tensor or per-output-channel weight scale) -> :func:`qconv2d_func` between
     two ``permute_dims`` (NCHW -> NHWC -> NCHW); the CPU pipeline moves them down through the
-    elementwise QDQ ops that follow, so between two such layers they cancel. x86 targets with
-    AVX2 (or AVX-512) only."""
+    elementwise QDQ ops that follow, so between two such layers they cancel. Targets as for
+    :func:`rewrite_int8_dense`."""
     from tvm import relax
 
     def build(self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int,
