@@ -165,7 +165,7 @@ def resnet_cifar(seed: int = 0) -> tuple[Path, Path]:
 
 def measure(model: onnx.ModelProto, data, batches: tuple[int, ...] = (1, 32)) -> dict[int, float]:
     """Median ORT latency (ms) per batch size, 200 runs or 10 s at most each."""
-    from graphslim.bench import measure_ort
+    from graphslim.backend.bench import measure_ort
 
     return {b: measure_ort(model, data, batch=b, repeat=200, max_seconds=10)["median_ms"] for b in batches}
 

@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import example_and_mnist  # noqa: E402
 
-from graphslim.bench import measure_ort  # noqa: E402
-from graphslim.data import load_npz  # noqa: E402
-from graphslim.ir import load_model  # noqa: E402
-from graphslim.optimize import optimize  # noqa: E402
+from graphslim.backend.bench import measure_ort  # noqa: E402
+from graphslim.core.data import load_npz  # noqa: E402
+from graphslim.core.ir import load_model  # noqa: E402
+from graphslim.run import optimize  # noqa: E402
 
 CANON = "fold-batchnorm,eliminate-identity"
 PIPELINES = {

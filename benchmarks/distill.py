@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, mnist_cnn  # noqa: E402
 
-from graphslim.optimize import optimize  # noqa: E402
+from graphslim.run import optimize  # noqa: E402
 
 CANON = "fold-batchnorm,eliminate-identity"
 

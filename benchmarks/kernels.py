@@ -77,7 +77,7 @@ def kernel_table(batches: list[int]) -> list[str]:
     import tvm
     from graphslim.kernels.sparse import bsr_dense_func, to_bsr
 
-    from graphslim.backend import _default_threads
+    from graphslim.backend.driver import _default_threads
 
     _default_threads()
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
@@ -118,7 +118,7 @@ def int8_table(batches: list[int]) -> list[str]:
     import tvm
     from graphslim.kernels.int8 import dense_tile, isa_for, pack_weights, qdense_func
 
-    from graphslim.backend import _default_threads
+    from graphslim.backend.driver import _default_threads
 
     rng = np.random.default_rng(3)
     w = rng.integers(-127, 128, (N, K)).astype(np.int8)
@@ -174,7 +174,7 @@ def binary_table(batches: list[int]) -> list[str]:
         split_binary,
     )
 
-    from graphslim.backend import _default_threads
+    from graphslim.backend.driver import _default_threads
 
     rng = np.random.default_rng(4)
     w = (np.where(rng.random((N, K)) < 0.5, -1.0, 1.0) * rng.uniform(0.1, 1.0, (N, 1))).astype(np.float32)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import example_and_mnist  # noqa: E402
 
-from graphslim.optimize import optimize  # noqa: E402
+from graphslim.run import optimize  # noqa: E402
 
 RATIOS = (0.3, 0.5, 0.7)
 CRITERIA = ("l1", "l2", "bn-gamma", "random")

@@ -23,8 +23,8 @@ from models import ModelBuilder  # noqa: E402
 
 from graphslim.analysis.channels import channel_groups  # noqa: E402
 from graphslim.analysis.cost import cost_model  # noqa: E402
-from graphslim.ir import Graph  # noqa: E402
-from graphslim.passmanager import PassContext, PassManager  # noqa: E402
+from graphslim.core.ir import Graph  # noqa: E402
+from graphslim.pipeline import PassContext, PassManager  # noqa: E402
 
 
 def resnet50() -> onnx.ModelProto:
@@ -74,7 +74,7 @@ def main() -> None:
     after = cost_model(g_pruned)
     import tempfile
 
-    from graphslim.optimize import optimize
+    from graphslim.run import optimize
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "resnet50.onnx"
@@ -88,7 +88,7 @@ def main() -> None:
     print(f"| channel analysis | {t_an:.2f} |")
     print(f"| import + prune-channels{{ratio=0.5}} (incl. re-inferring shapes) | {t_prune:.2f} |")
     print(f"| import + fold-batchnorm,prune-channels{{ratio=0.5}} | {t_all:.2f} |")
-    print(f"| graphslim.optimize from file: load, check, prune, fidelity on 8 random inputs, write | {t_e2e:.2f} |")
+    print(f"| graphslim.run from file: load, check, prune, fidelity on 8 random inputs, write | {t_e2e:.2f} |")
     print(f"after pruning: {after.params / 1e6:.2f}M params (r = {after.params / base.params:.3f}), "
           f"{after.macs / 1e9:.2f} GMACs")
 

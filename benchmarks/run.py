@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, digits_example, has_training, measure, mnist_cnn, resnet_cifar  # noqa: E402
 
 from graphslim.analysis.cost import cost_model  # noqa: E402
-from graphslim.data import load_data  # noqa: E402
-from graphslim.ir import Graph, load_model, model_bytes  # noqa: E402
-from graphslim.optimize import optimize  # noqa: E402
-from graphslim.verify import run_model  # noqa: E402
+from graphslim.core.data import load_data  # noqa: E402
+from graphslim.core.ir import Graph, load_model, model_bytes  # noqa: E402
+from graphslim.core.runtime import run_model  # noqa: E402
+from graphslim.run import optimize  # noqa: E402
 
 CANON = "fold-batchnorm,eliminate-identity"
 

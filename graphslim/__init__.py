@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import logging
 
-__version__ = "0.1.0"
-
-from graphslim.errors import GraphslimError, InputError, PassError, PipelineError, VerificationError  # noqa: E402
-from graphslim.ir import Graph, load_model, save_model  # noqa: E402
-from graphslim.optimize import OptimizeResult, optimize  # noqa: E402
-from graphslim.passmanager import (  # noqa: E402
+from graphslim import passes  # noqa: F401 - importing it registers the built-in passes
+from graphslim.backend.options import CompileOptions
+from graphslim.core.errors import GraphslimError, InputError, PassError, PipelineError, VerificationError
+from graphslim.core.ir import Graph, load_model, save_model
+from graphslim.core.version import __version__
+from graphslim.pipeline import (
     Pass,
     PassContext,
     PassManager,
     PassResult,
+    Pipeline,
     Skip,
     get_pass,
     register_pass,
     registered_passes,
 )
-from graphslim.pipeline import Pipeline  # noqa: E402
+from graphslim.run import OptimizeResult, optimize
+from graphslim.run.options import Budgets, RunOptions
 
 load = load_model
 save = save_model
@@ -36,6 +38,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 
 __all__ = [
+    "Budgets",
+    "CompileOptions",
     "Graph",
     "GraphslimError",
     "InputError",
@@ -47,6 +51,7 @@ __all__ = [
     "PassResult",
     "Pipeline",
     "PipelineError",
+    "RunOptions",
     "Skip",
     "VerificationError",
     "__version__",

@@ -24,10 +24,10 @@ from typing import Literal
 
 import onnx
 
-from graphslim.errors import InputError
-from graphslim.ir import Graph, load_model
-from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
-from graphslim.training import distill_graph
+from graphslim.core.errors import InputError
+from graphslim.core.ir import Graph, load_model
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.transforms.training import distill_graph
 
 
 @register_pass

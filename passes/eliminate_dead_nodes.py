@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from graphslim.ir import Graph
-from graphslim.passmanager import Pass, PassContext, PassResult, register_pass
+from graphslim.core.ir import Graph
+from graphslim.pipeline import Pass, PassContext, PassResult, register_pass
 
 
 @register_pass

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from graphslim.ir import Graph
-from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.core.ir import Graph
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 
 @register_pass

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphslim.ir import Graph, Node
-from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.core.ir import Graph, Node
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 _OPS = ("Gemm", "MatMul", "Conv")
 

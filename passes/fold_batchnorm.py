@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphslim.ir import Graph, Node
-from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
-from graphslim.patterns import channel_vector, only_consumer, weight_producer
+from graphslim.core.ir import Graph, Node
+from graphslim.core.patterns import channel_vector, only_consumer, weight_producer
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 _AFFINE = ("Mul", "Div", "Add", "Sub")
 

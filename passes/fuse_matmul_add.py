@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphslim.ir import Graph, Node
-from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
-from graphslim.patterns import only_consumer
+from graphslim.core.ir import Graph, Node
+from graphslim.core.patterns import only_consumer
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 
 @register_pass

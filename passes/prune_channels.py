@@ -24,9 +24,16 @@ from typing import Literal
 
 from graphslim.analysis.channels import ChannelAnalysis, Group, channel_groups
 from graphslim.analysis.cost import cost_model
-from graphslim.ir import Graph
-from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
-from graphslim.pruning import Rounding, apply_pruning, estimate_cost, group_scores, keep_counts, select_channels
+from graphslim.core.ir import Graph
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.transforms.pruning import (
+    Rounding,
+    apply_pruning,
+    estimate_cost,
+    group_scores,
+    keep_counts,
+    select_channels,
+)
 
 
 @register_pass

@@ -18,8 +18,8 @@ from typing import Literal
 
 import numpy as np
 
-from graphslim.ir import Graph, Node
-from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.core.ir import Graph, Node
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 
 def _out_axis(node: Node, ndim: int) -> int:
@@ -110,7 +110,8 @@ class QuantizeBinary(Pass):
 
     def _layer_costs(self, graph: Graph, ctx: PassContext, chosen: list[Node], per_channel: bool) -> dict[str, float]:
         """Accuracy (or top-1 agreement) lost when each chosen layer alone is binarized."""
-        from graphslim.verify import compare_outputs, run_model
+        from graphslim.core.metrics import compare_outputs
+        from graphslim.core.runtime import run_model
 
         data = ctx.data.take(1000)
         base_model = graph.to_model()

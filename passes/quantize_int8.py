@@ -31,10 +31,10 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from graphslim.data import Dataset
-from graphslim.errors import InputError
-from graphslim.ir import Graph, model_bytes
-from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.core.data import Dataset
+from graphslim.core.errors import InputError
+from graphslim.core.ir import Graph, model_bytes
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ class _Quantizer:
 
     def score(self, model: onnx.ModelProto) -> float:
         """Top-1 accuracy on labels, else top-1 agreement with the float model."""
-        from graphslim.verify import compare_outputs, run_model
+        from graphslim.core.metrics import compare_outputs
+        from graphslim.core.runtime import run_model
 
         outs = run_model(model, self.eval)
         if self.eval.labels is not None and outs[0].ndim == 2:

@@ -19,9 +19,9 @@ from typing import Literal
 import numpy as np
 
 from graphslim.analysis.sparsity import block_norms, block_sparsity, expand_block_mask
-from graphslim.ir import Graph
-from graphslim.passmanager import Pass, PassContext, PassResult, Skip, register_pass
-from graphslim.patterns import matrix_to_weight, weight_matrix
+from graphslim.core.ir import Graph
+from graphslim.core.patterns import matrix_to_weight, weight_matrix
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 
 @register_pass

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphslim.analysis.cost import cost_model
-from graphslim.data import Dataset
-from graphslim.errors import InputError
-from graphslim.ir import Graph
-from graphslim.passmanager import Pass, PassContext, PassManager, PassResult, Skip, register_pass
-from graphslim.pipeline import Pipeline
-from graphslim.verify import run_model
+from graphslim.core.data import Dataset
+from graphslim.core.errors import InputError
+from graphslim.core.ir import Graph
+from graphslim.core.runtime import run_model
+from graphslim.pipeline import Pass, PassContext, PassManager, PassResult, Pipeline, Skip, register_pass
 
 
 @register_pass

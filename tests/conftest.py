@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from models import run, sample_inputs  # noqa: E402
 
-from graphslim.ir import Graph  # noqa: E402
-from graphslim.passmanager import PassContext, PassManager, PassRecord  # noqa: E402
+from graphslim.core.ir import Graph  # noqa: E402
+from graphslim.pipeline import PassContext, PassManager, PassRecord  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "digits"

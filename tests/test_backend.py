@@ -16,7 +16,7 @@ pytest.importorskip("tvm", reason="needs the tvm extra (apache-tvm)")
 
 from graphslim.backend import compile_model, load_artifact  # noqa: E402
 from graphslim.cli import main  # noqa: E402
-from graphslim.errors import InputError  # noqa: E402
+from graphslim.core.errors import InputError  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -248,7 +248,7 @@ def test_contraction_rule_tiles_vectorizes_and_stays_exact():
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.relax.frontend.onnx import from_onnx
 
-    from graphslim.backend import _static_batch
+    from graphslim.backend.driver import _static_batch
 
     b = ModelBuilder("conv", (2, 16, 9, 9), 0)  # 560k multiply-adds: above the parallel threshold
     model = b.build(b.relu(b.conv("input", 24, k=3)))
@@ -299,7 +299,7 @@ def test_small_kernels_stay_on_one_thread():
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.relax.frontend.onnx import from_onnx
 
-    from graphslim.backend import _static_batch
+    from graphslim.backend.driver import _static_batch
 
     b = ModelBuilder("conv", (1, 4, 6, 6), 0)
     model = b.build(b.conv("input", 8, k=3))

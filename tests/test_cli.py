@@ -117,6 +117,6 @@ def test_cli_targets_are_the_backends():
     """The CLI keeps its own copy of the target names (it imports no ONNX or TVM at start-up);
     the two lists must not drift apart."""
     from graphslim.backend import TARGETS
-    from graphslim.cli import TARGET_CHOICES
+    from graphslim.cli.main import TARGET_CHOICES
 
     assert TARGET_CHOICES == TARGETS

@@ -7,8 +7,8 @@ import pytest
 from conftest import apply
 from models import ARCHITECTURES, run, sample_inputs
 
-from graphslim.data import Dataset
-from graphslim.ir import model_bytes
+from graphslim.core.data import Dataset
+from graphslim.core.ir import model_bytes
 
 PIPELINES = [
     "fold-constants,eliminate-identity,fold-batchnorm,fuse-matmul-add,eliminate-dead-nodes",

@@ -101,7 +101,7 @@ def test_output_error_follows_energy_on_one_layer():
 
 
 def test_option_errors():
-    from graphslim.errors import PipelineError
+    from graphslim.core.errors import PipelineError
     from graphslim.pipeline import Pipeline
 
     with pytest.raises(PipelineError, match="one of energy, rank_ratio and rank"):

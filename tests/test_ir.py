@@ -7,8 +7,8 @@ from conftest import assert_same_outputs
 from models import ModelBuilder, plain_cnn
 from onnx import TensorProto, helper, numpy_helper
 
-from graphslim.errors import InputError
-from graphslim.ir import Graph, load_model, save_model
+from graphslim.core.errors import InputError
+from graphslim.core.ir import Graph, load_model, save_model
 
 
 def _save(model: onnx.ModelProto, path) -> str:
@@ -137,7 +137,7 @@ def test_bypass_reroutes_graph_output():
 
 
 def test_roundtrip_is_byte_identical():
-    from graphslim.ir import model_bytes
+    from graphslim.core.ir import model_bytes
 
     m = plain_cnn()
     a = model_bytes(Graph.from_model(m).to_model())

@@ -27,7 +27,7 @@ from graphslim.kernels.int8 import (  # noqa: E402
 from graphslim.kernels.int8 import VNNI as VNNI_ISA  # noqa: E402
 
 from graphslim.backend import compile_model, host_cpu_flags, load_artifact  # noqa: E402
-from graphslim.data import Dataset  # noqa: E402
+from graphslim.core.data import Dataset  # noqa: E402
 
 pytestmark = pytest.mark.skipif("avx2" not in host_cpu_flags(), reason="host cannot run AVX2 code")
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})

@@ -8,9 +8,16 @@ import pytest
 from conftest import apply
 from models import plain_cnn
 
-from graphslim.errors import PassError, PipelineError, VerificationError
-from graphslim.passmanager import Pass, PassResult, get_pass, register_pass, registered_passes
-from graphslim.pipeline import Pipeline, parse_pipeline_text
+from graphslim.core.errors import PassError, PipelineError, VerificationError
+from graphslim.pipeline import (
+    Pass,
+    PassResult,
+    Pipeline,
+    get_pass,
+    parse_pipeline_text,
+    register_pass,
+    registered_passes,
+)
 
 
 @register_pass

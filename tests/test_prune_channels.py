@@ -7,7 +7,7 @@ from conftest import apply, assert_same_outputs, op_types
 from models import ARCHITECTURES, ModelBuilder, run, sample_inputs
 
 from graphslim.analysis.channels import channel_groups
-from graphslim.ir import Graph
+from graphslim.core.ir import Graph
 
 ZERO_PARAMS = {("BatchNormalization", 2), ("BatchNormalization", 3), ("Conv", 2), ("Add", 1), ("Sub", 1),
                ("Add", 0), ("Gemm", 2)}
@@ -222,7 +222,7 @@ def test_channel_shuffle_and_lrn_are_left_alone_with_reasons():
 
 
 def test_pipeline_fold_then_prune_on_example(example_model):
-    from graphslim.ir import load_model
+    from graphslim.core.ir import load_model
 
     model = load_model(example_model)
     out, recs = apply(model, "fold-batchnorm,eliminate-identity,prune-channels{ratio=0.5}", verify=True)

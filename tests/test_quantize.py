@@ -9,8 +9,8 @@ from conftest import apply, assert_same_outputs, op_types
 from models import ARCHITECTURES, ModelBuilder, run, sample_inputs
 from onnx import numpy_helper
 
-from graphslim.data import Dataset
-from graphslim.errors import InputError, PassError
+from graphslim.core.data import Dataset
+from graphslim.core.errors import InputError, PassError
 
 
 def _data(model: onnx.ModelProto, n: int = 64, labels: bool = False, seed: int = 0) -> Dataset:

@@ -19,7 +19,7 @@ from graphslim.report import SCHEMA_PATH, layer_rows
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     pipes = {"prune": "fold-batchnorm,prune-channels{ratio=0.3}",
-             "mixed": "fold-batchnorm,prune-channels{ratio=0.3},factorize-svd{rank_ratio=0.5,min_saving=0},quantize-int8",
+             "mixed": "fold-batchnorm,prune-channels{ratio=0.3},factorize-svd{rank_ratio=0.5,min_saving=0},quantize-int8{max_drop=5}",
              "spiral": 'fold-batchnorm,spiral{steps=2,passes="prune-channels{ratio=0.2}",distill="",max_drop=100}'}
     for name, pipe in pipes.items():
         assert main(["optimize", str(EXAMPLE / "model.onnx"), "-o", str(base / name), "--data",

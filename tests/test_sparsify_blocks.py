@@ -9,8 +9,8 @@ from conftest import apply
 from models import ARCHITECTURES, run, sample_inputs
 
 from graphslim.analysis.sparsity import block_norms, block_sparsity
-from graphslim.ir import Graph
-from graphslim.patterns import weight_matrix
+from graphslim.core.ir import Graph
+from graphslim.core.patterns import weight_matrix
 
 
 def _matrices(model: onnx.ModelProto) -> dict[str, np.ndarray]:

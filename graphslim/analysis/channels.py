@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from graphslim.ir import Graph, Node, Tensor
+from graphslim.core.ir import Graph, Node, Tensor
 
 __all__ = ["ChannelAnalysis", "Group", "Root", "Seg", "TensorChannels", "Use", "channel_groups"]
 

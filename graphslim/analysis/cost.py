@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from graphslim.analysis.sparsity import STANDARD_BLOCKS, block_sparsity
-from graphslim.ir import Graph, Node
-from graphslim.patterns import weight_matrix
+from graphslim.core.ir import Graph, Node
+from graphslim.core.patterns import weight_matrix
 
 __all__ = ["CostReport", "LayerCost", "cost_model", "layer_macs"]
 

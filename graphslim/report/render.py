@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["SCHEMA_PATH", "compare_markdown", "compare_plot", "layer_rows", "load_report", "plots", "render_files",
            "render_html", "render_markdown", "summary_rows"]
 
-SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
+SCHEMA_PATH = Path(__file__).with_name("schema.json")
 _WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -35,7 +35,7 @@ def _fmt(v: Any) -> str:
 
 
 def load_report(folder: str | Path) -> dict[str, Any]:
-    from graphslim.errors import InputError
+    from graphslim.core.errors import InputError
 
     p = Path(folder) / "report.json" if Path(folder).is_dir() else Path(folder)
     try:

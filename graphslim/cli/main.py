@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from graphslim import __version__
-from graphslim.errors import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK, GraphslimError, InputError
+from graphslim.core.errors import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK, GraphslimError, InputError
+from graphslim.core.version import __version__
 
 __all__ = ["main"]
 
@@ -137,16 +137,18 @@ def _pipeline_from_args(args: argparse.Namespace):
 
 
 def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
-    from graphslim.optimize import optimize
+    from graphslim.run import optimize
+    from graphslim.run.options import Budgets, RunOptions
 
     pipeline = _pipeline_from_args(args)  # usage errors before any work
     if args.print_pipeline:
         return EXIT_OK, {"pipeline": str(pipeline)} if args.json else str(pipeline)
-    res = optimize(args.model, args.output, pipeline=pipeline, data=args.data, train_data=args.train_data,
-                   eval_data=args.eval_data, target=args.target, verify=args.verify, seed=args.seed,
-                   measure_latency=not args.no_latency, progress=not (args.quiet or args.json),
-                   max_accuracy_drop=args.max_accuracy_drop, min_compression=args.min_compression,
-                   max_latency_ms=args.max_latency_ms, cache_dir=args.cache_dir, **_tuning_args(args))
+    opts = RunOptions(pipeline=pipeline, data=args.data, train_data=args.train_data, eval_data=args.eval_data,
+                      verify=args.verify, seed=args.seed, measure_latency=not args.no_latency,
+                      progress=not (args.quiet or args.json), cache_dir=args.cache_dir,
+                      budgets=Budgets(args.max_accuracy_drop, args.min_compression, args.max_latency_ms),
+                      compile=_compile_options(args, target=args.target))
+    res = optimize(args.model, args.output, opts)
     rep = res.report
     missed = [f"{name}: {b['measure']} = {b['value']}, limit {b['limit']}" for name, b in rep["budgets"].items()
               if not b["met"]]
@@ -172,9 +174,10 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
-    from graphslim.data import load_data
-    from graphslim.ir import load_model
-    from graphslim.verify import accuracy, compare_outputs, ort_session, run_model
+    from graphslim.core.data import load_data
+    from graphslim.core.ir import load_model
+    from graphslim.core.metrics import accuracy, compare_outputs
+    from graphslim.core.runtime import ort_session, run_model
 
     model = load_model(args.model)
     data = load_data(args.data, model)
@@ -203,7 +206,7 @@ def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
 
 def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.analysis import cost_model
-    from graphslim.ir import Graph, load_model
+    from graphslim.core.ir import Graph, load_model
 
     graph = Graph.from_model(load_model(args.model))
     graph.infer_shapes()
@@ -253,7 +256,7 @@ def _describe_options(cls: type) -> list[dict[str, Any]]:
 
 
 def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
-    from graphslim.passmanager import registered_passes
+    from graphslim.pipeline import registered_passes
 
     items = []
     for name, cls in registered_passes().items():
@@ -281,29 +284,28 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rpc-key", metavar="KEY", help="device key at the RPC tracker")
 
 
-def _tuning_args(args: argparse.Namespace) -> dict[str, Any]:
-    if args.tune < 0:
-        raise InputError("--tune must be >= 0")
+def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int = 1) -> Any:
+    """The CompileOptions of a command's tuning flags (validated here: usage errors before work)."""
+    from graphslim.backend.options import CompileOptions
+
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise InputError("--rpc-tracker and --rpc-key go together")
     if args.rpc_tracker and not re.fullmatch(r"[^:\s]+:\d+", args.rpc_tracker):
         raise InputError(f"--rpc-tracker: expected HOST:PORT, got {args.rpc_tracker!r}")
-    return {"tune": args.tune, "tuning_db": args.tuning_db,
-            "rpc": (args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None}
+    return CompileOptions(target=target, batch=batch, tune=args.tune, tuning_db=args.tuning_db,
+                          rpc=(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None)
 
 
 def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.backend import compile_model
-    from graphslim.ir import load_model
-    from graphslim.optimize import _check_out_dir, _model_sha256
+    from graphslim.core.fs import check_out_dir
+    from graphslim.core.ir import load_model, model_file_sha256
 
-    if args.batch < 1:
-        raise InputError("--batch must be >= 1")
-    _check_out_dir(Path(args.model), Path(args.output))
+    c = _compile_options(args, target=args.target, batch=args.batch)
+    check_out_dir(Path(args.model), Path(args.output))
     model = load_model(args.model)
-    art = compile_model(model, args.target, Path(args.output), batch=args.batch,
-                        model_sha256=_model_sha256(Path(args.model)), progress=not (args.quiet or args.json),
-                        **_tuning_args(args))
+    art = compile_model(model, c.target, Path(args.output), batch=c.batch, model_sha256=model_file_sha256(Path(args.model)),
+                        tune=c.tune, tuning_db=c.tuning_db, rpc=c.rpc, progress=not (args.quiet or args.json))
     if args.json:
         return EXIT_OK, art.meta
     return EXIT_OK, f"compiled {args.model} for {args.target} (batch {args.batch}) -> {art.folder / art.meta['library']}"
@@ -311,9 +313,10 @@ def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
 
 def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.backend import load_artifact
-    from graphslim.data import load_data
-    from graphslim.ir import load_model
-    from graphslim.verify import compare_outputs, run_model
+    from graphslim.core.data import load_data
+    from graphslim.core.ir import load_model
+    from graphslim.core.metrics import compare_outputs
+    from graphslim.core.runtime import run_model
 
     runner = load_artifact(args.artifact)
     batch = runner.meta["batch"]
@@ -347,9 +350,9 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
-    from graphslim.bench import measure_ort, measure_tvm
-    from graphslim.data import load_data, random_inputs
-    from graphslim.ir import load_model
+    from graphslim.backend.bench import measure_ort, measure_tvm
+    from graphslim.core.data import load_data, random_inputs
+    from graphslim.core.ir import load_model
 
     try:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
@@ -373,7 +376,7 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
                          **measure_ort(model, data, batch=b, warmup=args.warmup, repeat=args.repeat, max_seconds=30)})
     if Path(args.model).is_dir():
         from graphslim.backend import load_artifact
-        from graphslim.bench import PeakMemory
+        from graphslim.backend.bench import PeakMemory
 
         with PeakMemory() as mem:
             runner = load_artifact(args.model)
@@ -410,14 +413,14 @@ def _model_for_inputs(meta: dict[str, Any]) -> Any:
 
 
 def _cmd_report(args: argparse.Namespace) -> tuple[int, Any]:
-    from graphslim.ir import _atomic_write
+    from graphslim.core.fs import atomic_write
     from graphslim.report import load_report, render_files
 
     rep = load_report(args.folder)
     files = render_files(rep)
     files.pop("report.json")  # the source stays as it is
     for name, data in files.items():
-        _atomic_write(Path(args.folder) / name, data)
+        atomic_write(Path(args.folder) / name, data)
     return EXIT_OK, {"written": sorted(files)} if args.json else f"re-rendered {', '.join(sorted(files))} in {args.folder}"
 
 
@@ -425,7 +428,7 @@ def _cmd_compare(args: argparse.Namespace) -> tuple[int, Any]:
     import base64
     import html
 
-    from graphslim.optimize import write_output_dir
+    from graphslim.core.fs import write_output_dir
     from graphslim.report import compare_markdown, compare_plot, load_report
 
     runs = [(Path(f).name or str(f), load_report(f)) for f in args.folders]

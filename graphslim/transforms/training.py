@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from graphslim.data import Dataset
-from graphslim.ir import MAX_IR_VERSION, Graph
-from graphslim.runtime import require_training
+from graphslim.core.data import Dataset
+from graphslim.core.ir import MAX_IR_VERSION, Graph
+from graphslim.core.runtime import require_training
 
 __all__ = ["DistillOptions", "DistillResult", "distill_graph", "softmax", "trainable_parameters"]
 
@@ -82,7 +82,7 @@ def trainable_parameters(graph: Graph) -> tuple[list[str], list[str], dict[str, 
     """(trainable, frozen, masks): float initializers that are weights, biases or per-channel
     parameters train; the rest (BatchNorm statistics, shapes, scales) is frozen. Weights with
     exact zeros get a mask that keeps those zeros (sparsify-blocks' blocks stay empty)."""
-    from graphslim.ir import Constant
+    from graphslim.core.ir import Constant
 
     trainable: dict[str, None] = {}
     frozen: dict[str, None] = {}
@@ -186,7 +186,7 @@ def distill_graph(graph: Graph, teacher: onnx.ModelProto, train: Dataset, evalse
     ort_training = require_training()
     from onnxruntime.training import api, artifacts
 
-    from graphslim.verify import run_model
+    from graphslim.core.runtime import run_model
 
     student = graph.to_model()
     student.ir_version = min(student.ir_version, MAX_IR_VERSION)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphslim.errors import InputError
+from graphslim.core.errors import InputError
 
 __all__ = ["Dataset", "ShardedDataset", "load_data", "load_npz", "load_shards", "random_inputs"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphslim.ir import Graph, Node, Tensor
+from graphslim.core.ir import Graph, Node, Tensor
 
 __all__ = ["channel_vector", "matrix_to_weight", "only_consumer", "weight_matrix", "weight_producer"]
 

@@ -1,9 +1,4 @@
-"""Passes, their registry, the pass context with cached analyses, and the pass manager.
-
-A pass is a class with a kebab-case ``name``, a docstring (what it does, what it refuses), a frozen
-``Options`` dataclass with defaults, and ``run(graph, ctx) -> PassResult``. ``@register_pass``
-puts it in the one registry; other packages add passes through the ``graphslim.passes``
-entry-point group (an entry point names a module that registers passes, or a Pass class).
+"""The pass context (target, data, seed, cached analyses) and the pass manager.
 
 The manager runs a pipeline; after each pass that changed the graph it re-infers shapes and
 drops cached analyses. With ``verify`` it checks every step (onnx.checker, ONNX Runtime runs it,
@@ -13,153 +8,24 @@ that breaks the model is an error naming the pass.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
 
-from graphslim.data import Dataset
-from graphslim.errors import GraphslimError, PassError, PipelineError, VerificationError
-from graphslim.ir import Graph
-from graphslim.pipeline import Pipeline, format_options
+from graphslim.core.data import Dataset
+from graphslim.core.errors import GraphslimError, PassError, VerificationError
+from graphslim.core.ir import Graph
+from graphslim.pipeline.registry import Pass, Skip
+from graphslim.pipeline.text import Pipeline
 
-__all__ = [
-    "Pass",
-    "PassContext",
-    "PassManager",
-    "PassRecord",
-    "PassResult",
-    "Skip",
-    "get_pass",
-    "register_pass",
-    "registered_passes",
-]
+__all__ = ["PassContext", "PassManager", "PassRecord"]
 
 log = logging.getLogger(__name__)
-
-_NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-ENTRY_POINT_GROUP = "graphslim.passes"
-
-
-@dataclass(frozen=True)
-class Skip:
-    """Part of the graph a pass left alone, and why (this reaches the report)."""
-
-    where: str  # a node or group name
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"where": self.where, "reason": self.reason}
-
-
-@dataclass
-class PassResult:
-    """What a pass returns: whether it changed the graph, its stats, and what it left alone."""
-
-    changed: bool
-    stats: dict[str, Any] = field(default_factory=dict)
-    skipped: list[Skip] = field(default_factory=list)
-
-
-class Pass:
-    """Base class for passes. Subclasses set ``name``, ``Options`` and implement ``run``."""
-
-    name: ClassVar[str] = ""
-    #: Exact passes must not change outputs; --verify holds them to ``PassContext.rtol``.
-    exact: ClassVar[bool] = True
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
-
-    def __init__(self, options: Any = None, **kwargs: Any):
-        if options is not None and kwargs:
-            raise TypeError("give options or keyword options, not both")
-        if options is None:
-            from graphslim.pipeline import coerce_options
-
-            options = coerce_options(self.name, self.Options, kwargs)
-        self.options = options
-
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __str__(self) -> str:
-        return self.name + format_options(self.options)
-
-    def __repr__(self) -> str:
-        return f"<pass {self}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Pass) and (self.name, self.options) == (other.name, other.options)
-
-    def __hash__(self) -> int:
-        return hash((self.name, str(self)))
-
-
-_REGISTRY: dict[str, type[Pass]] = {}
-_LOADED = False
-
-P = TypeVar("P", bound=type[Pass])
-
-
-def register_pass(cls: P) -> P:
-    """Class decorator: add a pass to the registry under ``cls.name``."""
-    name = cls.name
-    if not _NAME_RE.match(name or ""):
-        raise ValueError(f"pass name {name!r} of {cls.__qualname__} is not kebab-case")
-    if not (dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen):
-        raise TypeError(f"{cls.__qualname__}.Options must be a frozen dataclass")
-    for f in dataclasses.fields(cls.Options):
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise TypeError(f"{cls.__qualname__}.Options.{f.name} needs a default")
-    existing = _REGISTRY.get(name)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-        raise ValueError(f"pass '{name}' registered twice ({existing.__module__} and {cls.__module__})")
-    _REGISTRY[name] = cls
-    return cls
-
-
-def _load_passes() -> None:
-    """Import the built-in passes and every ``graphslim.passes`` entry point (once)."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    from importlib.metadata import entry_points
-
-    import graphslim.passes  # noqa: F401 - registers the built-in passes
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception as e:  # noqa: BLE001 - a broken plugin must not break graphslim
-            log.warning("cannot load pass plugin '%s' (%s): %s", ep.name, ep.value, e)
-            continue
-        if isinstance(obj, type) and issubclass(obj, Pass) and obj.name not in _REGISTRY:
-            register_pass(obj)
-
-
-def registered_passes() -> dict[str, type[Pass]]:
-    """All passes by name: the built-in ones and those of installed plugins."""
-    _load_passes()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_pass(name: str) -> type[Pass]:
-    """The pass class registered as ``name``; a :class:`PipelineError` listing the valid names if none is."""
-    _load_passes()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise PipelineError(f"unknown pass '{name}' (passes: {', '.join(sorted(_REGISTRY))})") from None
-
 
 # --------------------------------------------------------------------------- context
 
@@ -233,7 +99,7 @@ class _Verifier:
     """Holds sample inputs and the previous model's outputs; checks each step."""
 
     def __init__(self, graph: Graph, ctx: PassContext):
-        from graphslim.data import random_inputs
+        from graphslim.core.data import random_inputs
 
         model = graph.to_model()
         self.samples = ctx.data.take(16) if ctx.data is not None else random_inputs(model, 4, ctx.seed)
@@ -241,7 +107,7 @@ class _Verifier:
         self.prev = self._run(model, "the input model")
 
     def _run(self, model: onnx.ModelProto, what: str) -> list[np.ndarray]:
-        from graphslim.verify import ort_session, run_model
+        from graphslim.core.runtime import ort_session, run_model
 
         try:
             return run_model(ort_session(model), self.samples)
@@ -249,7 +115,7 @@ class _Verifier:
             raise GraphslimError(f"{what} does not run in ONNX Runtime: {str(e).strip().splitlines()[0]}") from None
 
     def check(self, p: Pass, graph: Graph) -> dict[str, Any]:
-        from graphslim.verify import compare_outputs
+        from graphslim.core.metrics import compare_outputs
 
         model = graph.to_model()
         try:

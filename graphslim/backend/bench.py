@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphslim.data import Dataset
+from graphslim.core.data import Dataset
 
 __all__ = ["PeakMemory", "measure_callable", "measure_ort", "measure_tvm"]
 
@@ -53,7 +53,7 @@ def measure_ort(model: onnx.ModelProto, data: Dataset, *, batch: int = 1, warmup
 
     Stops early after ``max_seconds`` of timed runs (at least 3 runs), so big models stay cheap.
     """
-    from graphslim.verify import ort_session
+    from graphslim.core.runtime import ort_session
 
     feeds = _batch_of(data, batch)
     with PeakMemory() as mem:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphslim.errors import GraphslimError, InputError
+from graphslim.core.errors import GraphslimError, InputError
 
 __all__ = ["TARGETS", "Artifact", "build", "compile_model", "host_cpu_flags", "load_artifact", "require_tvm"]
 
@@ -140,7 +140,7 @@ def compile_model(model: onnx.ModelProto, target: str, out_dir: Path, *, batch: 
     when given, which later builds reuse)."""
     import tempfile
 
-    from graphslim.optimize import write_output_dir
+    from graphslim.core.fs import write_output_dir
 
     with tempfile.TemporaryDirectory(prefix="graphslim-tuning-") as scratch:
         db = tuning_db if tuning_db is not None else (Path(scratch) if tune > 0 else None)
@@ -155,9 +155,9 @@ def compile_model(model: onnx.ModelProto, target: str, out_dir: Path, *, batch: 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """The exact canonicalization passes (fold constants and BatchNorm, fuse MatMul+Add, drop
     identities and dead nodes) before import, so TVM sees one conv+bias per layer."""
-    from graphslim.ir import Graph
+    from graphslim.core.ir import Graph
     from graphslim.passes import DEFAULT_PIPELINE
-    from graphslim.passmanager import PassContext, PassManager
+    from graphslim.pipeline import PassContext, PassManager
 
     graph = Graph.from_model(model)
     graph.infer_shapes()
@@ -179,7 +179,7 @@ def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: 
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from graphslim import __version__
+    from graphslim.core.version import __version__
     from graphslim.kernels import REWRITES
 
     spec = _target_spec(target)

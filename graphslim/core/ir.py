@@ -17,6 +17,7 @@ Invariants the facade keeps:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -31,7 +32,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper
 
-from graphslim.errors import InputError
+from graphslim.core.errors import InputError
+from graphslim.core.fs import atomic_write
 
 __all__ = [
     "MAX_IR_VERSION",
@@ -48,6 +50,8 @@ __all__ = [
     "model_size",
     "load_model",
     "model_bytes",
+    "model_file_sha256",
+    "strip_large_initializers",
     "save_model",
 ]
 
@@ -112,6 +116,16 @@ def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
         if external_data_helper.uses_external_data(tensor):
             names.update(e.value for e in tensor.external_data if e.key == "location")
     return [p.parent / n for n in sorted(names)]
+
+
+def model_file_sha256(path: Path) -> str:
+    """sha256 of the model file and, in order, the external data files it names (streamed)."""
+    h = hashlib.sha256()
+    for p in [path, *external_data_files(path)]:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def load_model(path: str | os.PathLike[str], *, normalize_opset: bool = True) -> onnx.ModelProto:
@@ -226,7 +240,7 @@ def check_and_infer(model: onnx.ModelProto, *, what: str = "model") -> onnx.Mode
     model is never copied whole and models over 2 GB, which protobuf cannot serialize, work too.
     The inferred value_info is written into ``model``, which is returned.
     """
-    light = _strip_large_initializers(model)
+    light = strip_large_initializers(model)
     try:
         onnx.checker.check_model(light)
     except (onnx.checker.ValidationError, ValueError) as e:
@@ -273,7 +287,7 @@ def model_size(model: onnx.ModelProto) -> int:
     try:
         return model.ByteSize()
     except Exception:  # noqa: BLE001 - protobuf refuses sizes past 2 GB in some versions
-        light = _strip_large_initializers(model)
+        light = strip_large_initializers(model)
         return light.ByteSize() + sum(len(i.raw_data) for i in model.graph.initializer
                                       if int(np.prod(i.dims, dtype=np.int64)) > 4096)
 
@@ -294,7 +308,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
     if not is_large(model):
-        _atomic_write(p, model_bytes(model))
+        atomic_write(p, model_bytes(model))
         return
     data_name = p.name + ".data"
     with tempfile.TemporaryDirectory(dir=p.parent, prefix=".graphslim-") as tmp:
@@ -303,19 +317,6 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
                         location=data_name, size_threshold=1024)
         os.replace(Path(tmp) / data_name, p.parent / data_name)
         os.replace(tmp_model, p)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- the graph facade
@@ -679,7 +680,7 @@ class Graph:
                 t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
 
 
-def _strip_large_initializers(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
+def strip_large_initializers(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:
     """A model without its big initializers (they become typed graph inputs), for shape inference.
 
     Shape inference needs the values of shape-like tensors only (small integer vectors), and

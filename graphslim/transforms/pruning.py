@@ -16,7 +16,7 @@ import numpy as np
 
 from graphslim.analysis.channels import ChannelAnalysis, Group, Use
 from graphslim.analysis.cost import layer_macs
-from graphslim.ir import Graph
+from graphslim.core.ir import Graph
 
 __all__ = ["CRITERIA", "apply_pruning", "estimate_cost", "group_scores", "keep_counts", "select_channels"]
 
