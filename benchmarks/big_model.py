@@ -48,7 +48,7 @@ def build(folder: Path) -> tuple[Path, int]:
     with open(folder / data_name, "wb") as f:
         for i, (k, n) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
             for name, shape in ((f"w{i}", (n, k)), (f"b{i}", (n,))):
-                arr = (rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / np.sqrt(k)))
+                arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / np.sqrt(k))
                 f.write(arr.tobytes())
                 t = helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))  # for dims only
                 tp = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
@@ -59,14 +59,21 @@ def build(folder: Path) -> tuple[Path, int]:
                 inits.append(tp)
                 del arr, t
             out = "logits" if i == len(SIZES) - 2 else f"h{i}"
-            nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [out + ("" if out == "logits" else "_pre")],
-                                          name=f"fc{i}", transB=1))
+            nodes.append(
+                helper.make_node(
+                    "Gemm", [x, f"w{i}", f"b{i}"], [out + ("" if out == "logits" else "_pre")], name=f"fc{i}", transB=1
+                )
+            )
             if out != "logits":
                 nodes.append(helper.make_node("Relu", [out + "_pre"], [out], name=f"relu{i}"))
             x = out
-    graph = helper.make_graph(nodes, "big_mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", SIZES[0]])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", SIZES[-1]])],
-                              initializer=inits)
+    graph = helper.make_graph(
+        nodes,
+        "big_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", SIZES[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", SIZES[-1]])],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     model_path.write_bytes(model.SerializeToString())
@@ -74,11 +81,14 @@ def build(folder: Path) -> tuple[Path, int]:
 
 
 def _peak(cmd: list[str]) -> tuple[float, int, str]:
-    wrapped = [sys.executable, "-c",
-               "import resource, subprocess, sys, time; t=time.perf_counter(); "
-               "r=subprocess.run(sys.argv[1:]); "
-               "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.perf_counter()-t, r.returncode)",
-               *cmd]
+    wrapped = [
+        sys.executable,
+        "-c",
+        "import resource, subprocess, sys, time; t=time.perf_counter(); "
+        "r=subprocess.run(sys.argv[1:]); "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.perf_counter()-t, r.returncode)",
+        *cmd,
+    ]
     out = subprocess.run(wrapped, capture_output=True, text=True)
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("PEAK"))
     _, peak, secs, rc = line.split()
@@ -94,15 +104,34 @@ def main() -> None:
     model_path, weight_bytes = build(folder)
     print(f"built {model_path} with {weight_bytes / 2**30:.2f} GiB of weights in {time.perf_counter() - t0:.0f} s")
     secs, peak, rc = _peak([sys.executable, "-c", LIBRARY, str(model_path), str(folder / "pruned.onnx")])
-    print(f"| library: load, prune-channels 50%, save | {secs:.1f} s | peak {peak / 2**30:.2f} GiB = "
-          f"{peak / weight_bytes:.2f}x the weights | exit {rc} |")
-    secs, peak, rc = _peak([sys.executable, "-m", "graphslim.cli", "optimize", str(model_path), "-o",
-                            str(folder / "out"), "--passes", "prune-channels{ratio=0.5}", "--no-latency", "-q"])
-    print(f"| CLI optimize (also runs both models in ORT for fidelity) | {secs:.1f} s | peak {peak / 2**30:.2f} GiB = "
-          f"{peak / weight_bytes:.2f}x the weights | exit {rc} |")
+    print(
+        f"| library: load, prune-channels 50%, save | {secs:.1f} s | peak {peak / 2**30:.2f} GiB = "
+        f"{peak / weight_bytes:.2f}x the weights | exit {rc} |"
+    )
+    secs, peak, rc = _peak(
+        [
+            sys.executable,
+            "-m",
+            "graphslim.cli",
+            "optimize",
+            str(model_path),
+            "-o",
+            str(folder / "out"),
+            "--passes",
+            "prune-channels{ratio=0.5}",
+            "--no-latency",
+            "-q",
+        ]
+    )
+    print(
+        f"| CLI optimize (also runs both models in ORT for fidelity) | {secs:.1f} s | peak {peak / 2**30:.2f} GiB = "
+        f"{peak / weight_bytes:.2f}x the weights | exit {rc} |"
+    )
     rep = json.loads((folder / "out" / "report.json").read_text())
-    print(f"after: {rep['after']['params']:,} params (r = {rep['compression']['r_params']}), files: "
-          f"{sorted(p.name for p in (folder / 'out').iterdir())}")
+    print(
+        f"after: {rep['after']['params']:,} params (r = {rep['compression']['r_params']}), files: "
+        f"{sorted(p.name for p in (folder / 'out').iterdir())}"
+    )
 
 
 if __name__ == "__main__":

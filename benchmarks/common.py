@@ -27,7 +27,7 @@ def _idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -57,8 +57,18 @@ def sequential_to_onnx(layers: list, input_shape: tuple[int, ...], name: str) ->
                 inits.append(numpy_helper.from_array(layer.bias.detach().numpy(), f"{out}.bias"))
                 ins.append(f"{out}.bias")
             p = layer.padding[0]
-            nodes.append(helper.make_node("Conv", ins, [out], name=out, kernel_shape=list(layer.kernel_size),
-                                          strides=list(layer.stride), pads=[p] * 4, group=layer.groups))
+            nodes.append(
+                helper.make_node(
+                    "Conv",
+                    ins,
+                    [out],
+                    name=out,
+                    kernel_shape=list(layer.kernel_size),
+                    strides=list(layer.stride),
+                    pads=[p] * 4,
+                    group=layer.groups,
+                )
+            )
         elif isinstance(layer, nn.BatchNorm2d):
             names = [f"{out}.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
             for n, t in zip(names, (layer.weight, layer.bias, layer.running_mean, layer.running_var), strict=True):
@@ -79,8 +89,13 @@ def sequential_to_onnx(layers: list, input_shape: tuple[int, ...], name: str) ->
             raise TypeError(f"unsupported layer {layer}")
         x = out
     nodes[-1].output[0] = "logits"
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *input_shape])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], initializer=inits)
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *input_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="graphslim-benchmarks")
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -102,15 +117,26 @@ def mnist_cnn(epochs: int = 4, seed: int = 0) -> tuple[Path, Path]:
     import torch.nn as nn
 
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(1, 32, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 5 * 5, 256), nn.ReLU(), nn.Linear(256, 128),
-                        nn.ReLU(), nn.Linear(128, 10))
+    net = nn.Sequential(
+        nn.Conv2d(1, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 5 * 5, 256),
+        nn.ReLU(),
+        nn.Linear(256, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     for _ in range(epochs):
         order = torch.randperm(len(xt))
         for i in range(0, len(xt), 64):
-            idx = order[i:i + 64]
+            idx = order[i : i + 64]
             opt.zero_grad()
             nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
             opt.step()

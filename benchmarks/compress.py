@@ -63,7 +63,9 @@ def main() -> None:
                 params, size, acc = rep["after"]["params"], rep["after"]["size_bytes"], rep["accuracy"]["after"]
                 rp, rb = rep["compression"]["r_params"], rep["compression"]["r_bytes"]
                 lat = {b: measure_ort(model, data, batch=b, repeat=200, max_seconds=10) for b in (1, 32)}
-            cells = [f"{lat[b]['median_ms']:.3f} ({lat[b]['median_ms'] / base_lat[b]['median_ms']:.2f}x)" for b in (1, 32)]
+            cells = [
+                f"{lat[b]['median_ms']:.3f} ({lat[b]['median_ms'] / base_lat[b]['median_ms']:.2f}x)" for b in (1, 32)
+            ]
             print(f"| {name} | {params:,} | {size:,} | {rp:.3f} | {rb:.3f} | {acc:.4f} | {cells[0]} | {cells[1]} |")
 
 

@@ -37,14 +37,17 @@ def main() -> None:
 
     def run(pipe: str) -> tuple[dict, float]:
         t0 = time.perf_counter()
-        rep = optimize(model, None, pipeline=pipe, train_data=train_npz, eval_data=eval_npz,
-                       measure_latency=False).report
+        rep = optimize(
+            model, None, pipeline=pipe, train_data=train_npz, eval_data=eval_npz, measure_latency=False
+        ).report
         return rep, time.perf_counter() - t0
 
     base, _ = run("fold-constants")
     teacher = base["accuracy"]["before"]
-    print(f"MNIST CNN teacher: {base['before']['params']:,} parameters, accuracy {teacher:.4f} "
-          f"(2,000 eval images); fine-tuning on 8,000 images, {e} epochs, batch 64, AdamW lr 1e-3\n")
+    print(
+        f"MNIST CNN teacher: {base['before']['params']:,} parameters, accuracy {teacher:.4f} "
+        f"(2,000 eval images); fine-tuning on 8,000 images, {e} epochs, batch 64, AdamW lr 1e-3\n"
+    )
     print("| student | r (params) | before fine-tune | CE only | KD (alpha=0.5, T=4) | s/epoch (KD) |")
     print("|---|---:|---:|---:|---:|---:|")
     for ratio in (0.5, 0.75):
@@ -53,22 +56,32 @@ def main() -> None:
         ce, _ = run(f"{prune},distill{{epochs={e},alpha=1.0,patience={e}}}")
         kd, _ = run(f"{prune},distill{{epochs={e},alpha=0.5,temperature=4.0,patience={e}}}")
         spe = next(p for p in kd["passes"] if p["name"] == "distill")["stats"]["seconds_per_epoch"]
-        print(f"| prune {int(ratio * 100)}% | {raw['compression']['r_params']:.3f} | {raw['accuracy']['after']:.4f} | "
-              f"{ce['accuracy']['after']:.4f} | {kd['accuracy']['after']:.4f} | {spe:.2f} |")
-    spiral = (f'{CANON},spiral{{steps=6,passes="prune-channels{{ratio=0.25}}",distill="distill{{epochs={e}}}",'
-              f'target_params=0.25,max_drop=1.0}}')
+        print(
+            f"| prune {int(ratio * 100)}% | {raw['compression']['r_params']:.3f} | {raw['accuracy']['after']:.4f} | "
+            f"{ce['accuracy']['after']:.4f} | {kd['accuracy']['after']:.4f} | {spe:.2f} |"
+        )
+    spiral = (
+        f'{CANON},spiral{{steps=6,passes="prune-channels{{ratio=0.25}}",distill="distill{{epochs={e}}}",'
+        f"target_params=0.25,max_drop=1.0}}"
+    )
     rep, seconds = run(spiral)
     st = next(p for p in rep["passes"] if p["name"] == "spiral")["stats"]
-    print(f"\nspiral (prune 25% of the remaining channels + KD {e} epochs per step, target r <= 0.25, "
-          f"max drop 1 point): stopped because: {st['stopped']}; {seconds:.0f} s in all\n")
+    print(
+        f"\nspiral (prune 25% of the remaining channels + KD {e} epochs per step, target r <= 0.25, "
+        f"max drop 1 point): stopped because: {st['stopped']}; {seconds:.0f} s in all\n"
+    )
     print("| step | r (params) | r (MACs) | accuracy | drop (points) |")
     print("|---:|---:|---:|---:|---:|")
     for p in st["curve"]:
         mark = " (rolled back)" if p.get("rolled_back") else ""
-        print(f"| {p['step']}{mark} | {p['r_params']:.3f} | {p['r_macs']:.3f} | {p['accuracy']:.4f} | "
-              f"{p['drop_points']:.2f} |")
-    print(f"\nfinal: r = {rep['compression']['r_params']:.3f}, accuracy {rep['accuracy']['after']:.4f} "
-          f"(teacher {teacher:.4f}, drop {rep['accuracy']['drop_points']:.2f} points)")
+        print(
+            f"| {p['step']}{mark} | {p['r_params']:.3f} | {p['r_macs']:.3f} | {p['accuracy']:.4f} | "
+            f"{p['drop_points']:.2f} |"
+        )
+    print(
+        f"\nfinal: r = {rep['compression']['r_params']:.3f}, accuracy {rep['accuracy']['after']:.4f} "
+        f"(teacher {teacher:.4f}, drop {rep['accuracy']['drop_points']:.2f} points)"
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    seeds = [(ROOT / "examples" / "digits" / "model.onnx").read_bytes(), plain_cnn().SerializeToString(),
-             resnet().SerializeToString()]
+    seeds = [
+        (ROOT / "examples" / "digits" / "model.onnx").read_bytes(),
+        plain_cnn().SerializeToString(),
+        resnet().SerializeToString(),
+    ]
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="graphslim-fuzz-") as tmp:
         tmpd = Path(tmp)
@@ -59,11 +62,21 @@ def main() -> None:
         procs = []
         for w in range(args.workers):
             lst = tmpd / f"list{w}.txt"
-            lst.write_text("\n".join(str(f) for f in files[w::args.workers]) + "\n")
+            lst.write_text("\n".join(str(f) for f in files[w :: args.workers]) + "\n")
             work = tmpd / f"work{w}"
             work.mkdir()
-            procs.append((subprocess.Popen([sys.executable, "-c", WORKER, str(lst), str(work), str(ROOT / "tests")],
-                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True), lst, work))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, "-c", WORKER, str(lst), str(work), str(ROOT / "tests")],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL,
+                        text=True,
+                    ),
+                    lst,
+                    work,
+                )
+            )
         results, findings = {}, {}
         pending = list(procs)
         while pending:
@@ -89,15 +102,21 @@ def main() -> None:
                     if rest:  # carry on with the remaining files in a new worker
                         lst2 = lst.with_suffix(".rest")
                         lst2.write_text("\n".join(rest) + "\n")
-                        p2 = subprocess.Popen([sys.executable, "-c", WORKER, str(lst2), str(work), str(ROOT / "tests")],
-                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                        p2 = subprocess.Popen(
+                            [sys.executable, "-c", WORKER, str(lst2), str(work), str(ROOT / "tests")],
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL,
+                            text=True,
+                        )
                         pending.append((p2, lst2, work))
         kinds = {}
         for name in results:
             kind = name.split("_")[1]
             kinds[kind] = kinds.get(kind, 0) + 1
-        print(f"{len(results)} of {args.n} files checked in {time.time() - t0:.0f} s with {args.workers} workers "
-              f"({', '.join(f'{k}: {v}' for k, v in sorted(kinds.items()))}); {len(findings)} with problems")
+        print(
+            f"{len(results)} of {args.n} files checked in {time.time() - t0:.0f} s with {args.workers} workers "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(kinds.items()))}); {len(findings)} with problems"
+        )
         for name, probs in sorted(findings.items()):
             print(f"  {name}: {'; '.join(probs)}")
     sys.exit(1 if findings else 0)

@@ -27,23 +27,29 @@ def main() -> None:
     models = example_and_mnist()
     for title, (model, data) in models.items():
         base = optimize(model, None, pipeline="fold-constants", data=data, measure_latency=False).report
-        print(f"\n### {title}: {base['before']['params']:,} parameters, accuracy {base['accuracy']['before']:.4f} "
-              f"on {base['accuracy']['samples']} images\n")
+        print(
+            f"\n### {title}: {base['before']['params']:,} parameters, accuracy {base['accuracy']['before']:.4f} "
+            f"on {base['accuracy']['samples']} images\n"
+        )
         print("| ratio | criterion | r (params) | MACs kept | accuracy | drop (points) |")
         print("|---:|---|---:|---:|---:|---:|")
         for ratio in RATIOS:
             for crit in CRITERIA:
                 # bn-gamma needs the BatchNorms, so it prunes before folding; the others fold first.
-                pipe = (f"prune-channels{{ratio={ratio},criterion={crit}}},fold-batchnorm,eliminate-identity"
-                        if crit == "bn-gamma" else
-                        f"fold-batchnorm,eliminate-identity,prune-channels{{ratio={ratio},criterion={crit}}}")
+                pipe = (
+                    f"prune-channels{{ratio={ratio},criterion={crit}}},fold-batchnorm,eliminate-identity"
+                    if crit == "bn-gamma"
+                    else f"fold-batchnorm,eliminate-identity,prune-channels{{ratio={ratio},criterion={crit}}}"
+                )
                 rep = optimize(model, None, pipeline=pipe, data=data, measure_latency=False).report
                 prune = next(p for p in rep["passes"] if p["name"] == "prune-channels")
                 n_fb = prune["stats"].get("criterion_fallbacks_to_l1", 0)
                 note = f" (l1 for {n_fb} of {prune['stats']['prunable_groups']} groups: no BatchNorm)" if n_fb else ""
                 acc = rep["accuracy"]
-                print(f"| {ratio} | {crit}{note} | {rep['compression']['r_params']:.3f} | "
-                      f"{rep['compression']['r_macs']:.3f} | {acc['after']:.4f} | {acc['drop_points']:.2f} |")
+                print(
+                    f"| {ratio} | {crit}{note} | {rep['compression']['r_params']:.3f} | "
+                    f"{rep['compression']['r_macs']:.3f} | {acc['after']:.4f} | {acc['drop_points']:.2f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -79,18 +79,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "resnet50.onnx"
         onnx.save(model, str(path))
-        t_e2e, _ = _median(lambda: optimize(path, Path(tmp) / "out", pipeline="prune-channels{ratio=0.5}",
-                                            measure_latency=False), n=1)
-    print(f"ResNet-50-shaped model: {base.params / 1e6:.2f}M params, {base.macs / 1e9:.2f} GMACs, "
-          f"{len(an.groups)} channel groups ({prunable} prunable)")
+        t_e2e, _ = _median(
+            lambda: optimize(path, Path(tmp) / "out", pipeline="prune-channels{ratio=0.5}", measure_latency=False), n=1
+        )
+    print(
+        f"ResNet-50-shaped model: {base.params / 1e6:.2f}M params, {base.macs / 1e9:.2f} GMACs, "
+        f"{len(an.groups)} channel groups ({prunable} prunable)"
+    )
     print("| step | median seconds (3 runs) |\n|---|---:|")
     print(f"| import + shape inference | {t_load:.2f} |")
     print(f"| channel analysis | {t_an:.2f} |")
     print(f"| import + prune-channels{{ratio=0.5}} (incl. re-inferring shapes) | {t_prune:.2f} |")
     print(f"| import + fold-batchnorm,prune-channels{{ratio=0.5}} | {t_all:.2f} |")
     print(f"| graphslim.run from file: load, check, prune, fidelity on 8 random inputs, write | {t_e2e:.2f} |")
-    print(f"after pruning: {after.params / 1e6:.2f}M params (r = {after.params / base.params:.3f}), "
-          f"{after.macs / 1e9:.2f} GMACs")
+    print(
+        f"after pruning: {after.params / 1e6:.2f}M params (r = {after.params / base.params:.3f}), "
+        f"{after.macs / 1e9:.2f} GMACs"
+    )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,9 @@ def ort_int8_baseline(model_path: Path, data) -> onnx.ModelProto:
         return onnx.load(str(out))
 
 
-def bench_model(title: str, model_path: Path, data_path: Path, train_path: Path | None, epochs: int,
-                training: bool) -> list[str]:
+def bench_model(
+    title: str, model_path: Path, data_path: Path, train_path: Path | None, epochs: int, training: bool
+) -> list[str]:
     """One model's table: the baselines, then each graphslim pipeline."""
     original = load_model(model_path)
     data = load_data(data_path, original)
@@ -86,9 +87,11 @@ def bench_model(title: str, model_path: Path, data_path: Path, train_path: Path 
         lat = measure(model, data)
         base_lat.update({k: v for k, v in lat.items() if k not in base_lat})  # the first row is the baseline
         quality = float(np.mean(np.argmax(run_model(model, data)[0], 1) == truth))
-        rows.append(f"| {name} | {c.params / base_cost.params:.3f} | {len(model_bytes(model)):,} | {c.macs:,} | "
-                    f"{quality:.4f} | {lat[1]:.3f} ({lat[1] / base_lat[1]:.2f}x) | "
-                    f"{lat[32]:.3f} ({lat[32] / base_lat[32]:.2f}x) |")
+        rows.append(
+            f"| {name} | {c.params / base_cost.params:.3f} | {len(model_bytes(model)):,} | {c.macs:,} | "
+            f"{quality:.4f} | {lat[1]:.3f} ({lat[1] / base_lat[1]:.2f}x) | "
+            f"{lat[32]:.3f} ({lat[32] / base_lat[32]:.2f}x) |"
+        )
 
     add("ORT fp32 (original)", original)
     add("ORT int8 (quantize_static on the original)", ort_int8_baseline(model_path, data))
@@ -96,16 +99,29 @@ def bench_model(title: str, model_path: Path, data_path: Path, train_path: Path 
     for name, pipe in pipelines(epochs).items():
         if "distill" in pipe and not training:
             continue
-        res = optimize(model_path, None, pipeline=pipe, train_data=train_path or data_path, eval_data=data_path,
-                       measure_latency=False)
+        res = optimize(
+            model_path,
+            None,
+            pipeline=pipe,
+            train_data=train_path or data_path,
+            eval_data=data_path,
+            measure_latency=False,
+        )
         add(name, res.model)
         last = (name, res.model)
     if last is not None and tvm_available():
-        rows.append(tvm_row(f"{last[0]}, TVM x86 (untuned)", last[1], data_path, model_path, base_lat,
-                            base_cost.params))
+        rows.append(
+            tvm_row(f"{last[0]}, TVM x86 (untuned)", last[1], data_path, model_path, base_lat, base_cost.params)
+        )
     metric = "accuracy" if has_labels else "top-1 agreement"
-    return [f"### {title}", "", f"| pipeline | r (params) | bytes | MACs | {metric} | ORT ms b1 (vs fp32) | "
-            "ORT ms b32 (vs fp32) |", "|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+    return [
+        f"### {title}",
+        "",
+        f"| pipeline | r (params) | bytes | MACs | {metric} | ORT ms b1 (vs fp32) | ORT ms b32 (vs fp32) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 def tvm_available() -> bool:
@@ -117,8 +133,9 @@ def tvm_available() -> bool:
         return False
 
 
-def tvm_row(name: str, model: onnx.ModelProto, data_path: Path, original: Path, base_lat: dict[int, float],
-            base_params: int) -> str:
+def tvm_row(
+    name: str, model: onnx.ModelProto, data_path: Path, original: Path, base_lat: dict[int, float], base_params: int
+) -> str:
     """Compile for the host at batch 1 and 32 and time each in its own process (TVM's thread
     pool would slow ONNX Runtime afterwards in this one)."""
     import json
@@ -131,19 +148,39 @@ def tvm_row(name: str, model: onnx.ModelProto, data_path: Path, original: Path, 
         for b in (1, 32):
             folder = Path(tmp) / f"b{b}"
             compile_model(model, "x86", folder, batch=b)
-            out = subprocess.run([sys.executable, "-m", "graphslim.cli", "bench", str(folder), "--repeat", "200",
-                                  "--json"], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-m", "graphslim.cli", "bench", str(folder), "--repeat", "200", "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             lat[b] = json.loads(out.stdout)["results"][0]["median_ms"]
             if b == 32:
-                out = subprocess.run([sys.executable, "-m", "graphslim.cli", "run", str(folder), "--data",
-                                      str(data_path), "--reference", str(original), "--json"],
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "graphslim.cli",
+                        "run",
+                        str(folder),
+                        "--data",
+                        str(data_path),
+                        "--reference",
+                        str(original),
+                        "--json",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 res = json.loads(out.stdout)
                 quality = res["accuracy"] if res.get("accuracy") is not None else res["fidelity"]["top1_agreement"]
     q = f"{quality:.4f}" if quality is not None else "-"
     c = cost_model(_graph(model))
-    return (f"| {name} | {c.params / base_params:.3f} | {len(model_bytes(model)):,} | {c.macs:,} | {q} | "
-            f"{lat[1]:.3f} ({lat[1] / base_lat[1]:.2f}x) | {lat[32]:.3f} ({lat[32] / base_lat[32]:.2f}x) |")
+    return (
+        f"| {name} | {c.params / base_params:.3f} | {len(model_bytes(model)):,} | {c.macs:,} | {q} | "
+        f"{lat[1]:.3f} ({lat[1] / base_lat[1]:.2f}x) | {lat[32]:.3f} ({lat[32] / base_lat[32]:.2f}x) |"
+    )
 
 
 def _graph(model: onnx.ModelProto) -> Graph:
@@ -165,9 +202,12 @@ def main() -> None:
         print(f"skipping MNIST: {e}")
     models["ResNet-style CIFAR net (random weights, synthetic inputs)"] = (*resnet_cifar(), None)
     training = has_training()
-    lines = [f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, Python {platform.python_version()}; "
-             f"ORT latency = median ms of up to 200 runs; distill {args.epochs} epochs."
-             + ("" if training else " Distill rows skipped: the training extra is not installed."), ""]
+    lines = [
+        f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, Python {platform.python_version()}; "
+        f"ORT latency = median ms of up to 200 runs; distill {args.epochs} epochs."
+        + ("" if training else " Distill rows skipped: the training extra is not installed."),
+        "",
+    ]
     for title, (model_path, data_path, train_path) in models.items():
         block = bench_model(title, model_path, data_path, train_path, args.epochs, training)
         print("\n".join(block), flush=True)

@@ -84,9 +84,22 @@ def main() -> None:
                 base = Path(tmp) / f"{model.stem}_b{batch}"
                 graphslim("compile", str(model), "--target", "x86", "--batch", str(batch), "-o", f"{base}_default")
                 t0 = time.perf_counter()
-                meta = graphslim("compile", str(model), "--target", "x86", "--batch", str(batch), "--tune",
-                                 str(args.trials), "-o", f"{base}_tuned") if args.trials else {
-                    "tuning": {"trials": 0, "tasks": 0}}
+                meta = (
+                    graphslim(
+                        "compile",
+                        str(model),
+                        "--target",
+                        "x86",
+                        "--batch",
+                        str(batch),
+                        "--tune",
+                        str(args.trials),
+                        "-o",
+                        f"{base}_tuned",
+                    )
+                    if args.trials
+                    else {"tuning": {"trials": 0, "tasks": 0}}
+                )
                 tune_s = time.perf_counter() - t0
                 ort = bench(str(model), batch, args.repeat)
                 default = bench(f"{base}_default", batch, args.repeat)
@@ -102,9 +115,11 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---|",
     ]
     for name, batch, ort, default, tuned, tuning, tune_s in rows:
-        lines.append(f"| {name} | {batch} | {ort:.3f} | {default:.3f} ({default / ort:.2f}x) | {tuned:.3f} "
-                     f"({tuned / ort:.2f}x) | {tuning['trials']} trials over {tuning['tasks']} kernels, "
-                     f"{tune_s:.0f} s build+tune |")
+        lines.append(
+            f"| {name} | {batch} | {ort:.3f} | {default:.3f} ({default / ort:.2f}x) | {tuned:.3f} "
+            f"({tuned / ort:.2f}x) | {tuning['trials']} trials over {tuning['tasks']} kernels, "
+            f"{tune_s:.0f} s build+tune |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

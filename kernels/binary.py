@@ -33,8 +33,17 @@ from typing import Any
 import numpy as np
 from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
-__all__ = ["LANE_BITS", "SIGN_TABLE", "binary_conv2d_func", "binary_dense_func", "decode_table", "lanes_for",
-           "pack_signs", "rewrite_binary", "split_binary"]
+__all__ = [
+    "LANE_BITS",
+    "SIGN_TABLE",
+    "binary_conv2d_func",
+    "binary_dense_func",
+    "decode_table",
+    "lanes_for",
+    "pack_signs",
+    "rewrite_binary",
+    "split_binary",
+]
 
 #: Row ``b``: the 8 floats ``+-1.0`` that byte ``b`` of packed signs stands for (bit set: -1).
 SIGN_TABLE = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, -1.0, 1.0).astype(np.float32)
@@ -79,8 +88,9 @@ def _sign(lanes: int) -> Any:
 
     if lanes == 8:
         return lambda decode, word, j: decode[T.Cast("int32", word), j]
-    return lambda decode, word, j: T.Select(T.bitwise_and(T.Cast("int32", word), decode[0, j]) != 0,
-                                            T.float32(-1), T.float32(1))
+    return lambda decode, word, j: T.Select(
+        T.bitwise_and(T.Cast("int32", word), decode[0, j]) != 0, T.float32(-1), T.float32(1)
+    )
 
 
 def _buffers(lanes: int) -> tuple[str, tuple[int, int], str]:
@@ -135,15 +145,21 @@ def binary_dense_func(m: int, k: int, n: int, groups: int, relu: bool = False, l
                 for g in T.unroll(groups):
                     for j in T.vectorized(lanes):
                         acc[r, g * lanes + j] = acc[r, g * lanes + j] + x[base + r, kk] * sign(
-                            decode, bits[io, kk, g], j)
+                            decode, bits[io, kk, g], j
+                        )
         for r in T.unroll(rows):
             for j in T.vectorized(gl):
                 y[base + r, io * gl + j] = T.max(acc[r, j] * alpha[io * gl + j] + bias[io * gl + j], T.float32(lo))
 
     @T.prim_func(private=True, s_tir=True)
-    def binary_dense(x: T.Buffer((m, k), "float32"), bits: T.Buffer((n // gl, k, groups), word_t),
-                     decode: T.Buffer(decode_shape, decode_t), alpha: T.Buffer((n,), "float32"),
-                     bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
+    def binary_dense(
+        x: T.Buffer((m, k), "float32"),
+        bits: T.Buffer((n // gl, k, groups), word_t),
+        decode: T.Buffer(decode_shape, decode_t),
+        alpha: T.Buffer((n,), "float32"),
+        bias: T.Buffer((n,), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "binary_dense"})
         for io in loop(n // gl):
             acc = T.alloc_buffer((rt, gl), "float32", scope="local")
@@ -156,8 +172,16 @@ def binary_dense_func(m: int, k: int, n: int, groups: int, relu: bool = False, l
     return binary_dense
 
 
-def binary_conv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                       out_hw: tuple[int, int], k: int, groups: int, relu: bool = False, lanes: int = 8) -> Any:
+def binary_conv2d_func(
+    shape: tuple[int, int, int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    out_hw: tuple[int, int],
+    k: int,
+    groups: int,
+    relu: bool = False,
+    lanes: int = 8,
+) -> Any:
     """Direct binary convolution on padded NHWC ``x`` [N, Hp, Wp, C]: PrimFunc ``(x, bits[K/(L*G),
     KH*KW*C, G] (inputs in (kh, kw, c) order), decode, alpha[K], bias[K], y[N, Ho, Wo, K])``, words
     and ``decode`` as in :func:`binary_dense_func`. Each thread owns a tile of ``L*G`` output
@@ -177,9 +201,14 @@ def binary_conv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int]
     loop = T.parallel if n * ho * wo * k * kh * kw * c >= PARALLEL_MIN_MACS else T.serial
 
     @T.prim_func(private=True, s_tir=True)
-    def binary_conv2d(x: T.Buffer((n, hp, wp, c), "float32"), bits: T.Buffer((k // gl, kh * kw * c, groups), word_t),
-                      decode: T.Buffer(decode_shape, decode_t), alpha: T.Buffer((k,), "float32"),
-                      bias: T.Buffer((k,), "float32"), y: T.Buffer((n, ho, wo, k), "float32")):
+    def binary_conv2d(
+        x: T.Buffer((n, hp, wp, c), "float32"),
+        bits: T.Buffer((k // gl, kh * kw * c, groups), word_t),
+        decode: T.Buffer(decode_shape, decode_t),
+        alpha: T.Buffer((k,), "float32"),
+        bias: T.Buffer((k,), "float32"),
+        y: T.Buffer((n, ho, wo, k), "float32"),
+    ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "binary_conv2d"})
         for fused in loop(k // gl * n * ho):
             acc = T.alloc_buffer((wt, gl), "float32", scope="local")
@@ -198,7 +227,8 @@ def binary_conv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int]
                     for j in T.vectorized(gl):
                         y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * gl + j] = T.max(
                             acc[t, j] * alpha[fused // (n * ho) * gl + j] + bias[fused // (n * ho) * gl + j],
-                            T.float32(lo))
+                            T.float32(lo),
+                        )
 
     return binary_conv2d
 
@@ -222,8 +252,9 @@ def rewrite_binary(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
         lanes = lanes_for(target, wt.shape[0])
         groups = _groups(wt.shape[0], _row_tile(m), lanes)
         make = functools.partial(binary_dense_func, m, wt.shape[1], wt.shape[0], groups, lanes=lanes)
-        return KernelCall("binary_dense", make, [pack_signs(split[0], groups, lanes), decode_table(lanes), split[1]],
-                          "binary")
+        return KernelCall(
+            "binary_dense", make, [pack_signs(split[0], groups, lanes), decode_table(lanes), split[1]], "binary"
+        )
 
     def conv(s: ConvShape, w: np.ndarray) -> KernelCall | None:
         matrix = np.ascontiguousarray(w.transpose(3, 0, 1, 2)).reshape(s.k, -1)  # [K, (kh, kw, c)]
@@ -232,10 +263,19 @@ def rewrite_binary(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
             return None
         lanes = lanes_for(target, s.k)
         groups = 2 if s.k % (2 * lanes) == 0 else 1  # output pixels fill the rest of the register tile
-        make = functools.partial(binary_conv2d_func, (s.n, s.hp, s.wp, s.c), (s.kh, s.kw), (s.sh, s.sw),
-                                 (s.ho, s.wo), s.k, groups, lanes=lanes)
-        return KernelCall("binary_conv2d", make, [pack_signs(split[0], groups, lanes), decode_table(lanes), split[1]],
-                          "binary")
+        make = functools.partial(
+            binary_conv2d_func,
+            (s.n, s.hp, s.wp, s.c),
+            (s.kh, s.kw),
+            (s.sh, s.sw),
+            (s.ho, s.wo),
+            s.k,
+            groups,
+            lanes=lanes,
+        )
+        return KernelCall(
+            "binary_conv2d", make, [pack_signs(split[0], groups, lanes), decode_table(lanes), split[1]], "binary"
+        )
 
     mod, labels = rewrite_contractions(mod, dense, conv)
     return mod, bool(labels)

@@ -93,8 +93,9 @@ def rewrite_contractions(mod: Any, dense: DenseChooser | None, conv: ConvChooser
             kernels[gv.name_hint] = kc.make
             labels.append(kc.label)
             bias = np.zeros(out_shape[-1], np.float32)
-            return relax.call_tir(gv, [x, *(relax.const(c) for c in kc.consts), relax.const(bias)],
-                                  relax.TensorType(out_shape, "float32"))
+            return relax.call_tir(
+                gv, [x, *(relax.const(c) for c in kc.consts), relax.const(bias)], relax.TensorType(out_shape, "float32")
+            )
 
         def _matmul(self, call: Any) -> Any:
             if not isinstance(call.args[1], Constant):
@@ -162,7 +163,7 @@ def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
             if not isinstance(inner, relax.Call) or inner.op != call_tir:
                 return call
             name = inner.args[0].name_hint
-            base = name[:-len("_relu")] if name.endswith("_relu") else name
+            base = name[: -len("_relu")] if name.endswith("_relu") else name
             if base not in kernels:
                 return call
             args = list(inner.args[1].fields)

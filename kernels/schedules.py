@@ -35,8 +35,15 @@ from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 from tvm.target.codegen import target_has_features
 from tvm_ffi import get_global_func
 
-__all__ = ["PARALLEL_MIN_ELEMENTS", "PARALLEL_MIN_MACS", "ContractionCPU", "InjectiveCPU", "default_cpu_rules",
-           "vector_bits", "vector_lanes"]
+__all__ = [
+    "PARALLEL_MIN_ELEMENTS",
+    "PARALLEL_MIN_MACS",
+    "ContractionCPU",
+    "InjectiveCPU",
+    "default_cpu_rules",
+    "vector_bits",
+    "vector_lanes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,7 @@ PARALLEL_MIN_ELEMENTS = 4 * 1024
 def vector_bits(target: Any) -> int:
     """SIMD register width of an LLVM target, from the features LLVM reports for its CPU.
     (``llvm_get_vector_width`` answers 512 for every x86 CPU in TVM 0.27, so it is not used.)"""
+
     def has(feature: str) -> bool:
         try:
             return bool(target_has_features(feature, target))
@@ -146,7 +154,7 @@ class ContractionCPU(_Rule):
         idx = infos.index(main)
         # Everything after the reduction must be injective (the epilogue); before it, only
         # injective producers (padding, layout copies).
-        epilogue = infos[idx + 1:]
+        epilogue = infos[idx + 1 :]
         kinds = main.dom_kind()
         if any(k not in "SR" for k in kinds):
             return None
@@ -182,8 +190,7 @@ class ContractionCPU(_Rule):
         lanes = vector_lanes(target, dtype_bits)
 
         loops = main.get_loops()
-        v_in, r_in = self._tile(extents[vec_i], extents[reg_i] if reg_i is not None else 1, lanes,
-                                vector_bits(target))
+        v_in, r_in = self._tile(extents[vec_i], extents[reg_i] if reg_i is not None else 1, lanes, vector_bits(target))
         v_out, v_inner = sch.split(loops[vec_i], factors=[None, v_in])
         reg_tile = r_out = None
         if r_in > 1:
@@ -247,6 +254,7 @@ class ContractionCPU(_Rule):
             _parallel_vectorize(sch, b.block_rv, lanes)
         return sch
 
+
 class InjectiveCPU(_Rule):
     """Elementwise / broadcast / layout functions: inline into the last block, then a
     parallel outer loop and a vectorized inner loop."""
@@ -265,7 +273,6 @@ class InjectiveCPU(_Rule):
         for b in left:
             _parallel_vectorize(sch, b.block_rv, vector_lanes(target))
         return sch
-
 
 
 def _has_if_then_else(sch: Any, block: Any) -> bool:

@@ -63,8 +63,9 @@ def to_bsr(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarra
 BLOCK_COST = {(16, 1): 1.0, (4, 4): 3.0, (1, 4): 10.0}
 
 
-def choose_block(w: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
-                 blocks: tuple[tuple[int, int], ...] = BLOCKS) -> tuple[tuple[int, int], float] | None:
+def choose_block(
+    w: np.ndarray, threshold: float = DEFAULT_THRESHOLD, blocks: tuple[tuple[int, int], ...] = BLOCKS
+) -> tuple[tuple[int, int], float] | None:
     """The blocking to use for ``w`` [N, K]: among :data:`BLOCKS` that tile it exactly and whose
     block sparsity reaches ``threshold``, the one with the least estimated time
     ``(1 - sparsity) * BLOCK_COST``; None when none qualifies (the layer stays dense)."""
@@ -81,8 +82,9 @@ def choose_block(w: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
     return (best[1], best[2]) if best else None
 
 
-def bsr_dense_func(m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dtype: str = "float32",
-                   relu: bool = False) -> Any:
+def bsr_dense_func(
+    m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dtype: str = "float32", relu: bool = False
+) -> Any:
     """The kernel as a PrimFunc ``(x[m,k], data, indices, indptr, bias[n], y[m,n])``: the
     model's bias (zeros when it has none) and, with ``relu``, a ReLU are applied to each
     finished tile (the epilogue the rewrite absorbs)."""
@@ -97,9 +99,14 @@ def bsr_dense_func(m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dt
     loop = T.parallel if m * nnz * br * bc >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
     @T.prim_func(private=True, s_tir=True)
-    def bsr_dense(x: T.Buffer((m, k), dtype), data: T.Buffer((nnz, bc, br), dtype),
-                  indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
-                  bias: T.Buffer((n,), dtype), y: T.Buffer((m, n), dtype)):
+    def bsr_dense(
+        x: T.Buffer((m, k), dtype),
+        data: T.Buffer((nnz, bc, br), dtype),
+        indices: T.Buffer((nnz,), "int32"),
+        indptr: T.Buffer((nb + 1,), "int32"),
+        bias: T.Buffer((n,), dtype),
+        y: T.Buffer((m, n), dtype),
+    ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
         for io in loop(nb):
             acc = T.alloc_buffer((rt, br), dtype, scope="local")
@@ -120,9 +127,14 @@ def bsr_dense_func(m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dt
         # One output per block: vectorize over the block's bc contiguous inputs instead, and
         # sum the lanes at the end (1x4 blocks: one 4-lane FMA per block instead of 4 scalar).
         @T.prim_func(private=True, s_tir=True)
-        def bsr_dense_row(x: T.Buffer((m, k), dtype), data: T.Buffer((nnz, bc, 1), dtype),
-                          indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
-                          bias: T.Buffer((n,), dtype), y: T.Buffer((m, n), dtype)):
+        def bsr_dense_row(
+            x: T.Buffer((m, k), dtype),
+            data: T.Buffer((nnz, bc, 1), dtype),
+            indices: T.Buffer((nnz,), "int32"),
+            indptr: T.Buffer((nb + 1,), "int32"),
+            bias: T.Buffer((n,), dtype),
+            y: T.Buffer((m, n), dtype),
+        ):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
             for io in loop(nb):
                 acc = T.alloc_buffer((rt, bc), dtype, scope="local")
@@ -144,8 +156,9 @@ def bsr_dense_func(m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dt
     return bsr_dense
 
 
-def conv_offsets(indices: np.ndarray, block: tuple[int, int], shape: tuple[int, int, int, int],
-                 kernel: tuple[int, int]) -> np.ndarray:
+def conv_offsets(
+    indices: np.ndarray, block: tuple[int, int], shape: tuple[int, int, int, int], kernel: tuple[int, int]
+) -> np.ndarray:
     """Per stored block and block column, the offset in padded NHWC input [N, Hp, Wp, C] of the
     input that column multiplies, relative to the output pixel's window corner: the column
     ``indices[p] * bc + cc`` of the ``[K, C*KH*KW]`` matrix decodes (ONNX order) to (c, kh, kw),
@@ -158,9 +171,17 @@ def conv_offsets(indices: np.ndarray, block: tuple[int, int], shape: tuple[int, 
     return (((tap // kw) * wp + tap % kw) * c + ch).astype(np.int32)
 
 
-def bsr_conv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                    out_hw: tuple[int, int], k: int, block: tuple[int, int], nnzb: int, dtype: str = "float32",
-                    relu: bool = False) -> Any:
+def bsr_conv2d_func(
+    shape: tuple[int, int, int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    out_hw: tuple[int, int],
+    k: int,
+    block: tuple[int, int],
+    nnzb: int,
+    dtype: str = "float32",
+    relu: bool = False,
+) -> Any:
     """Block-sparse direct convolution on NHWC data that is already padded: ``x`` [N, Hp, Wp, C],
     weight as BSR of the ``[K, C*KH*KW]`` matrix (ONNX column order c, kh, kw) given by ``data``,
     ``offsets`` (:func:`conv_offsets`, in place of the block column indices) and ``indptr``;
@@ -181,9 +202,14 @@ def bsr_conv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], s
     loop = T.parallel if n * ho * wo * nnz * br * bc >= PARALLEL_MIN_MACS else T.serial
 
     @T.prim_func(private=True, s_tir=True)
-    def bsr_conv2d(x: T.Buffer((n, hp, wp, c), dtype), data: T.Buffer((nnz, bc, br), dtype),
-                   offsets: T.Buffer((nnz, bc), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
-                   bias: T.Buffer((k,), dtype), y: T.Buffer((n, ho, wo, k), dtype)):
+    def bsr_conv2d(
+        x: T.Buffer((n, hp, wp, c), dtype),
+        data: T.Buffer((nnz, bc, br), dtype),
+        offsets: T.Buffer((nnz, bc), "int32"),
+        indptr: T.Buffer((nb + 1,), "int32"),
+        bias: T.Buffer((k,), dtype),
+        y: T.Buffer((n, ho, wo, k), dtype),
+    ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_conv2d"})
         xf = T.decl_buffer((n * hp * wp * c,), dtype, data=x.data)
         for fused in loop(nb * n * ho):
@@ -196,13 +222,20 @@ def bsr_conv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], s
                     for cc in T.unroll(bc):
                         for t in T.unroll(wt):
                             for j in T.vectorized(br):
-                                acc[t, j] = acc[t, j] + xf[
-                                    ((fused % (n * ho) // ho * hp + fused % ho * sh) * wp + (wo_o * wt + t) * sw) * c
-                                    + offsets[p, cc]] * data[p, cc, j]
+                                acc[t, j] = (
+                                    acc[t, j]
+                                    + xf[
+                                        ((fused % (n * ho) // ho * hp + fused % ho * sh) * wp + (wo_o * wt + t) * sw)
+                                        * c
+                                        + offsets[p, cc]
+                                    ]
+                                    * data[p, cc, j]
+                                )
                 for t in T.unroll(wt):
                     for j in T.vectorized(br):
                         y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * br + j] = T.max(
-                            acc[t, j] + bias[fused // (n * ho) * br + j], T.cast(lo, dtype))
+                            acc[t, j] + bias[fused // (n * ho) * br + j], T.cast(lo, dtype)
+                        )
 
     return bsr_conv2d
 
@@ -240,8 +273,9 @@ def rewrite_bsr_dense(mod: Any, spec: dict[str, Any], threshold: float = DEFAULT
         block = chosen[0]
         data, indices, indptr = _bsr_consts(matrix, block)
         shape = (s.n, s.hp, s.wp, s.c)
-        make = functools.partial(bsr_conv2d_func, shape, (s.kh, s.kw), (s.sh, s.sw), (s.ho, s.wo), s.k, block,
-                                 len(indices))
+        make = functools.partial(
+            bsr_conv2d_func, shape, (s.kh, s.kw), (s.sh, s.sw), (s.ho, s.wo), s.k, block, len(indices)
+        )
         offsets = conv_offsets(indices, block, shape, (s.kh, s.kw))
         return KernelCall(f"bsr_conv2d_{block[0]}x{block[1]}", make, [data, offsets, indptr], f"{block[0]}x{block[1]}")
 

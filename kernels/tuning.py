@@ -77,15 +77,25 @@ def _progress_callback(total: int, enabled: bool) -> Any:
 
             self.bar = tqdm(total=total, desc="tuning", unit="trial", disable=not enabled)
 
-        def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any,
-                  runner_results: Any) -> None:
+        def apply(
+            self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any, runner_results: Any
+        ) -> None:
             self.bar.update(len(measure_candidates))
 
     return Progress()
 
 
-def tune(mod: Any, target: Any, trials: int, work_dir: str | Path, *, rpc: tuple[str, str] | None = None,
-         progress: bool = False, seed: int = 0, report: dict[str, Any] | None = None) -> Any:
+def tune(
+    mod: Any,
+    target: Any,
+    trials: int,
+    work_dir: str | Path,
+    *,
+    rpc: tuple[str, str] | None = None,
+    progress: bool = False,
+    seed: int = 0,
+    report: dict[str, Any] | None = None,
+) -> Any:
     """Tune ``mod``'s kernels; returns the JSON database in ``work_dir`` (see module docstring)."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -96,8 +106,15 @@ def tune(mod: Any, target: Any, trials: int, work_dir: str | Path, *, rpc: tuple
     # graphslim's hand-written kernels (data-dependent loops) are not MetaSchedule's to tune.
     tasks = [t for t in tasks if "graphslim.kernel" not in (t.dispatched[0]["main"].attrs or {})]
     todo = [t for t in tasks if not _has_record(database, t, target)]
-    info = {"trials": trials, "tasks": len(tasks), "tasks_tuned": 0, "tasks_from_database": len(tasks) - len(todo),
-            "seconds": 0.0, "runner": "rpc" if rpc else "local", "database": str(work_dir)}
+    info = {
+        "trials": trials,
+        "tasks": len(tasks),
+        "tasks_tuned": 0,
+        "tasks_from_database": len(tasks) - len(todo),
+        "seconds": 0.0,
+        "runner": "rpc" if rpc else "local",
+        "database": str(work_dir),
+    }
     if report is not None:
         report.update(info)
     if not todo or trials <= 0:
@@ -119,12 +136,15 @@ def tune(mod: Any, target: Any, trials: int, work_dir: str | Path, *, rpc: tuple
     if rpc:
         host, _, port = rpc[0].rpartition(":")
         runner: Any = ms.runner.RPCRunner(
-            rpc_config=ms.runner.RPCConfig(tracker_host=host or "127.0.0.1", tracker_port=int(port),
-                                           tracker_key=rpc[1], session_timeout_sec=120),
-            evaluator_config=evaluator, f_alloc_argument=alloc_arguments_rpc, max_workers=1)
+            rpc_config=ms.runner.RPCConfig(
+                tracker_host=host or "127.0.0.1", tracker_port=int(port), tracker_key=rpc[1], session_timeout_sec=120
+            ),
+            evaluator_config=evaluator,
+            f_alloc_argument=alloc_arguments_rpc,
+            max_workers=1,
+        )
     else:
-        runner = ms.runner.LocalRunner(evaluator_config=evaluator, f_alloc_argument=alloc_arguments,
-                                       timeout_sec=60)
+        runner = ms.runner.LocalRunner(evaluator_config=evaluator, f_alloc_argument=alloc_arguments, timeout_sec=60)
     # MetaSchedule builds its logging config from the names of the handlers already on its logger
     # and fails on an unnamed one (pytest's capture handlers are such); they are detached for that call and put back.
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -133,15 +153,25 @@ def tune(mod: Any, target: Any, trials: int, work_dir: str | Path, *, rpc: tuple
         ms_logger.removeHandler(h)
     try:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            extracted_tasks=todo, work_dir=str(work_dir), seed=seed, num_threads="logical")
+            extracted_tasks=todo, work_dir=str(work_dir), seed=seed, num_threads="logical"
+        )
     finally:
         for h in unnamed:
             ms_logger.addHandler(h)
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(trials, progress)]
     t0 = time.perf_counter()
-    ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials,
-                       num_trials_per_iter=min(64, max(8, trials // max(1, len(todo)))), builder=builder,
-                       runner=runner, database=database, cost_model=cost_model, measure_callbacks=callbacks)
+    ms.tune.tune_tasks(
+        tasks=contexts,
+        task_weights=weights,
+        work_dir=str(work_dir),
+        max_trials_global=trials,
+        num_trials_per_iter=min(64, max(8, trials // max(1, len(todo)))),
+        builder=builder,
+        runner=runner,
+        database=database,
+        cost_model=cost_model,
+        measure_callbacks=callbacks,
+    )
     info.update(tasks_tuned=len(todo), seconds=round(time.perf_counter() - t0, 1), cost_model=cost_model)
     if report is not None:
         report.update(info)
@@ -173,17 +203,18 @@ def _seed_with_default_schedules(database: Any, tasks: list[Any], target: Any) -
             lib = tvm.tirx.build(sch.mod["main"].with_attr("global_symbol", "main"), target=target)
             args_info = [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(func)]
             args = alloc_arguments(tvm.cpu(), args_info, 1)[0]
-            seconds = lib.time_evaluator("main", tvm.cpu(),
-                                         number=3, repeat=3, min_repeat_ms=20)(*args).results
+            seconds = lib.time_evaluator("main", tvm.cpu(), number=3, repeat=3, min_repeat_ms=20)(*args).results
         except Exception as e:  # noqa: BLE001 - a remote target, or a kernel that does not build here
             if os.environ.get("GRAPHSLIM_SCHEDULE_DEBUG"):
                 raise
             log.debug("default schedule of %s not measured: %s", task.task_name, e)
             continue
         workload = database.commit_workload(mod)
-        database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, workload, [float(np.median(seconds))], target,
-            ms.arg_info.ArgInfo.from_prim_func(func)))
+        database.commit_tuning_record(
+            ms.database.TuningRecord(
+                sch.trace, workload, [float(np.median(seconds))], target, ms.arg_info.ArgInfo.from_prim_func(func)
+            )
+        )
         done += 1
     return done
 
@@ -191,6 +222,7 @@ def _seed_with_default_schedules(database: Any, tasks: list[Any], target: Any) -
 def _has_record(database: Any, task: Any, target: Any) -> bool:
     try:
         return bool(database.has_workload(task.dispatched[0])) and bool(
-            database.query_tuning_record(task.dispatched[0], target, task.task_name))
+            database.query_tuning_record(task.dispatched[0], target, task.task_name)
+        )
     except Exception:  # noqa: BLE001 - treat an unreadable entry as missing
         return False

@@ -68,11 +68,19 @@ class Distill(Pass):
             res = distill_graph(graph, teacher, train, evalset, o, seed=ctx.seed, progress=ctx.progress)
         except ValueError as e:
             return PassResult(changed=False, stats={}, skipped=[Skip("model", str(e))])
-        stats = {"metric": res.metric, "before": round(res.before, 6), "after": round(res.after, 6),
-                 "best_epoch": res.best_epoch, "epochs_run": len(res.history) - 1,
-                 "seconds_per_epoch": round(res.seconds_per_epoch, 4), "trainable_tensors": res.trainable,
-                 "masked_tensors": res.masked, "train_samples": len(train), "eval_samples": len(evalset),
-                 "history": res.history}
+        stats = {
+            "metric": res.metric,
+            "before": round(res.before, 6),
+            "after": round(res.after, 6),
+            "best_epoch": res.best_epoch,
+            "epochs_run": len(res.history) - 1,
+            "seconds_per_epoch": round(res.seconds_per_epoch, 4),
+            "trainable_tensors": res.trainable,
+            "masked_tensors": res.masked,
+            "train_samples": len(train),
+            "eval_samples": len(evalset),
+            "history": res.history,
+        }
         return PassResult(changed=res.best_epoch > 0, stats=stats)
 
     @staticmethod

@@ -119,8 +119,16 @@ class FactorizeSVD(Pass):
         a = (u[..., :, :k] * root[..., None, :]).astype(w.dtype)  # K x k
         b = (root[..., :, None] * vt[..., :k, :]).astype(w.dtype)  # k x N
         self._rewrite(graph, node, a, b, k)
-        layers.append({"name": node.name, "op": node.op, "shape": [int(m), int(n)], "rank": int(k),
-                       "energy_kept": round(_energy_kept(s, k), 6), "param_saving": round(saving, 4)})
+        layers.append(
+            {
+                "name": node.name,
+                "op": node.op,
+                "shape": [int(m), int(n)],
+                "rank": int(k),
+                "energy_kept": round(_energy_kept(s, k), 6),
+                "param_saving": round(saving, 4),
+            }
+        )
         return None
 
     @staticmethod
@@ -132,8 +140,9 @@ class FactorizeSVD(Pass):
             first_w = a.T.reshape((k,) + w.shape[1:])  # k x in x kh x kw
             second_w = b.T.reshape(w.shape[0], k, *([1] * (w.ndim - 2)))  # out x k x 1 x 1
             attrs = {key: v for key, v in node.attrs.items() if key != "group"}
-            graph.add_node("Conv", [x, graph.make_constant(first_w, f"{node.name}_u")], [mid], attrs,
-                           name=f"{node.name}_spatial")
+            graph.add_node(
+                "Conv", [x, graph.make_constant(first_w, f"{node.name}_u")], [mid], attrs, name=f"{node.name}_spatial"
+            )
             pointwise = {"kernel_shape": [1] * (w.ndim - 2)}
             graph.set_input(node, 0, mid)
             graph.set_constant(node, 1, second_w)

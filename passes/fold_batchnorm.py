@@ -96,10 +96,11 @@ class FoldBatchNorm(Pass):
                     folded_affine += 1
                     changed = True
         skipped = [Skip(name, why) for name, why in reasons.items()]
-        return PassResult(changed=bool(folded_bn or folded_affine),
-                          stats={"batchnorm_folded": folded_bn, "affine_folded": folded_affine,
-                                 "batchnorm_left": len(skipped)},
-                          skipped=skipped)
+        return PassResult(
+            changed=bool(folded_bn or folded_affine),
+            stats={"batchnorm_folded": folded_bn, "affine_folded": folded_affine, "batchnorm_left": len(skipped)},
+            skipped=skipped,
+        )
 
     @staticmethod
     def _fold_bn(graph: Graph, bn: Node) -> str | None:

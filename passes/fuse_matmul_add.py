@@ -53,8 +53,13 @@ class FuseMatMulAdd(Pass):
         n = weight.shape[1]
         out = graph.shape(mm.outputs[0])
         m = out[0] if out else None
-        ok = bias.ndim <= 1 and bias.size in (1, n) or bias.ndim == 2 and bias.shape[1] in (1, n) and (
-            bias.shape[0] == 1 or bias.shape[0] == m)
+        ok = (
+            bias.ndim <= 1
+            and bias.size in (1, n)
+            or bias.ndim == 2
+            and bias.shape[1] in (1, n)
+            and (bias.shape[0] == 1 or bias.shape[0] == m)
+        )
         if not ok:
             return f"the bias of shape {list(bias.shape)} does not broadcast to [M, {n}]"
         if bias.dtype != weight.dtype:

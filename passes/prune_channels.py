@@ -98,14 +98,27 @@ class PruneChannels(Pass):
         before = sum(g.size for g in groups)
         after = sum(len(kept[g.id]) for g in groups)
         removed = apply_pruning(graph, an, kept) if after < before else 0
-        stats.update({"channels_before": before, "channels_after": after, "channels_removed": before - after,
-                      "pruned_groups": [{"group": g.id, "members": [an.roots[r].origin for r in g.roots],
-                                         "channels": [g.size, len(kept[g.id])]}
-                                        for g in groups if len(kept[g.id]) < g.size]})
+        stats.update(
+            {
+                "channels_before": before,
+                "channels_after": after,
+                "channels_removed": before - after,
+                "pruned_groups": [
+                    {
+                        "group": g.id,
+                        "members": [an.roots[r].origin for r in g.roots],
+                        "channels": [g.size, len(kept[g.id])],
+                    }
+                    for g in groups
+                    if len(kept[g.id]) < g.size
+                ],
+            }
+        )
         return PassResult(changed=removed > 0, stats=stats, skipped=skipped)
 
-    def _search(self, graph: Graph, ctx: PassContext, an: ChannelAnalysis, groups: list[Group], scores,
-                rounding: Rounding) -> tuple[float, bool]:
+    def _search(
+        self, graph: Graph, ctx: PassContext, an: ChannelAnalysis, groups: list[Group], scores, rounding: Rounding
+    ) -> tuple[float, bool]:
         """Smallest global ratio whose pruned model meets the target (bisection on exact estimates)."""
         base = ctx.analysis(cost_model, graph)
         use_macs = self.options.target_macs is not None
@@ -113,8 +126,9 @@ class PruneChannels(Pass):
         goal = target * (base.macs if use_macs else base.params)
 
         def meets(ratio: float) -> bool:
-            params, macs = estimate_cost(graph, an, keep_counts(groups, scores, ratio, "global", rounding),
-                                         (base.params, base.macs))
+            params, macs = estimate_cost(
+                graph, an, keep_counts(groups, scores, ratio, "global", rounding), (base.params, base.macs)
+            )
             return (macs if use_macs else params) <= goal
 
         hi = 0.999

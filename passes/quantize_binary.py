@@ -63,8 +63,14 @@ class QuantizeBinary(Pass):
         per_channel = o.scale == "per_channel"
         skipped: list[Skip] = []
         graph.toposort()
-        weighted = [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1
-                    and (w := graph.constant(n.inputs[1])) is not None and w.dtype.kind == "f"]
+        weighted = [
+            n
+            for n in graph.nodes
+            if n.op in ("Conv", "Gemm", "MatMul")
+            and len(n.inputs) > 1
+            and (w := graph.constant(n.inputs[1])) is not None
+            and w.dtype.kind == "f"
+        ]
         chosen = []
         for i, node in enumerate(weighted):
             if o.layers and node.name not in o.layers:
@@ -72,17 +78,23 @@ class QuantizeBinary(Pass):
             if not o.layers and node.op not in o.op_types:
                 continue
             if o.skip_first_last and not o.layers and (i == 0 or i == len(weighted) - 1):
-                skipped.append(Skip(node.name, "first or last weight layer stays in higher precision (skip_first_last)"))
+                skipped.append(
+                    Skip(node.name, "first or last weight layer stays in higher precision (skip_first_last)")
+                )
                 continue
             if node.op == "Gemm" and node.attrs.get("transA", 0):
                 skipped.append(Skip(node.name, "Gemm with transA"))
                 continue
             if per_channel and graph.opset < 13:
-                skipped.append(Skip(node.name, f"per-channel DequantizeLinear needs opset 13 (model has {graph.opset})"))
+                skipped.append(
+                    Skip(node.name, f"per-channel DequantizeLinear needs opset 13 (model has {graph.opset})")
+                )
                 continue
             chosen.append(node)
         missing = set(o.layers) - {n.name for n in weighted}
-        skipped += [Skip(name, "no Conv/Gemm/MatMul with a constant float weight has this name") for name in sorted(missing)]
+        skipped += [
+            Skip(name, "no Conv/Gemm/MatMul with a constant float weight has this name") for name in sorted(missing)
+        ]
         per_layer_cost = self._layer_costs(graph, ctx, chosen, per_channel) if ctx.data is not None else {}
         layers = []
         for node in chosen:
@@ -90,8 +102,12 @@ class QuantizeBinary(Pass):
             axis = _out_axis(node, w.ndim)
             signs, alpha = binarize(w, axis, per_channel)
             self._rewrite(graph, node, signs, alpha, axis)
-            entry = {"name": node.name, "op": node.op, "weights": int(w.size),
-                     "alpha_mean": round(float(np.mean(alpha)), 6)}
+            entry = {
+                "name": node.name,
+                "op": node.op,
+                "weights": int(w.size),
+                "alpha_mean": round(float(np.mean(alpha)), 6),
+            }
             if node.name in per_layer_cost:
                 entry["accuracy_drop_points_alone"] = round(per_layer_cost[node.name], 4)
             layers.append(entry)
@@ -102,10 +118,17 @@ class QuantizeBinary(Pass):
         zero = np.zeros(alpha.shape, dtype=np.int8)
         dq_out = graph.make_variable(f"{node.name}_wbin", dtype=alpha.dtype, shape=list(signs.shape))
         attrs = {"axis": axis} if alpha.ndim else {}
-        graph.add_node("DequantizeLinear", [graph.make_constant(signs, f"{node.name}_sign"),
-                                            graph.make_constant(alpha, f"{node.name}_alpha"),
-                                            graph.make_constant(zero, f"{node.name}_zp")], [dq_out], attrs,
-                       name=f"{node.name}_binary")
+        graph.add_node(
+            "DequantizeLinear",
+            [
+                graph.make_constant(signs, f"{node.name}_sign"),
+                graph.make_constant(alpha, f"{node.name}_alpha"),
+                graph.make_constant(zero, f"{node.name}_zp"),
+            ],
+            [dq_out],
+            attrs,
+            name=f"{node.name}_binary",
+        )
         graph.set_input(node, 1, dq_out)
 
     def _layer_costs(self, graph: Graph, ctx: PassContext, chosen: list[Node], per_channel: bool) -> dict[str, float]:
@@ -131,7 +154,13 @@ class QuantizeBinary(Pass):
             w = trial.constant(tnode.inputs[1])
             axis = _out_axis(tnode, w.ndim)
             signs, alpha = binarize(w, axis, per_channel)
-            trial.set_constant(tnode, 1, (signs.astype(w.dtype) * (np.expand_dims(alpha, tuple(
-                i for i in range(w.ndim) if i != axis)) if alpha.ndim else alpha)).astype(w.dtype))
+            trial.set_constant(
+                tnode,
+                1,
+                (
+                    signs.astype(w.dtype)
+                    * (np.expand_dims(alpha, tuple(i for i in range(w.ndim) if i != axis)) if alpha.ndim else alpha)
+                ).astype(w.dtype),
+            )
             costs[node.name] = 100 * (base - score(run_model(trial.to_model(), data)))
         return costs

@@ -86,16 +86,25 @@ class QuantizeInt8(Pass):
         model = graph.to_model()
         if o.mode == "static" and ctx.data is None:
             raise InputError("quantize-int8{mode=static} calibrates on a data set: give --data, or use mode=dynamic")
-        candidates = [n.name for n in graph.nodes if n.op in o.op_types and n.name not in o.exclude
-                      and len(n.inputs) > 1 and graph.constant(n.inputs[1]) is not None]
+        candidates = [
+            n.name
+            for n in graph.nodes
+            if n.op in o.op_types
+            and n.name not in o.exclude
+            and len(n.inputs) > 1
+            and graph.constant(n.inputs[1]) is not None
+        ]
         skipped = [Skip(name, "excluded by the exclude option") for name in o.exclude]
         if not candidates:
             return PassResult(changed=False, stats={"quantized": 0}, skipped=skipped)
         with tempfile.TemporaryDirectory(prefix="graphslim-q-") as tmp:
             work = _Quantizer(model, ctx.data, o, Path(tmp))
             quantized = work.quantize(exclude=list(o.exclude))
-            stats: dict = {"mode": o.mode, "calibration": o.calibration if o.mode == "static" else None,
-                           "candidates": len(candidates)}
+            stats: dict = {
+                "mode": o.mode,
+                "calibration": o.calibration if o.mode == "static" else None,
+                "candidates": len(candidates),
+            }
             keep_float: list[str] = []
             if ctx.data is not None and o.sensitivity:
                 metric = "accuracy" if ctx.data.labels is not None else "top1_agreement"
@@ -105,9 +114,16 @@ class QuantizeInt8(Pass):
                 if drop > o.max_drop:
                     from tqdm import tqdm
 
-                    sens = {name: 100 * (base - work.score(work.quantize(only=[name])))
-                            for name in tqdm(candidates, desc="quantize-int8 sensitivity", unit="layer",
-                                             disable=not ctx.progress, leave=False)}
+                    sens = {
+                        name: 100 * (base - work.score(work.quantize(only=[name])))
+                        for name in tqdm(
+                            candidates,
+                            desc="quantize-int8 sensitivity",
+                            unit="layer",
+                            disable=not ctx.progress,
+                            leave=False,
+                        )
+                    }
                     stats["sensitivity_points"] = {k: round(v, 4) for k, v in sens.items()}
                     for name in sorted(sens, key=lambda k: (-sens[k], k)):
                         keep_float.append(name)
@@ -116,11 +132,21 @@ class QuantizeInt8(Pass):
                         if drop <= o.max_drop:
                             break
                     for name in keep_float:
-                        skipped.append(Skip(name, f"kept in float: quantizing it alone costs {sens[name]:.2f} points "
-                                                  f"of {metric} (budget max_drop={o.max_drop})"))
+                        skipped.append(
+                            Skip(
+                                name,
+                                f"kept in float: quantizing it alone costs {sens[name]:.2f} points "
+                                f"of {metric} (budget max_drop={o.max_drop})",
+                            )
+                        )
                     if drop > o.max_drop:
-                        skipped.append(Skip("model", f"the budget cannot be met: {drop:.2f} points lost even with "
-                                                     f"{len(keep_float)} layers in float"))
+                        skipped.append(
+                            Skip(
+                                "model",
+                                f"the budget cannot be met: {drop:.2f} points lost even with "
+                                f"{len(keep_float)} layers in float",
+                            )
+                        )
                 stats.update({"final_drop_points": round(drop, 4), "kept_float": keep_float})
         names_in = [t.name for t in model.graph.input]
         if [t.name for t in quantized.graph.input] != names_in:
@@ -159,10 +185,15 @@ class _Quantizer:
         o = self.o
         self.n += 1
         out = self.tmp / f"q{self.n}.onnx"
-        extra = {"WeightSymmetric": o.symmetric_weights, "ActivationSymmetric": False,
-                 "CalibPercentile": o.percentile}
-        common = dict(op_types_to_quantize=list(o.op_types), per_channel=o.per_channel, weight_type=QuantType.QInt8,
-                      nodes_to_quantize=only, nodes_to_exclude=exclude or None, extra_options=extra)
+        extra = {"WeightSymmetric": o.symmetric_weights, "ActivationSymmetric": False, "CalibPercentile": o.percentile}
+        common = dict(
+            op_types_to_quantize=list(o.op_types),
+            per_channel=o.per_channel,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=only,
+            nodes_to_exclude=exclude or None,
+            extra_options=extra,
+        )
         prev = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING through root
         try:
@@ -172,13 +203,23 @@ class _Quantizer:
                     common["weight_type"] = QuantType.QUInt8
                 quantize_dynamic(self.path, out, **common)
             else:
-                method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                          "percentile": CalibrationMethod.Percentile}[o.calibration]
+                method = {
+                    "minmax": CalibrationMethod.MinMax,
+                    "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile,
+                }[o.calibration]
                 reader = _Reader(self.data.take(o.calibration_samples), self.batch)
                 if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
                     common["calibration_cache_path"] = self.cache  # calibrate once for all layer choices
-                quantize_static(self.path, out, reader, quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QUInt8, calibrate_method=method, **common)
+                quantize_static(
+                    self.path,
+                    out,
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8,
+                    calibrate_method=method,
+                    **common,
+                )
         finally:
             logging.getLogger().setLevel(prev)
         return onnx.load(str(out))

@@ -62,7 +62,9 @@ class SparsifyBlocks(Pass):
                 skipped.append(Skip(node.name, "weight is not a constant float matrix (or a batched MatMul weight)"))
                 continue
             if m.shape[0] < block[0] and m.shape[1] < block[1]:
-                skipped.append(Skip(node.name, f"weight {list(m.shape)} is smaller than one {block[0]}x{block[1]} block"))
+                skipped.append(
+                    Skip(node.name, f"weight {list(m.shape)} is smaller than one {block[0]}x{block[1]} block")
+                )
                 continue
             layers.append((node, m, block_norms(m, block)))
         if o.scope == "global" and layers:
@@ -73,14 +75,14 @@ class SparsifyBlocks(Pass):
             dead[threshold_rank] = True
             masks, pos = [], 0
             for _, _, norms in layers:
-                masks.append(dead[pos:pos + norms.size].reshape(norms.shape))
+                masks.append(dead[pos : pos + norms.size].reshape(norms.shape))
                 pos += norms.size
         else:
             masks = []
             for _, _, norms in layers:
                 flat = norms.reshape(-1)
                 dead = np.zeros(flat.size, dtype=bool)
-                dead[np.argsort(flat, kind="stable")[:int(np.floor(o.sparsity * flat.size))]] = True
+                dead[np.argsort(flat, kind="stable")[: int(np.floor(o.sparsity * flat.size))]] = True
                 masks.append(dead.reshape(norms.shape))
         report, zeroed = [], 0
         for (node, m, _), dead in zip(layers, masks, strict=True):
@@ -91,9 +93,14 @@ class SparsifyBlocks(Pass):
             w = graph.constant(node.inputs[1])
             graph.set_constant(node, 1, matrix_to_weight(node, new, w.shape).astype(w.dtype))
             zeroed += int(dead.sum())
-            report.append({"name": node.name, "op": node.op, "matrix": list(m.shape),
-                           "block_sparsity": round(block_sparsity(new, block), 4),
-                           "weight_sparsity": round(float(np.mean(new == 0)), 4)})
-        stats = {"block": list(block), "layers": report, "blocks_zeroed": zeroed,
-                 "layers_sparsified": len(report)}
+            report.append(
+                {
+                    "name": node.name,
+                    "op": node.op,
+                    "matrix": list(m.shape),
+                    "block_sparsity": round(block_sparsity(new, block), 4),
+                    "weight_sparsity": round(float(np.mean(new == 0)), 4),
+                }
+            )
+        stats = {"block": list(block), "layers": report, "blocks_zeroed": zeroed, "layers_sparsified": len(report)}
         return PassResult(changed=zeroed > 0, stats=stats, skipped=skipped)

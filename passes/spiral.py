@@ -73,9 +73,13 @@ class Spiral(Pass):
 
         def point(step: int, g: Graph, m: float) -> dict:
             c = cost_model(g)
-            return {"step": step, "r_params": round(c.params / original.params, 6),
-                    "r_macs": round(c.macs / original.macs, 6) if original.macs else None,
-                    metric_name: round(m, 6), "drop_points": round(100 * (base - m), 4)}
+            return {
+                "step": step,
+                "r_params": round(c.params / original.params, 6),
+                "r_macs": round(c.macs / original.macs, 6) if original.macs else None,
+                metric_name: round(m, 6),
+                "drop_points": round(100 * (base - m), 4),
+            }
 
         curve = [point(0, graph, metric(graph))]
         compress, distill = Pipeline.parse(o.passes), Pipeline.parse(o.distill)
@@ -110,9 +114,15 @@ class Spiral(Pass):
             if self._target_met(curve[-1]):
                 stop = "target reached"
         kept = [p for p in curve if not p.get("rolled_back")][-1]
-        stats = {"metric": metric_name, "teacher": round(base, 6), "curve": curve, "stopped": stop,
-                 "final_r_params": kept["r_params"], "final_drop_points": kept["drop_points"],
-                 "target_reached": self._target_met(kept)}
+        stats = {
+            "metric": metric_name,
+            "teacher": round(base, 6),
+            "curve": curve,
+            "stopped": stop,
+            "final_r_params": kept["r_params"],
+            "final_drop_points": kept["drop_points"],
+            "target_reached": self._target_met(kept),
+        }
         return PassResult(changed=kept["step"] > 0, stats=stats, skipped=skipped)
 
     def _target_met(self, p: dict) -> bool:

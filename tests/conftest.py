@@ -31,8 +31,13 @@ def apply(model: onnx.ModelProto, pipeline: str, **ctx: object) -> tuple[onnx.Mo
     return out, records
 
 
-def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, rtol: float = 1e-4, atol: float = 1e-5,
-                        feeds: dict[str, np.ndarray] | None = None) -> None:
+def assert_same_outputs(
+    a: onnx.ModelProto,
+    b: onnx.ModelProto,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    feeds: dict[str, np.ndarray] | None = None,
+) -> None:
     feeds = feeds or sample_inputs(a)
     for x, y in zip(run(a, feeds), run(b, feeds), strict=True):
         assert x.shape == y.shape
@@ -82,8 +87,21 @@ def run_aarch64(library: Path, x: np.ndarray, tmp_path: Path) -> np.ndarray:
         pytest.skip("needs gcc-aarch64-linux-gnu to link the ARM library")
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "run.py").write_text(_RUN_ON_ARM)
-    r = subprocess.run([qemu, "-L", f"{sysroot}/root", f"{sysroot}/root/usr/bin/python3.11", str(tmp_path / "run.py"),
-                        str(library), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), f"{sysroot}/site"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            qemu,
+            "-L",
+            f"{sysroot}/root",
+            f"{sysroot}/root/usr/bin/python3.11",
+            str(tmp_path / "run.py"),
+            str(library),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+            f"{sysroot}/site",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return np.load(tmp_path / "y.npy")

@@ -25,8 +25,26 @@ from onnx import TensorProto, helper
 
 __all__ = ["check_file", "mutants"]
 
-_OPS = ["Conv", "Relu", "Gemm", "MatMul", "Add", "Concat", "Reshape", "Split", "Loop", "If", "NoSuchOp", "Identity",
-        "BatchNormalization", "Flatten", "MaxPool", "Transpose", "Slice", ""]
+_OPS = [
+    "Conv",
+    "Relu",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Concat",
+    "Reshape",
+    "Split",
+    "Loop",
+    "If",
+    "NoSuchOp",
+    "Identity",
+    "BatchNormalization",
+    "Flatten",
+    "MaxPool",
+    "Transpose",
+    "Slice",
+    "",
+]
 
 
 def _bitflip(data: bytes, rng: random.Random) -> bytes:
@@ -77,8 +95,9 @@ def _edit(model: onnx.ModelProto, rng: random.Random) -> onnx.ModelProto:
         del init.float_data[:]
         init.data_location = TensorProto.EXTERNAL
         del init.external_data[:]
-        init.external_data.add(key="location", value=rng.choice(["../../etc/passwd", "/etc/passwd", "missing.bin",
-                                                                 "sub/../../x.bin", ""]))
+        init.external_data.add(
+            key="location", value=rng.choice(["../../etc/passwd", "/etc/passwd", "missing.bin", "sub/../../x.bin", ""])
+        )
         init.external_data.add(key="length", value=str(rng.choice([4, 2**40])))
     elif kind == 9 and nodes:
         rng.choice(nodes).output[0] = rng.choice(nodes).output[0]  # duplicate output names
@@ -88,8 +107,12 @@ def _edit(model: onnx.ModelProto, rng: random.Random) -> onnx.ModelProto:
         g.input[0].type.tensor_type.elem_type = rng.choice([0, TensorProto.STRING, TensorProto.INT64, 999])
     elif kind == 12 and nodes:
         n = rng.choice(nodes)
-        n.attribute.add().CopyFrom(helper.make_attribute(rng.choice(["group", "axis", "kernel_shape", "pads", "perm"]),
-                                                         rng.choice([0, -5, 2**40, [0, 0], [1, -1, 3]])))
+        n.attribute.add().CopyFrom(
+            helper.make_attribute(
+                rng.choice(["group", "axis", "kernel_shape", "pads", "perm"]),
+                rng.choice([0, -5, 2**40, [0, 0], [1, -1, 3]]),
+            )
+        )
     else:
         m.ir_version = rng.choice([0, 1, 3, 11, 99])
     return m
@@ -132,9 +155,19 @@ def check_file(path: Path, work: Path, *, timeout_s: int = 60) -> list[str]:
     problems = []
     before = hashlib.sha256(path.read_bytes()).hexdigest()
     out = work / f"out-{path.stem}"
-    for argv in (["inspect", str(path), "--json"],
-                 ["optimize", str(path), "-o", str(out), "--no-latency", "--json", "--passes",
-                  "fold-constants,fold-batchnorm,prune-channels{ratio=0.3},eliminate-dead-nodes"]):
+    for argv in (
+        ["inspect", str(path), "--json"],
+        [
+            "optimize",
+            str(path),
+            "-o",
+            str(out),
+            "--no-latency",
+            "--json",
+            "--passes",
+            "fold-constants,fold-batchnorm,prune-channels{ratio=0.3},eliminate-dead-nodes",
+        ],
+    ):
         old = signal.signal(signal.SIGALRM, _alarm)
         signal.alarm(timeout_s)
         buf_out, buf_err = io.StringIO(), io.StringIO()

@@ -14,8 +14,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 class ModelBuilder:
-    def __init__(self, name: str, in_shape: tuple[int, ...] = (1, 3, 16, 16), seed: int = 0, opset: int = 13,
-                 batch: str | int = "N"):
+    def __init__(
+        self,
+        name: str,
+        in_shape: tuple[int, ...] = (1, 3, 16, 16),
+        seed: int = 0,
+        opset: int = 13,
+        batch: str | int = "N",
+    ):
         self.name = name
         self.rng = np.random.default_rng(seed)
         self.nodes: list[onnx.NodeProto] = []
@@ -41,24 +47,43 @@ class ModelBuilder:
         return out
 
     # ---- layers
-    def conv(self, x: str, cout: int, k: int = 3, stride: int = 1, group: int = 1, bias: bool = True,
-             pad: int | None = None) -> str:
+    def conv(
+        self, x: str, cout: int, k: int = 3, stride: int = 1, group: int = 1, bias: bool = True, pad: int | None = None
+    ) -> str:
         n, cin, h, w = self.shapes[x]
         pad = k // 2 if pad is None else pad
-        wt = (self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / (cin // group * k * k))).astype(np.float32)
+        wt = (self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / (cin // group * k * k))).astype(
+            np.float32
+        )
         inputs = [x, self.const(wt)]
         if bias:
             inputs.append(self.const(self.rng.standard_normal(cout).astype(np.float32) * 0.1, "b"))
         ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-        return self.node("Conv", inputs, (n, cout, ho, wo), kernel_shape=[k, k], strides=[stride, stride],
-                         pads=[pad] * 4, group=group)
+        return self.node(
+            "Conv",
+            inputs,
+            (n, cout, ho, wo),
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[pad] * 4,
+            group=group,
+        )
 
     def bn(self, x: str) -> str:
         c = self.shapes[x][1]
         r = self.rng
-        params = [r.uniform(0.5, 1.5, c), r.standard_normal(c) * 0.1, r.standard_normal(c) * 0.1, r.uniform(0.5, 1.5, c)]
-        return self.node("BatchNormalization", [x] + [self.const(p.astype(np.float32), "bn") for p in params],
-                         self.shapes[x], epsilon=1e-5)
+        params = [
+            r.uniform(0.5, 1.5, c),
+            r.standard_normal(c) * 0.1,
+            r.standard_normal(c) * 0.1,
+            r.uniform(0.5, 1.5, c),
+        ]
+        return self.node(
+            "BatchNormalization",
+            [x] + [self.const(p.astype(np.float32), "bn") for p in params],
+            self.shapes[x],
+            epsilon=1e-5,
+        )
 
     def unary(self, op: str, x: str, **attrs) -> str:
         return self.node(op, [x], self.shapes[x], **attrs)
@@ -107,7 +132,9 @@ class ModelBuilder:
 
     def bias_add(self, x: str) -> str:
         n = self.shapes[x][-1]
-        return self.node("Add", [x, self.const(self.rng.standard_normal(n).astype(np.float32) * 0.1, "b")], self.shapes[x])
+        return self.node(
+            "Add", [x, self.const(self.rng.standard_normal(n).astype(np.float32) * 0.1, "b")], self.shapes[x]
+        )
 
     def build(self, *outputs: str) -> onnx.ModelProto:
         def vi(name: str) -> onnx.ValueInfoProto:
@@ -115,7 +142,9 @@ class ModelBuilder:
             shape[0] = self.batch
             return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
-        graph = helper.make_graph(self.nodes, self.name, [vi("input")], [vi(o) for o in outputs], initializer=self.inits)
+        graph = helper.make_graph(
+            self.nodes, self.name, [vi("input")], [vi(o) for o in outputs], initializer=self.inits
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="tests")
         model.ir_version = 8
         onnx.checker.check_model(model, full_check=True)

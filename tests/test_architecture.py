@@ -61,7 +61,9 @@ def test_imports_point_down(module: str):
             raise AssertionError(f"{module}:{line} imports the public facade 'graphslim' (import the layer instead)")
         layer = _layer(target)
         assert layer is not None, f"{module}:{line} imports {target}, which is in no layer"
-        assert LAYERS.index(layer) <= mine, f"{module}:{line} imports {target}: layer '{layer}' is above '{_layer(module)}'"
+        assert LAYERS.index(layer) <= mine, (
+            f"{module}:{line} imports {target}: layer '{layer}' is above '{_layer(module)}'"
+        )
         private = [n for n in names if n.startswith("_") and n != "__version__"]
         assert not private, f"{module}:{line} imports private names {private} from {target}"
 
@@ -84,7 +86,7 @@ def test_no_import_cycles():
         state[m] = 1
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                cycle = stack[stack.index(d):] + [d] if d in stack else [m, d]
+                cycle = stack[stack.index(d) :] + [d] if d in stack else [m, d]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if d not in state:
                 visit(d, stack + [d])

@@ -25,7 +25,9 @@ def test_x86_matches_onnx_runtime(arch, prune, tmp_path):
     """Every test architecture (residual, concat, depthwise, grouped, Fire, MLP), dense and with
     pruned (odd) channel counts, through graphslim's NHWC schedules: within 1e-4 of ORT, and
     every conv / matmul scheduled by the contraction rule."""
-    model, _ = apply(ARCHITECTURES[arch](), f"fold-batchnorm,prune-channels{{ratio={prune}}}" if prune else "fold-batchnorm")
+    model, _ = apply(
+        ARCHITECTURES[arch](), f"fold-batchnorm,prune-channels{{ratio={prune}}}" if prune else "fold-batchnorm"
+    )
     art = compile_model(model, "x86", tmp_path / "art", batch=4)
     feeds = sample_inputs(model, 4)
     got = load_artifact(art.folder)(feeds)
@@ -38,11 +40,27 @@ def test_x86_matches_onnx_runtime(arch, prune, tmp_path):
 
 
 def test_compile_and_run_commands_on_the_example(tmp_path, capsys):
-    assert main(["compile", str(EXAMPLE / "model.onnx"), "--target", "x86", "--batch", "8", "-o",
-                 str(tmp_path / "c"), "-q"]) == 0
+    assert (
+        main(
+            ["compile", str(EXAMPLE / "model.onnx"), "--target", "x86", "--batch", "8", "-o", str(tmp_path / "c"), "-q"]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["artifact.json", "model.so"]
-    assert main(["run", str(tmp_path / "c"), "--data", str(EXAMPLE / "data.npz"), "--reference",
-                 str(EXAMPLE / "model.onnx"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(tmp_path / "c"),
+                "--data",
+                str(EXAMPLE / "data.npz"),
+                "--reference",
+                str(EXAMPLE / "model.onnx"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     import json
 
     out = json.loads(capsys.readouterr().out)
@@ -73,8 +91,12 @@ def test_cuda_codegen_without_a_gpu(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not installed: generated the CUDA source, did not compile it")
-    r = subprocess.run([nvcc, "--fatbin", "-arch=sm_80", "-o", str(tmp_path / "k.fatbin"), str(source)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [nvcc, "--fatbin", "-arch=sm_80", "-o", str(tmp_path / "k.fatbin"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "k.fatbin").stat().st_size > 1000
     with pytest.raises(InputError, match="CUDA"):
@@ -91,9 +113,24 @@ def test_symbolic_non_batch_dims_are_refused(tmp_path):
 def test_optimize_with_target_compiles_and_times_the_result(tmp_path):
     import json
 
-    assert main(["optimize", str(EXAMPLE / "model.onnx"), "-o", str(tmp_path / "o"), "--passes",
-                 "fold-batchnorm,prune-channels{ratio=0.3}", "--data", str(EXAMPLE / "data.npz"), "--target", "x86",
-                 "-q"]) == 0
+    assert (
+        main(
+            [
+                "optimize",
+                str(EXAMPLE / "model.onnx"),
+                "-o",
+                str(tmp_path / "o"),
+                "--passes",
+                "fold-batchnorm,prune-channels{ratio=0.3}",
+                "--data",
+                str(EXAMPLE / "data.npz"),
+                "--target",
+                "x86",
+                "-q",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["compiled"]["target"] == "x86" and rep["compiled"]["folder"] == "compiled"
     assert rep["latency"]["tvm_compiled"]["median_ms"] > 0
@@ -107,8 +144,24 @@ def test_bench_compares_artifact_with_baseline(tmp_path, capsys):
     import json
 
     compile_model(onnx.load(str(EXAMPLE / "model.onnx")), "x86", tmp_path / "a")
-    assert main(["bench", str(tmp_path / "a"), "--baseline", str(EXAMPLE / "model.onnx"), "--batch", "1",
-                 "--repeat", "5", "--warmup", "1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(tmp_path / "a"),
+                "--baseline",
+                str(EXAMPLE / "model.onnx"),
+                "--batch",
+                "1",
+                "--repeat",
+                "5",
+                "--warmup",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)["results"]
     assert [r["runtime"] for r in rows] == ["onnxruntime", "tvm (x86)"]
     assert rows[1]["vs_baseline"] > 0 and rows[0]["vs_baseline"] == 1.0
@@ -121,19 +174,36 @@ def test_compiled_artifact_is_byte_identical_and_cached(tmp_path):
         compile_model(onnx.load(str(EXAMPLE / "model.onnx")), "x86", tmp_path / d)
     for name in ("model.so", "artifact.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    args = ["optimize", str(EXAMPLE / "model.onnx"), "--passes", "fold-batchnorm", "--target", "x86", "--no-latency",
-            "--cache-dir", str(tmp_path / "cache"), "-q"]
+    args = [
+        "optimize",
+        str(EXAMPLE / "model.onnx"),
+        "--passes",
+        "fold-batchnorm",
+        "--target",
+        "x86",
+        "--no-latency",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-q",
+    ]
     assert main([*args, "-o", str(tmp_path / "o1")]) == 0
     assert main([*args, "-o", str(tmp_path / "o2")]) == 0  # from the cache, compiled artifact included
-    assert (tmp_path / "o1" / "compiled" / "model.so").read_bytes() == (tmp_path / "o2" / "compiled" / "model.so").read_bytes()
+    assert (tmp_path / "o1" / "compiled" / "model.so").read_bytes() == (
+        tmp_path / "o2" / "compiled" / "model.so"
+    ).read_bytes()
     import json
 
     assert json.loads((tmp_path / "o2" / "report.json").read_text())["cache"]["hit"] is True
 
 
-@pytest.mark.parametrize("pipeline", ["fold-batchnorm,prune-channels{ratio=0.5}",
-                                      "fold-batchnorm,sparsify-blocks{sparsity=0.9,block=[16,1]}",
-                                      "fold-batchnorm,quantize-binary"])
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "fold-batchnorm,prune-channels{ratio=0.5}",
+        "fold-batchnorm,sparsify-blocks{sparsity=0.9,block=[16,1]}",
+        "fold-batchnorm,quantize-binary",
+    ],
+)
 def test_arm_artifact_runs_under_qemu(pipeline, tmp_path):
     """The AArch64 library runs under qemu-user-static with an aarch64 Python and TVM runtime
     (the sysroot .ci/aarch64-sysroot.sh builds) and matches ONNX Runtime on x86: a pruned model
@@ -169,8 +239,17 @@ def _records(db) -> list[float]:
 def test_tuning_writes_a_database_that_later_builds_reuse(tmp_path, capsys):
     model, _ = apply(ARCHITECTURES["mlp"](), "fold-batchnorm")
     onnx.save(model, str(tmp_path / "m.onnx"))
-    args = ["compile", str(tmp_path / "m.onnx"), "--target", "x86", "--tune", "4", "--tuning-db", str(tmp_path / "db"),
-            "--json"]
+    args = [
+        "compile",
+        str(tmp_path / "m.onnx"),
+        "--target",
+        "x86",
+        "--tune",
+        "4",
+        "--tuning-db",
+        str(tmp_path / "db"),
+        "--json",
+    ]
     import json
 
     assert main([*args, "-o", str(tmp_path / "a1")]) == 0
@@ -201,18 +280,64 @@ def test_tuning_measures_through_an_rpc_tracker_on_loopback(tmp_path, capsys):
     pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (in the tvm extra)")
     port = _free_port()
     env = {**os.environ, "TVM_NUM_THREADS": "1"}
-    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                                "--port-end", str(port + 1)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tracker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     server = None
     try:
         time.sleep(2)
-        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key",
-                                   "loopback", "--host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.rpc_server",
+                "--tracker",
+                f"127.0.0.1:{port}",
+                "--key",
+                "loopback",
+                "--host",
+                "127.0.0.1",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(4)
-        assert main(["compile", str(EXAMPLE / "model.onnx"), "--target", "x86", "--tune", "3", "--rpc-tracker",
-                     f"127.0.0.1:{port}", "--rpc-key", "loopback", "--tuning-db", str(tmp_path / "db"), "-o",
-                     str(tmp_path / "a"), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "compile",
+                    str(EXAMPLE / "model.onnx"),
+                    "--target",
+                    "x86",
+                    "--tune",
+                    "3",
+                    "--rpc-tracker",
+                    f"127.0.0.1:{port}",
+                    "--rpc-key",
+                    "loopback",
+                    "--tuning-db",
+                    str(tmp_path / "db"),
+                    "-o",
+                    str(tmp_path / "a"),
+                    "--json",
+                ]
+            )
+            == 0
+        )
     finally:
         for p in (server, tracker):
             if p is not None:
@@ -224,13 +349,16 @@ def test_tuning_measures_through_an_rpc_tracker_on_loopback(tmp_path, capsys):
     assert secs and min(secs) < 1  # at least one candidate measured on the server (errors record 1e10 s)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--target", "arm", "--tune", "2"], "measures on the device"),
-    (["--target", "cuda", "--tune", "2"], "CPU targets"),
-    (["--target", "x86", "--tune", "-1"], "--tune must be"),
-    (["--target", "x86", "--rpc-tracker", "localhost"], "go together"),
-    (["--target", "x86", "--rpc-tracker", "localhost", "--rpc-key", "k"], "HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--target", "arm", "--tune", "2"], "measures on the device"),
+        (["--target", "cuda", "--tune", "2"], "CPU targets"),
+        (["--target", "x86", "--tune", "-1"], "--tune must be"),
+        (["--target", "x86", "--rpc-tracker", "localhost"], "go together"),
+        (["--target", "x86", "--rpc-tracker", "localhost", "--rpc-key", "k"], "HOST:PORT"),
+    ],
+)
 def test_bad_tuning_options_are_usage_errors(argv, message, tmp_path, capsys):
     assert main(["compile", str(EXAMPLE / "model.onnx"), *argv, "-o", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
@@ -273,15 +401,19 @@ def test_contraction_rule_tiles_vectorizes_and_stays_exact():
     out = tvm.runtime.tensor(np.zeros((2, 9, 9, 24), np.float32))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(bias), out)
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    ref = sum(np.einsum("nhwc,cf->nhwf", xp[:, i:i + 9, j:j + 9], w[i, j]) for i in range(3) for j in range(3))
+    ref = sum(np.einsum("nhwc,cf->nhwf", xp[:, i : i + 9, j : j + 9], w[i, j]) for i in range(3) for j in range(3))
     np.testing.assert_allclose(out.numpy(), np.maximum(ref + bias, 0), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec, bits", [
-    ({"kind": "llvm", "mcpu": "haswell"}, 256), ({"kind": "llvm", "mcpu": "znver3"}, 256),
-    ({"kind": "llvm", "mcpu": "skylake-avx512"}, 512),
-    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, 128),
-])
+@pytest.mark.parametrize(
+    "spec, bits",
+    [
+        ({"kind": "llvm", "mcpu": "haswell"}, 256),
+        ({"kind": "llvm", "mcpu": "znver3"}, 256),
+        ({"kind": "llvm", "mcpu": "skylake-avx512"}, 512),
+        ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, 128),
+    ],
+)
 def test_vector_width_comes_from_the_target_features(spec, bits):
     import tvm
     from graphslim.kernels.schedules import vector_bits
@@ -306,7 +438,9 @@ def test_small_kernels_stay_on_one_thread():
     assert 36 * 8 * 36 < PARALLEL_MIN_MACS
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     with target:
-        mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(from_onnx(_static_batch(model, 1), keep_params_in_input=False))
+        mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(
+            from_onnx(_static_batch(model, 1), keep_params_in_input=False)
+        )
         mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
     name = next(gv for gv in mod.get_global_vars() if gv.name_hint.startswith("fused_conv2d"))
     text = ContractionCPU().apply(mod[name], target, False).mod.script()

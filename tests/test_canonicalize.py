@@ -57,8 +57,10 @@ def test_eliminate_identity_refuses_input_to_output_and_dropout_mask():
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
     m = helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 3])
-    nodes = [helper.make_node("Identity", ["input"], ["y"], name="id"),
-             helper.make_node("Dropout", ["input"], ["d", "mask"], name="drop")]
+    nodes = [
+        helper.make_node("Identity", ["input"], ["y"], name="id"),
+        helper.make_node("Dropout", ["input"], ["d", "mask"], name="drop"),
+    ]
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y, m]), opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     out, recs = apply(model, "eliminate-identity")

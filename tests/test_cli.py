@@ -21,10 +21,19 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_optimize_example_writes_model_and_report(tmp_path, example_model, example_data, capsys):
     before = example_model.read_bytes()
     out = tmp_path / "out"
-    assert main(["optimize", str(example_model), "-o", str(out), "--data", str(example_data), "--verify", "--json"]) == 0
+    assert (
+        main(["optimize", str(example_model), "-o", str(out), "--data", str(example_data), "--verify", "--json"]) == 0
+    )
     rep = json.loads(capsys.readouterr().out)
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "latency.png", "layers.png", "model.onnx",
-                                                     "report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy.png",
+        "latency.png",
+        "layers.png",
+        "model.onnx",
+        "report.html",
+        "report.json",
+        "report.md",
+    ]
     assert json.loads((out / "report.json").read_text())["pipeline"] == rep["pipeline"]
     assert example_model.read_bytes() == before  # input untouched
     model = onnx.load(str(out / "model.onnx"))
@@ -103,7 +112,13 @@ def test_inspect_json_keys(example_model, capsys):
 def test_passes_lists_registry(capsys):
     assert main(["passes", "--json"]) == 0
     names = {p["name"] for p in json.loads(capsys.readouterr().out)["passes"]}
-    assert {"fold-constants", "fold-batchnorm", "eliminate-identity", "eliminate-dead-nodes", "fuse-matmul-add"} <= names
+    assert {
+        "fold-constants",
+        "fold-batchnorm",
+        "eliminate-identity",
+        "eliminate-dead-nodes",
+        "fuse-matmul-add",
+    } <= names
 
 
 def test_print_pipeline_and_version(example_model):

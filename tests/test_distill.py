@@ -18,7 +18,8 @@ from graphslim.core.ir import load_model
 def _has_training() -> bool:
     try:
         return importlib.util.find_spec("onnxruntime.training") is not None and bool(
-            __import__("onnxruntime.training.api"))
+            __import__("onnxruntime.training.api")
+        )
     except ImportError:
         return False
 
@@ -42,8 +43,13 @@ def _acc(model: onnx.ModelProto, data) -> float:
 def test_distill_recovers_pruned_student_and_lowers_kd_loss(digits):
     model, data = digits
     student, _ = apply(model, "fold-batchnorm,eliminate-identity,prune-channels{ratio=0.5}")
-    out, recs = apply(model, "fold-batchnorm,eliminate-identity,prune-channels{ratio=0.5},distill{epochs=6}",
-                      data=data, teacher=model, seed=0)
+    out, recs = apply(
+        model,
+        "fold-batchnorm,eliminate-identity,prune-channels{ratio=0.5},distill{epochs=6}",
+        data=data,
+        teacher=model,
+        seed=0,
+    )
     st = recs[-1].stats
     hist = st["history"]
     best = next(h for h in hist if h["epoch"] == st["best_epoch"])
@@ -103,9 +109,14 @@ def test_distill_streams_sharded_training_data(digits, tmp_path):
         for i, start in enumerate(range(lo, hi, 100)):
             part = data.slice(start, min(start + 100, hi))
             np.savez(tmp_path / folder / f"shard{i}.npz", input=part.inputs["input"], labels=part.labels)
-    res = optimize(EXAMPLE / "model.onnx", None,
-                   pipeline="fold-batchnorm,eliminate-identity,prune-channels{ratio=0.5},distill{epochs=4}",
-                   train_data=tmp_path / "train", eval_data=tmp_path / "eval", measure_latency=False)
+    res = optimize(
+        EXAMPLE / "model.onnx",
+        None,
+        pipeline="fold-batchnorm,eliminate-identity,prune-channels{ratio=0.5},distill{epochs=4}",
+        train_data=tmp_path / "train",
+        eval_data=tmp_path / "eval",
+        measure_latency=False,
+    )
     st = next(p for p in res.report["passes"] if p["name"] == "distill")["stats"]
     # distill validates on whole shards held out of the training data; the report's 97 eval
     # samples are seen by no pass.

@@ -14,15 +14,23 @@ def _n_params(m: onnx.ModelProto) -> int:
 
 def _low_rank(rng: np.random.Generator, shape: tuple[int, ...], rank: int) -> np.ndarray:
     *batch, m, n = shape
-    return (rng.standard_normal((*batch, m, rank)) @ rng.standard_normal((*batch, rank, n)) / np.sqrt(rank)).astype(np.float32)
+    return (rng.standard_normal((*batch, m, rank)) @ rng.standard_normal((*batch, rank, n)) / np.sqrt(rank)).astype(
+        np.float32
+    )
 
 
 def test_gemm_of_true_rank_is_exact_and_keeps_bias():
     b = ModelBuilder("g", (1, 64))
     rng = np.random.default_rng(0)
     w = _low_rank(rng, (48, 64), 4)  # transB layout: out x in
-    y = b.node("Gemm", ["input", b.const(w), b.const(rng.standard_normal(48).astype(np.float32), "b")], (1, 48),
-               transB=1, alpha=0.5, beta=2.0)
+    y = b.node(
+        "Gemm",
+        ["input", b.const(w), b.const(rng.standard_normal(48).astype(np.float32), "b")],
+        (1, 48),
+        transB=1,
+        alpha=0.5,
+        beta=2.0,
+    )
     model = b.build(b.relu(y))
     out, recs = apply(model, "factorize-svd{rank=4}")
     assert op_types(out) == ["Gemm", "Gemm", "Relu"]
@@ -39,8 +47,14 @@ def test_conv_of_true_rank_is_exact_spatial_then_pointwise():
     b = ModelBuilder("c", (1, 8, 12, 12))
     rng = np.random.default_rng(1)
     w = _low_rank(rng, (32, 8 * 9), 5).reshape(32, 8, 3, 3)
-    y = b.node("Conv", ["input", b.const(w), b.const(rng.standard_normal(32).astype(np.float32), "b")], (1, 32, 6, 6),
-               kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    y = b.node(
+        "Conv",
+        ["input", b.const(w), b.const(rng.standard_normal(32).astype(np.float32), "b")],
+        (1, 32, 6, 6),
+        kernel_shape=[3, 3],
+        strides=[2, 2],
+        pads=[1, 1, 1, 1],
+    )
     model = b.build(y)
     out, recs = apply(model, "factorize-svd{rank=5}")
     assert op_types(out) == ["Conv", "Conv"]

@@ -13,8 +13,9 @@ from models import plain_cnn, resnet
 
 SEEDS = [(EXAMPLE / "model.onnx").read_bytes(), plain_cnn().SerializeToString(), resnet().SerializeToString()]
 # 80 fresh mutants, plus the files that once broke a promise (found by benchmarks/fuzz.py).
-CORPUS = list(mutants(SEEDS, 80, seed=1234)) + [(p.stem, p.read_bytes())
-                                               for p in sorted((Path(__file__).parent / "corpus").glob("*.onnx"))]
+CORPUS = list(mutants(SEEDS, 80, seed=1234)) + [
+    (p.stem, p.read_bytes()) for p in sorted((Path(__file__).parent / "corpus").glob("*.onnx"))
+]
 
 
 @pytest.mark.parametrize("name, data", CORPUS, ids=[c[0] for c in CORPUS])

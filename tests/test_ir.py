@@ -82,8 +82,9 @@ def test_external_data_outside_model_folder_is_refused(tmp_path):
 
 def test_external_data_inside_folder_loads(tmp_path):
     model = plain_cnn()
-    onnx.save_model(plain_cnn(), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
-                    size_threshold=0)
+    onnx.save_model(
+        plain_cnn(), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0
+    )
     assert (tmp_path / "m.data").stat().st_size > 0
     loaded = load_model(tmp_path / "m.onnx")
     assert_same_outputs(model, loaded)

@@ -72,21 +72,33 @@ def test_lanes_follow_the_target_vector_width():
 
 @needs_avx2
 @pytest.mark.parametrize("lanes", LANES)
-@pytest.mark.parametrize("m, k, n, groups, relu", [(1, 64, 128, 8, False), (1, 37, 16, 1, True), (3, 48, 32, 2, True),
-                                                   (4, 128, 16, 1, False), (32, 96, 64, 2, True), (6, 16, 192, 4, False)])
+@pytest.mark.parametrize(
+    "m, k, n, groups, relu",
+    [
+        (1, 64, 128, 8, False),
+        (1, 37, 16, 1, True),
+        (3, 48, 32, 2, True),
+        (4, 128, 16, 1, False),
+        (32, 96, 64, 2, True),
+        (6, 16, 192, 4, False),
+    ],
+)
 def test_binary_dense_kernel_matches_numpy(lanes, m, k, n, groups, relu):
     if n % (lanes * groups):
         pytest.skip("outputs not a whole number of tiles")
     w = binary_weight(n, k, seed=m + k)
     negative, alpha = split_binary(w)
-    lib = tvm.tirx.build(binary_dense_func(m, k, n, groups, relu=relu, lanes=lanes).with_attr("global_symbol", "main"),
-                         target=target_for(lanes))
+    lib = tvm.tirx.build(
+        binary_dense_func(m, k, n, groups, relu=relu, lanes=lanes).with_attr("global_symbol", "main"),
+        target=target_for(lanes),
+    )
     rng = np.random.default_rng(1)
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x, pack_signs(negative, groups, lanes), decode_table(lanes), alpha,
-                                                   bias)), y)
+    lib["main"](
+        *(tvm.runtime.tensor(a) for a in (x, pack_signs(negative, groups, lanes), decode_table(lanes), alpha, bias)), y
+    )
     ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias
     np.testing.assert_allclose(y.numpy(), np.maximum(ref, 0) if relu else ref, rtol=1e-4, atol=1e-4)
 
@@ -97,17 +109,22 @@ def conv_reference(x: np.ndarray, w_hwio: np.ndarray, stride: tuple[int, int], o
     ref = np.zeros((x.shape[0], ho, wo, w_hwio.shape[3]))
     for i in range(kh):
         for j in range(kw):
-            patch = x[:, i:i + stride[0] * (ho - 1) + 1:stride[0], j:j + stride[1] * (wo - 1) + 1:stride[1], :]
+            patch = x[:, i : i + stride[0] * (ho - 1) + 1 : stride[0], j : j + stride[1] * (wo - 1) + 1 : stride[1], :]
             ref += np.einsum("nhwc,ck->nhwk", patch.astype(np.float64), w_hwio[i, j].astype(np.float64))
     return ref
 
 
 @needs_avx2
 @pytest.mark.parametrize("lanes", LANES)
-@pytest.mark.parametrize("shape, kernel, stride, k, groups", [
-    ((1, 10, 10, 3), (3, 3), (1, 1), 16, 1), ((2, 9, 11, 8), (3, 3), (2, 2), 16, 1),
-    ((1, 6, 6, 12), (1, 1), (1, 1), 48, 1), ((1, 8, 8, 16), (5, 5), (1, 1), 32, 2),
-])
+@pytest.mark.parametrize(
+    "shape, kernel, stride, k, groups",
+    [
+        ((1, 10, 10, 3), (3, 3), (1, 1), 16, 1),
+        ((2, 9, 11, 8), (3, 3), (2, 2), 16, 1),
+        ((1, 6, 6, 12), (1, 1), (1, 1), 48, 1),
+        ((1, 8, 8, 16), (5, 5), (1, 1), 32, 2),
+    ],
+)
 def test_binary_conv_kernel_matches_numpy(lanes, shape, kernel, stride, k, groups):
     if lanes == 8:
         groups *= 2
@@ -121,16 +138,18 @@ def test_binary_conv_kernel_matches_numpy(lanes, shape, kernel, stride, k, group
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     bias = np.linspace(-1, 1, k).astype(np.float32)
     y = tvm.runtime.tensor(np.full((n, ho, wo, k), np.nan, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x, pack_signs(negative, groups, lanes), decode_table(lanes), alpha,
-                                                   bias)), y)
+    lib["main"](
+        *(tvm.runtime.tensor(a) for a in (x, pack_signs(negative, groups, lanes), decode_table(lanes), alpha, bias)), y
+    )
     w_hwio = matrix.reshape(k, kh, kw, c).transpose(1, 2, 3, 0)
     ref = np.maximum(conv_reference(x, w_hwio, stride, (ho, wo)) + bias, 0)
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_avx512_binary_kernel_decodes_words_with_mask_registers():
-    asm = tvm.tirx.build(binary_dense_func(4, 64, 64, 2, lanes=16).with_attr("global_symbol", "main"),
-                         target=AVX512).inspect_source("asm")
+    asm = tvm.tirx.build(
+        binary_dense_func(4, 64, 64, 2, lanes=16).with_attr("global_symbol", "main"), target=AVX512
+    ).inspect_source("asm")
     assert "vptest" in asm and "{%k" in asm and "zmm" in asm, asm[:2000]  # vptest(n)md -> k, masked blend
 
 

@@ -62,16 +62,19 @@ def test_int8_kernel_is_exact_against_numpy(isa_name, qdtype, m, k, n):
     y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
     bias = rng.standard_normal(n).astype(np.float32)
     lib["main"](*(tvm.runtime.tensor(a) for a in (q, pack_weights(w, lanes * g, isa), scale, offset, bias)), y)
-    np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset + bias).astype(np.float32),
-                               rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(
+        y.numpy(), (acc * scale.astype(np.float64) + offset + bias).astype(np.float32), rtol=1e-6, atol=1e-5
+    )
 
 
 ARM_DOT = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
 
 
 def test_int8_kernels_compile_to_the_aarch64_dot_product():
-    for func in (qdense_func(4, 64, 32, "uint8", NEON_DOT),
-                 qconv2d_func((1, 8, 6, 6), (3, 3), (1, 1), (1, 1, 1, 1), 16, 3, "uint8", NEON_DOT)):
+    for func in (
+        qdense_func(4, 64, 32, "uint8", NEON_DOT),
+        qconv2d_func((1, 8, 6, 6), (3, 3), (1, 1), (1, 1, 1, 1), 16, 3, "uint8", NEON_DOT),
+    ):
         asm = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=ARM_DOT).inspect_source("asm")
         assert "sdot" in asm, asm[:2000]
 
@@ -111,8 +114,11 @@ def test_qdq_layers_run_on_the_int8_kernel_and_match_onnx_runtime(target, tmp_pa
     got, ref = load_artifact(art.folder)(feeds)[0], run(model, feeds)[0]
     # integer accumulation is exact where ORT's QDQ float math rounds: at most one step of the
     # output's quantization scale apart
-    out_scale = next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer
-                     if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1])
+    out_scale = next(
+        onnx.numpy_helper.to_array(i)
+        for i in model.graph.initializer
+        if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1]
+    )
     np.testing.assert_allclose(got, ref, rtol=0, atol=float(out_scale) * 1.01)
     assert np.mean(np.argmax(got, 1) == np.argmax(ref, 1)) >= 0.75
 
@@ -125,10 +131,15 @@ def test_arm_target_keeps_qdq_on_the_float_path(tmp_path):
 
 @pytest.mark.parametrize("isa_name", ["avx2", pytest.param("vnni", marks=needs_vnni)])
 @pytest.mark.parametrize("qdtype, zp", [("uint8", 128), ("int8", -3)])
-@pytest.mark.parametrize("shape, kernel, stride, pads, k", [
-    ((1, 3, 10, 10), (3, 3), (1, 1), (1, 1, 1, 1), 16), ((2, 8, 9, 11), (3, 3), (2, 2), (1, 0, 2, 1), 8),
-    ((1, 12, 6, 6), (1, 1), (1, 1), (0, 0, 0, 0), 24), ((1, 16, 8, 8), (5, 5), (1, 1), (2, 2, 2, 2), 32),
-])
+@pytest.mark.parametrize(
+    "shape, kernel, stride, pads, k",
+    [
+        ((1, 3, 10, 10), (3, 3), (1, 1), (1, 1, 1, 1), 16),
+        ((2, 8, 9, 11), (3, 3), (2, 2), (1, 0, 2, 1), 8),
+        ((1, 12, 6, 6), (1, 1), (1, 1), (0, 0, 0, 0), 24),
+        ((1, 16, 8, 8), (5, 5), (1, 1), (2, 2, 2, 2), 32),
+    ],
+)
 def test_int8_conv_kernel_is_exact_against_numpy(isa_name, qdtype, zp, shape, kernel, stride, pads, k):
     """Integer result exact (int64 reference on the input padded with the zero point), odd channel
     counts included; NHWC in and out."""
@@ -150,15 +161,17 @@ def test_int8_conv_kernel_is_exact_against_numpy(isa_name, qdtype, zp, shape, ke
     acc = np.zeros((shape[0], ho, wo, k), np.int64)
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            patch = qp[:, :, i:i + stride[0] * (ho - 1) + 1:stride[0], j:j + stride[1] * (wo - 1) + 1:stride[1]]
+            patch = qp[:, :, i : i + stride[0] * (ho - 1) + 1 : stride[0], j : j + stride[1] * (wo - 1) + 1 : stride[1]]
             acc += np.einsum("nchw,kc->nhwk", patch, w[:, :, i, j].astype(np.int64))
     y = tvm.runtime.tensor(np.full((shape[0], ho, wo, k), np.nan, np.float32))
     q_nhwc = np.ascontiguousarray(q.transpose(0, 2, 3, 1))
     bias = rng.standard_normal(k).astype(np.float32)
-    lib["main"](*(tvm.runtime.tensor(a) for a in (q_nhwc, pack_conv_weights(w, lanes * g, isa), scale, offset,
-                                                   bias)), y)
-    np.testing.assert_allclose(y.numpy(), (acc * scale.astype(np.float64) + offset + bias).astype(np.float32),
-                               rtol=1e-6, atol=1e-5)
+    lib["main"](
+        *(tvm.runtime.tensor(a) for a in (q_nhwc, pack_conv_weights(w, lanes * g, isa), scale, offset, bias)), y
+    )
+    np.testing.assert_allclose(
+        y.numpy(), (acc * scale.astype(np.float64) + offset + bias).astype(np.float32), rtol=1e-6, atol=1e-5
+    )
 
 
 def qdq_cnn(batch: int = 2):
@@ -186,8 +199,11 @@ def test_qdq_convolutions_run_on_the_int8_kernel_and_match_onnx_runtime(target, 
     got, ref = load_artifact(art.folder)(feeds)[0], run(model, feeds)[0]
     # exact integer accumulation vs ORT's float QDQ math: a requantization can move by one step per
     # layer; bound the output by a few steps of its scale
-    out_scale = next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer
-                     if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1])
+    out_scale = next(
+        onnx.numpy_helper.to_array(i)
+        for i in model.graph.initializer
+        if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1]
+    )
     assert np.max(np.abs(got - ref)) <= 4 * float(out_scale), np.max(np.abs(got - ref)) / float(out_scale)
     assert np.mean(np.abs(got - ref) <= 1.01 * float(out_scale)) >= 0.9
 
@@ -203,8 +219,11 @@ def test_qdq_layers_on_the_arm_dot_product_run_under_qemu(model_fn, batch, tmp_p
     x = sample_inputs(model, batch)["input"]
     got = run_aarch64(tmp_path / "arm" / art.meta["library"], x, tmp_path)
     ref = run(model, {"input": x})[0]
-    out_scale = next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer
-                     if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1])
+    out_scale = next(
+        onnx.numpy_helper.to_array(i)
+        for i in model.graph.initializer
+        if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1]
+    )
     assert np.max(np.abs(got - ref)) <= 4 * float(out_scale), np.max(np.abs(got - ref)) / float(out_scale)
 
 

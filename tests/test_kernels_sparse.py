@@ -36,16 +36,23 @@ def test_to_bsr_round_trips(block, sparsity):
     dense = np.zeros_like(w)
     for row in range(len(indptr) - 1):
         for p in range(indptr[row], indptr[row + 1]):
-            dense[row * br:(row + 1) * br, indices[p] * bc:(indices[p] + 1) * bc] = data[p].T
+            dense[row * br : (row + 1) * br, indices[p] * bc : (indices[p] + 1) * bc] = data[p].T
     np.testing.assert_array_equal(dense, w)
     assert len(indices) == int(np.count_nonzero(np.abs(w).reshape(32 // br, br, 48 // bc, bc).max(axis=(1, 3))))
 
 
 @needs_avx2
 @pytest.mark.parametrize("block", [(16, 1), (4, 4), (1, 4)])
-@pytest.mark.parametrize("m, k, n, sparsity, relu", [(1, 64, 32, 0.9, False), (3, 48, 64, 0.5, True),
-                                                     (8, 128, 48, 0.0, False), (32, 64, 64, 0.95, True),
-                                                     (6, 32, 16, 1.0, False)])
+@pytest.mark.parametrize(
+    "m, k, n, sparsity, relu",
+    [
+        (1, 64, 32, 0.9, False),
+        (3, 48, 64, 0.5, True),
+        (8, 128, 48, 0.0, False),
+        (32, 64, 64, 0.95, True),
+        (6, 32, 16, 1.0, False),
+    ],
+)
 def test_bsr_kernel_matches_numpy(block, m, k, n, sparsity, relu):
     w = block_sparse(n, k, block, sparsity, seed=m + k)
     data, indices, indptr = to_bsr(w, block)
@@ -66,8 +73,9 @@ def test_bsr_kernel_matches_numpy(block, m, k, n, sparsity, relu):
 def test_bsr_kernel_compiles_for_aarch64_with_neon(block):
     w = block_sparse(32, 64, block, 0.8)
     _, indices, _ = to_bsr(w, block)
-    lib = tvm.tirx.build(bsr_dense_func(4, 64, 32, block, len(indices)).with_attr("global_symbol", "main"),
-                         target=AARCH64)
+    lib = tvm.tirx.build(
+        bsr_dense_func(4, 64, 32, block, len(indices)).with_attr("global_symbol", "main"), target=AARCH64
+    )
     asm = lib.inspect_source("asm")
     assert "fmla" in asm or "fmul" in asm  # NEON / AArch64 floating-point code
 
@@ -142,10 +150,15 @@ def test_sparse_conv_rewrite_matches_onnx_runtime(block, tmp_path):
 
 
 @needs_avx2
-@pytest.mark.parametrize("shape, kernel, stride, k, block", [
-    ((1, 10, 10, 3), (3, 3), (1, 1), 16, (16, 1)), ((2, 9, 11, 8), (3, 3), (2, 2), 8, (4, 4)),
-    ((1, 6, 6, 12), (1, 1), (1, 1), 4, (1, 4)), ((1, 8, 8, 16), (5, 5), (1, 1), 32, (16, 1)),
-])
+@pytest.mark.parametrize(
+    "shape, kernel, stride, k, block",
+    [
+        ((1, 10, 10, 3), (3, 3), (1, 1), 16, (16, 1)),
+        ((2, 9, 11, 8), (3, 3), (2, 2), 8, (4, 4)),
+        ((1, 6, 6, 12), (1, 1), (1, 1), 4, (1, 4)),
+        ((1, 8, 8, 16), (5, 5), (1, 1), 32, (16, 1)),
+    ],
+)
 def test_bsr_conv_kernel_matches_numpy(shape, kernel, stride, k, block):
     from graphslim.kernels.sparse import bsr_conv2d_func, conv_offsets
 
@@ -164,7 +177,7 @@ def test_bsr_conv_kernel_matches_numpy(shape, kernel, stride, k, block):
     ref = np.zeros((n, ho, wo, k), np.float32)
     for i in range(kh):
         for j in range(kw):
-            patch = x[:, i:i + stride[0] * (ho - 1) + 1:stride[0], j:j + stride[1] * (wo - 1) + 1:stride[1], :]
+            patch = x[:, i : i + stride[0] * (ho - 1) + 1 : stride[0], j : j + stride[1] * (wo - 1) + 1 : stride[1], :]
             ref += np.einsum("nhwc,kc->nhwk", patch, w4[:, :, i, j])
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4)
 

@@ -46,15 +46,27 @@ def test_parse_and_print_roundtrip():
     p = Pipeline.parse(text)
     opts = p[1].options
     assert (opts.ratio, opts.flag, opts.mode, opts.names, opts.block, opts.text) == (
-        0.25, True, "b", ("conv1", "a,b"), (16, 1), "x{y}")
+        0.25,
+        True,
+        "b",
+        ("conv1", "a,b"),
+        (16, 1),
+        "x{y}",
+    )
     assert Pipeline.parse(str(p)) == p
     assert str(Pipeline.parse(str(p))) == str(p)
 
 
 @pytest.mark.parametrize(
     "opts",
-    [dict(), dict(ratio=1e-9), dict(count=0, names=("",), text="true"), dict(text="0.5"), dict(limit=2.5),
-     dict(names=("with space", 'q"uote', "back\\slash"), mode="b")],
+    [
+        dict(),
+        dict(ratio=1e-9),
+        dict(count=0, names=("",), text="true"),
+        dict(text="0.5"),
+        dict(limit=2.5),
+        dict(names=("with space", 'q"uote', "back\\slash"), mode="b"),
+    ],
 )
 def test_roundtrip_property(opts):
     p = Pipeline([_Toy(**opts), get_pass("fold-constants")()])
@@ -93,9 +105,15 @@ def test_unknown_pass_lists_valid_ones():
 
 
 def test_recipe_json_and_yaml(tmp_path):
-    items = [{"name": "fold-batchnorm"}, "eliminate-dead-nodes", {"name": "toy-options", "options": {"ratio": 0.1, "names": ["a"]}}]
+    items = [
+        {"name": "fold-batchnorm"},
+        "eliminate-dead-nodes",
+        {"name": "toy-options", "options": {"ratio": 0.1, "names": ["a"]}},
+    ]
     (tmp_path / "r.json").write_text(json.dumps({"passes": items}))
-    (tmp_path / "r.yaml").write_text("- fold-batchnorm\n- eliminate-dead-nodes\n- name: toy-options\n  options: {ratio: 0.1, names: [a]}\n")
+    (tmp_path / "r.yaml").write_text(
+        "- fold-batchnorm\n- eliminate-dead-nodes\n- name: toy-options\n  options: {ratio: 0.1, names: [a]}\n"
+    )
     pj, py = Pipeline.from_recipe(tmp_path / "r.json"), Pipeline.from_recipe(tmp_path / "r.yaml")
     assert pj == py == Pipeline.parse("fold-batchnorm,eliminate-dead-nodes,toy-options{ratio=0.1,names=[a]}")
     (tmp_path / "bad.json").write_text("{not json")
@@ -108,7 +126,8 @@ def test_recipe_json_and_yaml(tmp_path):
 
 def test_raw_parse_handles_nesting():
     assert parse_pipeline_text('spiral{passes="prune{ratio=0.2},x",steps=3}') == [
-        ("spiral", {"passes": "prune{ratio=0.2},x", "steps": "3"})]
+        ("spiral", {"passes": "prune{ratio=0.2},x", "steps": "3"})
+    ]
 
 
 def test_registry_rejects_bad_names_and_mutable_options():

@@ -30,22 +30,53 @@ def test_example_plugin_installs_and_runs_in_a_pipeline(tmp_path):
     site = tmp_path / "site"
     _pip_install_target(ROOT / "examples" / "plugin", site)
     env = {**os.environ, "PYTHONPATH": str(site)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "graphslim.cli", *a], capture_output=True, text=True,  # noqa: E731
-                                    env=env, timeout=300)
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "graphslim.cli", *a],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+
     r = run("passes", "--json")
     assert r.returncode == 0, r.stderr
     assert "round-weights" in {p["name"] for p in json.loads(r.stdout)["passes"]}
     out = tmp_path / "out"
-    r = run("optimize", str(EXAMPLE / "model.onnx"), "-o", str(out), "--passes",
-            "fold-batchnorm,round-weights{decimals=2}", "--no-latency", "--json")
+    r = run(
+        "optimize",
+        str(EXAMPLE / "model.onnx"),
+        "-o",
+        str(out),
+        "--passes",
+        "fold-batchnorm,round-weights{decimals=2}",
+        "--no-latency",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["passes"][1]["stats"]["layers_rounded"] == 5
-    weights = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(out / "model.onnx")).graph.initializer
-               if len(i.dims) >= 2]
+    weights = [
+        onnx.numpy_helper.to_array(i) for i in onnx.load(str(out / "model.onnx")).graph.initializer if len(i.dims) >= 2
+    ]
     assert all(np.allclose(w, np.round(w, 2), atol=1e-6) for w in weights)
     # Without the plugin on the path the pass is unknown: exit 2 with the valid names.
-    r = subprocess.run([sys.executable, "-m", "graphslim.cli", "optimize", str(EXAMPLE / "model.onnx"), "-o",
-                        str(tmp_path / "x"), "--passes", "round-weights"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "graphslim.cli",
+            "optimize",
+            str(EXAMPLE / "model.onnx"),
+            "-o",
+            str(tmp_path / "x"),
+            "--passes",
+            "round-weights",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "unknown pass 'round-weights'" in r.stderr
 
 
@@ -53,9 +84,21 @@ def test_example_plugin_installs_and_runs_in_a_pipeline(tmp_path):
 def test_cmake_example_rebuilds_only_when_inputs_change(tmp_path):
     src, build = ROOT / "examples" / "cmake", tmp_path / "build"
     graphslim_exe = shutil.which("graphslim") or f"{sys.executable} -m graphslim.cli"
-    cfg = subprocess.run(["cmake", "-S", str(src), "-B", str(build), f"-DGRAPHSLIM_EXECUTABLE={graphslim_exe}",
-                          f"-DEXAMPLE_MODEL={EXAMPLE / 'model.onnx'}", f"-DEXAMPLE_DATA={EXAMPLE / 'data.npz'}"],
-                         capture_output=True, text=True, timeout=300)
+    cfg = subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(src),
+            "-B",
+            str(build),
+            f"-DGRAPHSLIM_EXECUTABLE={graphslim_exe}",
+            f"-DEXAMPLE_MODEL={EXAMPLE / 'model.onnx'}",
+            f"-DEXAMPLE_DATA={EXAMPLE / 'data.npz'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
 
     def build_once() -> str:
@@ -71,22 +114,43 @@ def test_cmake_example_rebuilds_only_when_inputs_change(tmp_path):
     assert "graphslim optimize" not in second and model.stat().st_mtime_ns == stamp  # up to date: no work
     recipe = build / "digits.recipe.json"
     time.sleep(1.1)
-    recipe.write_text(json.dumps({"passes": ["fold-batchnorm", {"name": "prune-channels", "options": {"ratio": 0.25}}]}))
+    recipe.write_text(
+        json.dumps({"passes": ["fold-batchnorm", {"name": "prune-channels", "options": {"ratio": 0.25}}]})
+    )
     third = build_once()
     assert "graphslim optimize" in third and model.stat().st_mtime_ns != stamp
 
 
 def test_cache_dir_reuses_outputs(tmp_path):
     cache = tmp_path / "cache"
-    a = graphslim.optimize(EXAMPLE / "model.onnx", tmp_path / "a", pipeline="fold-batchnorm,prune-channels{ratio=0.3}",
-                           data=EXAMPLE / "data.npz", cache_dir=cache, measure_latency=False)
-    b = graphslim.optimize(EXAMPLE / "model.onnx", tmp_path / "b", pipeline="fold-batchnorm,prune-channels{ratio=0.3}",
-                           data=EXAMPLE / "data.npz", cache_dir=cache, measure_latency=False)
+    a = graphslim.optimize(
+        EXAMPLE / "model.onnx",
+        tmp_path / "a",
+        pipeline="fold-batchnorm,prune-channels{ratio=0.3}",
+        data=EXAMPLE / "data.npz",
+        cache_dir=cache,
+        measure_latency=False,
+    )
+    b = graphslim.optimize(
+        EXAMPLE / "model.onnx",
+        tmp_path / "b",
+        pipeline="fold-batchnorm,prune-channels{ratio=0.3}",
+        data=EXAMPLE / "data.npz",
+        cache_dir=cache,
+        measure_latency=False,
+    )
     assert a.report["cache"] == {"key": a.report["cache"]["key"], "hit": False}
     assert b.report["cache"] == {"key": a.report["cache"]["key"], "hit": True}
     assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
-    c = graphslim.optimize(EXAMPLE / "model.onnx", None, pipeline="fold-batchnorm,prune-channels{ratio=0.3}",
-                           data=EXAMPLE / "data.npz", cache_dir=cache, seed=1, measure_latency=False)
+    c = graphslim.optimize(
+        EXAMPLE / "model.onnx",
+        None,
+        pipeline="fold-batchnorm,prune-channels{ratio=0.3}",
+        data=EXAMPLE / "data.npz",
+        cache_dir=cache,
+        seed=1,
+        measure_latency=False,
+    )
     assert c.report["cache"]["key"] != a.report["cache"]["key"] and c.report["cache"]["hit"] is False
 
 
@@ -109,10 +173,24 @@ def test_sigterm_leaves_previous_output_intact_or_complete(tmp_path):
     graphslim.optimize(EXAMPLE / "model.onnx", out, pipeline="fold-batchnorm", measure_latency=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     for delay in (0.5, 1.0, 1.5, 2.0, 2.5):
-        proc = subprocess.Popen([sys.executable, "-m", "graphslim.cli", "optimize", str(EXAMPLE / "model.onnx"), "-o",
-                                 str(out), "--data", str(EXAMPLE / "data.npz"), "--passes",
-                                 "fold-batchnorm,prune-channels{ratio=0.5},quantize-int8", "-q"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "graphslim.cli",
+                "optimize",
+                str(EXAMPLE / "model.onnx"),
+                "-o",
+                str(out),
+                "--data",
+                str(EXAMPLE / "data.npz"),
+                "--passes",
+                "fold-batchnorm,prune-channels{ratio=0.5},quantize-int8",
+                "-q",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)

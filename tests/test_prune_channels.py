@@ -9,8 +9,15 @@ from models import ARCHITECTURES, ModelBuilder, run, sample_inputs
 from graphslim.analysis.channels import channel_groups
 from graphslim.core.ir import Graph
 
-ZERO_PARAMS = {("BatchNormalization", 2), ("BatchNormalization", 3), ("Conv", 2), ("Add", 1), ("Sub", 1),
-               ("Add", 0), ("Gemm", 2)}
+ZERO_PARAMS = {
+    ("BatchNormalization", 2),
+    ("BatchNormalization", 3),
+    ("Conv", 2),
+    ("Add", 1),
+    ("Sub", 1),
+    ("Add", 0),
+    ("Gemm", 2),
+}
 
 
 def _graph(model: onnx.ModelProto) -> Graph:
@@ -47,10 +54,13 @@ def zero_channels(model: onnx.ModelProto, ratio: float, seed: int = 0) -> tuple[
                 cpg, opg = w.shape[1], w.shape[0] // groups
                 for d in dead:
                     gi = d // cpg
-                    w[gi * opg:(gi + 1) * opg, d % cpg] = 0
+                    w[gi * opg : (gi + 1) * opg, d % cpg] = 0
             else:
-                if u.kind == "param" and (u.node.op, u.index) not in ZERO_PARAMS and not (
-                        u.node.op == "Conv" and u.index == 1):
+                if (
+                    u.kind == "param"
+                    and (u.node.op, u.index) not in ZERO_PARAMS
+                    and not (u.node.op == "Conv" and u.index == 1)
+                ):
                     continue
                 idx = (u.offset + dead[:, None] * u.rep + np.arange(u.rep)[None, :]).reshape(-1)
                 view = np.moveaxis(w, u.axis, 0)
@@ -112,7 +122,9 @@ def test_concat_offsets_and_depthwise_group_attribute():
 def test_grouped_conv_keeps_equal_channels_per_group():
     out, recs = apply(ARCHITECTURES["grouped"](), "prune-channels{ratio=0.5}")
     inits = {i.name: i for i in out.graph.initializer}
-    grouped = [n for n in out.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i == 4 for a in n.attribute)]
+    grouped = [
+        n for n in out.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i == 4 for a in n.attribute)
+    ]
     assert len(grouped) == 2
     for n in grouped:
         assert inits[n.input[1]].dims[0] % 4 == 0

@@ -73,7 +73,9 @@ def test_binary_is_exact_on_weights_already_binary():
     model = b.build(b.gemm(b.flatten(b.gap(x)), 5))
     out, recs = apply(model, "quantize-binary")
     assert recs[0].stats["binarized"] == 1  # first conv and last gemm stay float
-    assert {s.reason.split(" (")[0] for s in recs[0].skipped} == {"first or last weight layer stays in higher precision"}
+    assert {s.reason.split(" (")[0] for s in recs[0].skipped} == {
+        "first or last weight layer stays in higher precision"
+    }
     dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear")
     inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     signs = inits[dq.input[0]]
@@ -81,11 +83,14 @@ def test_binary_is_exact_on_weights_already_binary():
     assert_same_outputs(model, out, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch, opts", [("resnet", ""), ("mlp", "op_types=[MatMul],"), ("plain_cnn", "scale=per_tensor,")])
+@pytest.mark.parametrize(
+    "arch, opts", [("resnet", ""), ("mlp", "op_types=[MatMul],"), ("plain_cnn", "scale=per_tensor,")]
+)
 def test_binary_on_networks(arch, opts):
     model = ARCHITECTURES[arch]()
-    out, recs = apply(model, f"quantize-binary{{{opts}skip_first_last=true}}", data=_data(model, 32, labels=True),
-                      verify=True)
+    out, recs = apply(
+        model, f"quantize-binary{{{opts}skip_first_last=true}}", data=_data(model, 32, labels=True), verify=True
+    )
     assert recs[0].stats["binarized"] >= 1
     for lay in recs[0].stats["layers"]:
         assert "accuracy_drop_points_alone" in lay

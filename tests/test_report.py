@@ -18,12 +18,30 @@ from graphslim.report import SCHEMA_PATH, layer_rows
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
-    pipes = {"prune": "fold-batchnorm,prune-channels{ratio=0.3}",
-             "mixed": "fold-batchnorm,prune-channels{ratio=0.3},factorize-svd{rank_ratio=0.5,min_saving=0},quantize-int8{max_drop=5}",
-             "spiral": 'fold-batchnorm,spiral{steps=2,passes="prune-channels{ratio=0.2}",distill="",max_drop=100}'}
+    pipes = {
+        "prune": "fold-batchnorm,prune-channels{ratio=0.3}",
+        "mixed": "fold-batchnorm,prune-channels{ratio=0.3},factorize-svd{rank_ratio=0.5,min_saving=0},quantize-int8{max_drop=5}",
+        "spiral": 'fold-batchnorm,spiral{steps=2,passes="prune-channels{ratio=0.2}",distill="",max_drop=100}',
+    }
     for name, pipe in pipes.items():
-        assert main(["optimize", str(EXAMPLE / "model.onnx"), "-o", str(base / name), "--data",
-                     str(EXAMPLE / "data.npz"), "--passes", pipe, "-q", "--max-accuracy-drop", "100"]) == 0
+        assert (
+            main(
+                [
+                    "optimize",
+                    str(EXAMPLE / "model.onnx"),
+                    "-o",
+                    str(base / name),
+                    "--data",
+                    str(EXAMPLE / "data.npz"),
+                    "--passes",
+                    pipe,
+                    "-q",
+                    "--max-accuracy-drop",
+                    "100",
+                ]
+            )
+            == 0
+        )
     return base
 
 
@@ -78,9 +96,25 @@ def test_compare_command(runs, tmp_path, capsys):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_html_renders_in_headless_chromium(runs, tmp_path):
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,1800", f"--screenshot={shot}",
-                    (runs / "spiral" / "report.html").as_uri()], capture_output=True, timeout=120, check=False)
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1100,1800",
+            f"--screenshot={shot}",
+            (runs / "spiral" / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 20_000  # a page with plots, not a blank one

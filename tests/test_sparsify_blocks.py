@@ -15,7 +15,9 @@ from graphslim.core.patterns import weight_matrix
 
 def _matrices(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     g = Graph.from_model(model)
-    return {n.name: m for n in g.nodes if n.op in ("Conv", "Gemm", "MatMul") for m in [weight_matrix(g, n)] if m is not None}
+    return {
+        n.name: m for n in g.nodes if n.op in ("Conv", "Gemm", "MatMul") for m in [weight_matrix(g, n)] if m is not None
+    }
 
 
 @pytest.mark.parametrize("block", [(1, 4), (4, 4), (16, 1)])

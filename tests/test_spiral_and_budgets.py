@@ -25,8 +25,12 @@ def digits():
 
 def test_spiral_without_distill_rolls_back_past_the_budget(digits):
     model, data = digits
-    out, recs = apply(model, 'fold-batchnorm,spiral{steps=4,passes="prune-channels{ratio=0.3}",distill="",'
-                             'target_params=0.05,max_drop=5.0}', data=data, teacher=model)
+    out, recs = apply(
+        model,
+        'fold-batchnorm,spiral{steps=4,passes="prune-channels{ratio=0.3}",distill="",target_params=0.05,max_drop=5.0}',
+        data=data,
+        teacher=model,
+    )
     st = recs[-1].stats
     curve = st["curve"]
     assert curve[0]["step"] == 0 and len(curve) >= 2
@@ -36,43 +40,102 @@ def test_spiral_without_distill_rolls_back_past_the_budget(digits):
     # The result is the last kept step, not the rolled-back one.
     n_params = sum(int(np.prod(i.dims)) for i in out.graph.initializer if i.data_type == 1)
     assert n_params / sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type == 1) == pytest.approx(
-        kept[-1]["r_params"], abs=0.02)
+        kept[-1]["r_params"], abs=0.02
+    )
 
 
 @training
 def test_spiral_with_distill_reaches_a_quarter_within_budget(digits):
     model, data = digits
-    out, recs = apply(model, 'fold-batchnorm,eliminate-identity,spiral{steps=5,passes="prune-channels{ratio=0.3}",'
-                             'distill="distill{epochs=8}",target_params=0.3,max_drop=3.0}', data=data, teacher=model)
+    out, recs = apply(
+        model,
+        'fold-batchnorm,eliminate-identity,spiral{steps=5,passes="prune-channels{ratio=0.3}",'
+        'distill="distill{epochs=8}",target_params=0.3,max_drop=3.0}',
+        data=data,
+        teacher=model,
+    )
     st = recs[-1].stats
     assert st["final_drop_points"] <= 3.0
     assert st["final_r_params"] < 0.6
 
 
 def test_eval_command_accuracy_and_fidelity(tmp_path, capsys):
-    assert main(["eval", str(EXAMPLE / "model.onnx"), "--data", str(EXAMPLE / "data.npz"),
-                 "--reference", str(EXAMPLE / "model.onnx"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(EXAMPLE / "model.onnx"),
+                "--data",
+                str(EXAMPLE / "data.npz"),
+                "--reference",
+                str(EXAMPLE / "model.onnx"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["accuracy"] > 0.95 and out["fidelity"]["top1_agreement"] == 1.0 and out["fidelity"]["max_abs_diff"] == 0
     d = np.load(EXAMPLE / "data.npz")
     np.savez(tmp_path / "nolabels.npz", input=d["input"][:20])
-    r = subprocess.run([sys.executable, "-m", "graphslim.cli", "eval", str(EXAMPLE / "model.onnx"), "--data",
-                        str(tmp_path / "nolabels.npz")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "graphslim.cli",
+            "eval",
+            str(EXAMPLE / "model.onnx"),
+            "--data",
+            str(tmp_path / "nolabels.npz"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--reference" in r.stderr
 
 
 def test_budgets_exit_3_and_keep_outputs(tmp_path, capsys):
     out = tmp_path / "o"
-    code = main(["optimize", str(EXAMPLE / "model.onnx"), "-o", str(out), "--data", str(EXAMPLE / "data.npz"),
-                 "--passes", "fold-batchnorm,prune-channels{ratio=0.7}", "--max-accuracy-drop", "1",
-                 "--min-compression", "0.5", "--no-latency", "--json"])
+    code = main(
+        [
+            "optimize",
+            str(EXAMPLE / "model.onnx"),
+            "-o",
+            str(out),
+            "--data",
+            str(EXAMPLE / "data.npz"),
+            "--passes",
+            "fold-batchnorm,prune-channels{ratio=0.7}",
+            "--max-accuracy-drop",
+            "1",
+            "--min-compression",
+            "0.5",
+            "--no-latency",
+            "--json",
+        ]
+    )
     assert code == 3
     rep = json.loads(capsys.readouterr().out)
     assert rep["budgets"]["max_accuracy_drop"]["met"] is False
     assert rep["budgets"]["min_compression"]["met"] is True
     assert (out / "model.onnx").exists() and (out / "report.json").exists()
-    code = main(["optimize", str(EXAMPLE / "model.onnx"), "-o", str(tmp_path / "p"), "--data", str(EXAMPLE / "data.npz"),
-                 "--max-accuracy-drop", "0.5", "--min-compression", "1.0", "--max-latency-ms", "1000", "-q"])
+    code = main(
+        [
+            "optimize",
+            str(EXAMPLE / "model.onnx"),
+            "-o",
+            str(tmp_path / "p"),
+            "--data",
+            str(EXAMPLE / "data.npz"),
+            "--max-accuracy-drop",
+            "0.5",
+            "--min-compression",
+            "1.0",
+            "--max-latency-ms",
+            "1000",
+            "-q",
+        ]
+    )
     assert code == 0
 
 
@@ -99,7 +162,8 @@ def test_data_from_shards_and_entry_point(tmp_path, digits, monkeypatch):
     (tmp_path / "mydata.py").write_text(
         "import numpy as np\n"
         f"def batches():\n    d = np.load({str(EXAMPLE / 'data.npz')!r})\n"
-        "    for i in range(0, 64, 16):\n        yield {'input': d['input'][i:i+16], 'labels': d['labels'][i:i+16]}\n")
+        "    for i in range(0, 64, 16):\n        yield {'input': d['input'][i:i+16], 'labels': d['labels'][i:i+16]}\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     ep = load_data("mydata:batches", model)
     assert len(ep) == 64 and np.array_equal(ep.labels, data.labels[:64])
@@ -115,8 +179,13 @@ def test_optimize_with_sharded_data(tmp_path, digits):
     for i in range(4):
         part = data.slice(i * 120, (i + 1) * 120)
         np.savez(tmp_path / "shards" / f"part{i}.npz", input=part.inputs["input"], labels=part.labels)
-    res = optimize(EXAMPLE / "model.onnx", None, pipeline="fold-batchnorm,quantize-int8{max_drop=5}",
-                   data=tmp_path / "shards", measure_latency=False)
+    res = optimize(
+        EXAMPLE / "model.onnx",
+        None,
+        pipeline="fold-batchnorm,quantize-int8{max_drop=5}",
+        data=tmp_path / "shards",
+        measure_latency=False,
+    )
     # One whole shard is held out for the report before any pass runs; calibration streams the rest.
     assert res.report["data"]["train_samples"] == 360 and res.report["data"]["eval_samples"] == 120
     assert res.report["accuracy"]["samples"] == 120 and res.report["accuracy"]["drop_points"] <= 5

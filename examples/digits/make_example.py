@@ -61,7 +61,7 @@ def train() -> tuple[Net, np.ndarray, np.ndarray]:
         net.train()
         order = torch.randperm(len(xt))
         for i in range(0, len(xt), 64):
-            idx = order[i:i + 64]
+            idx = order[i : i + 64]
             opt.zero_grad()
             loss = nn.functional.cross_entropy(net(xt[idx]), yt[idx])
             loss.backward()
@@ -80,8 +80,13 @@ def to_onnx(net: Net) -> onnx.ModelProto:
 
     def bn(i: int, x: str) -> onnx.NodeProto:
         p = f"b{i}"
-        return helper.make_node("BatchNormalization", [x, f"{p}.weight", f"{p}.bias", f"{p}.running_mean",
-                                                       f"{p}.running_var"], [f"bn{i}"], name=f"bn{i}", epsilon=1e-5)
+        return helper.make_node(
+            "BatchNormalization",
+            [x, f"{p}.weight", f"{p}.bias", f"{p}.running_mean", f"{p}.running_var"],
+            [f"bn{i}"],
+            name=f"bn{i}",
+            epsilon=1e-5,
+        )
 
     nodes = [
         helper.make_node("Conv", ["input", "c1.weight"], ["conv1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -102,10 +107,12 @@ def to_onnx(net: Net) -> onnx.ModelProto:
         helper.make_node("Gemm", ["drop", "fc2.weight", "fc2.bias"], ["logits"], name="fc2", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "digits_cnn",
+        nodes,
+        "digits_cnn",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        initializer=inits)
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="graphslim-example")
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -122,8 +129,10 @@ def main() -> None:
     out = ort.InferenceSession(str(HERE / "model.onnx")).run(None, {"input": x_test})[0]
     with torch.no_grad():
         ref = net(torch.from_numpy(x_test)).numpy()
-    print(f"held-out accuracy (onnxruntime): {(out.argmax(1) == y_test).mean():.4f}; "
-          f"max |onnx - torch| = {np.abs(out - ref).max():.2e}")
+    print(
+        f"held-out accuracy (onnxruntime): {(out.argmax(1) == y_test).mean():.4f}; "
+        f"max |onnx - torch| = {np.abs(out - ref).max():.2e}"
+    )
 
 
 if __name__ == "__main__":

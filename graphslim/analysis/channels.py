@@ -118,11 +118,20 @@ class ChannelAnalysis:
             members = []
             for r in g.roots:
                 root = self.roots[r]
-                members.append({"root": root.origin, "uses": sorted({f"{u.node.name}:{u.kind}" for u in self.uses.get(r, [])})})
-            out.append({"group": g.id, "channels": g.size, "prunable": g.prunable,
-                        "prunable_channels": g.size - g.slices if g.prunable else 0,
-                        "why_not": sorted(set(g.frozen)) if g.frozen else ([] if g.size > 1 else ["single channel"]),
-                        "slices": g.slices, "members": members})
+                members.append(
+                    {"root": root.origin, "uses": sorted({f"{u.node.name}:{u.kind}" for u in self.uses.get(r, [])})}
+                )
+            out.append(
+                {
+                    "group": g.id,
+                    "channels": g.size,
+                    "prunable": g.prunable,
+                    "prunable_channels": g.size - g.slices if g.prunable else 0,
+                    "why_not": sorted(set(g.frozen)) if g.frozen else ([] if g.size > 1 else ["single channel"]),
+                    "slices": g.slices,
+                    "members": members,
+                }
+            )
         return out
 
 
@@ -194,8 +203,11 @@ class _Analyzer:
 
     def couple(self, a: TensorChannels, b: TensorChannels, where: str) -> bool:
         """Make two channel maps share channels (elementwise op). False if they could not."""
-        if a.axis != b.axis or len(a.segs) != len(b.segs) or any(
-                (x.length, x.rep) != (y.length, y.rep) for x, y in zip(a.segs, b.segs, strict=True)):
+        if (
+            a.axis != b.axis
+            or len(a.segs) != len(b.segs)
+            or any((x.length, x.rep) != (y.length, y.rep) for x, y in zip(a.segs, b.segs, strict=True))
+        ):
             reason = f"channels of the operands of '{where}' do not line up"
             self.freeze(a, reason)
             self.freeze(b, reason)
@@ -277,8 +289,9 @@ def _handles(*ops: str) -> Callable[[Handler], Handler]:
     return deco
 
 
-def _const_uses(an: _Analyzer, node: Node, tc: TensorChannels, kind: str, index: int, axis: int, rep: int = 1,
-                base_offset: int = 0) -> None:
+def _const_uses(
+    an: _Analyzer, node: Node, tc: TensorChannels, kind: str, index: int, axis: int, rep: int = 1, base_offset: int = 0
+) -> None:
     """Record that constant input ``index`` is indexed by ``tc``'s channels along ``axis``."""
     off = base_offset
     for s in tc.segs:
@@ -315,7 +328,10 @@ def _conv(an: _Analyzer, node: Node) -> None:
         return
     if groups == cin == cout:  # depthwise: channel i in, channel i out
         if x is None:
-            an.set(node.outputs[0], an.fresh(node.outputs[0], node, 1, f"input of depthwise Conv '{node.name}' is not analyzable"))
+            an.set(
+                node.outputs[0],
+                an.fresh(node.outputs[0], node, 1, f"input of depthwise Conv '{node.name}' is not analyzable"),
+            )
             return
         _const_uses(an, node, x, "param", 1, 0)
         if _has_bias(node):
@@ -418,17 +434,55 @@ def _matmul(an: _Analyzer, node: Node) -> None:
     an.set(node.outputs[0], TensorChannels(rank - 1, (Seg(rid, w.shape[1]),)))
 
 
-_UNARY = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Softplus",
-          "Softsign", "Gelu", "Mish", "Exp", "Log", "Abs", "Neg", "Sqrt", "Erf", "Identity", "Floor", "Ceil", "Round",
-          "Sin", "Cos", "Reciprocal", "ThresholdedRelu", "Sign", "Cast", "Dropout", "MaxPool", "AveragePool", "LpPool",
-          "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Shrink")
+_UNARY = (
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "HardSigmoid",
+    "HardSwish",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Softplus",
+    "Softsign",
+    "Gelu",
+    "Mish",
+    "Exp",
+    "Log",
+    "Abs",
+    "Neg",
+    "Sqrt",
+    "Erf",
+    "Identity",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sin",
+    "Cos",
+    "Reciprocal",
+    "ThresholdedRelu",
+    "Sign",
+    "Cast",
+    "Dropout",
+    "MaxPool",
+    "AveragePool",
+    "LpPool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "GlobalLpPool",
+    "Shrink",
+)
 
 
 @_handles(*_UNARY)
 def _unary(an: _Analyzer, node: Node) -> None:
     x = an.get(node.inputs[0])
-    if node.op in ("Dropout", "MaxPool") and len(node.outputs) > 1 and (
-            an.g.consumers(node.outputs[1]) or an.g.is_graph_output(node.outputs[1])):
+    if (
+        node.op in ("Dropout", "MaxPool")
+        and len(node.outputs) > 1
+        and (an.g.consumers(node.outputs[1]) or an.g.is_graph_output(node.outputs[1]))
+    ):
         an.freeze(x, f"the second output of {node.op} '{node.name}' is used")
         return
     an.set(node.outputs[0], x)
@@ -457,7 +511,7 @@ def _norm(an: _Analyzer, node: Node) -> None:
     nparams = 4 if node.op == "BatchNormalization" else 2
     if x is None:
         return
-    if x.axis != 1 or any(an.g.constant(t) is None for t in node.inputs[1:1 + nparams]):
+    if x.axis != 1 or any(an.g.constant(t) is None for t in node.inputs[1 : 1 + nparams]):
         an.freeze(x, f"{node.op} '{node.name}' has non-constant parameters")
         an.set(node.outputs[0], x)
         return
@@ -565,8 +619,9 @@ def _split(an: _Analyzer, node: Node) -> None:
             an.set(o, x)
         return
     sizes = [g.shape(o)[axis] if g.shape(o) else None for o in node.outputs]
-    ok = all(isinstance(s, int) for s in sizes) and (len(node.inputs) < 2 or not node.inputs[1].name
-                                                      or g.constant(node.inputs[1]) is not None)
+    ok = all(isinstance(s, int) for s in sizes) and (
+        len(node.inputs) < 2 or not node.inputs[1].name or g.constant(node.inputs[1]) is not None
+    )
     parts: list[list[Seg]] = []
     if ok:
         segs, pos = list(x.segs), 0
@@ -595,18 +650,20 @@ def _split(an: _Analyzer, node: Node) -> None:
         an.set(o, TensorChannels(axis, tuple(part)))
 
 
-def _flatten_like(an: _Analyzer, node: Node, x: TensorChannels, in_shape: tuple, out_shape: tuple) -> TensorChannels | None:
+def _flatten_like(
+    an: _Analyzer, node: Node, x: TensorChannels, in_shape: tuple, out_shape: tuple
+) -> TensorChannels | None:
     """Channel map after a reshape, or None if channels do not survive it intact."""
     if not all(isinstance(d, int) for d in in_shape[1:]) or not all(isinstance(d, int) for d in out_shape[1:]):
         return None
-    lead = math.prod(in_shape[1:x.axis]) if x.axis > 1 else 1
-    tail = math.prod(in_shape[x.axis + 1:])
+    lead = math.prod(in_shape[1 : x.axis]) if x.axis > 1 else 1
+    tail = math.prod(in_shape[x.axis + 1 :])
     feats = in_shape[x.axis]
     # Find the output axis whose leading product matches.
     for a in range(1, len(out_shape)):
         if math.prod(out_shape[1:a]) != lead:
             continue
-        if out_shape[a] == feats and math.prod(out_shape[a + 1:]) == tail:
+        if out_shape[a] == feats and math.prod(out_shape[a + 1 :]) == tail:
             return TensorChannels(a, x.segs)
         if out_shape[a] == feats * tail and a == len(out_shape) - 1:
             return TensorChannels(a, tuple(Seg(s.root, s.length, s.rep * tail, s.start) for s in x.segs))
@@ -708,8 +765,18 @@ def _resize(an: _Analyzer, node: Node) -> None:
     an.set(node.outputs[0], x)
 
 
-@_handles("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceProd",
-          "Softmax", "LogSoftmax", "Hardmax")
+@_handles(
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceProd",
+    "Softmax",
+    "LogSoftmax",
+    "Hardmax",
+)
 def _reduce_like(an: _Analyzer, node: Node) -> None:
     g = an.g
     x = an.get(node.inputs[0])

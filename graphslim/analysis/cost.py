@@ -23,8 +23,24 @@ __all__ = ["CostReport", "LayerCost", "cost_model", "layer_macs"]
 
 _POOL = {"MaxPool", "AveragePool", "LpPool"}
 _GLOBAL_POOL = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
-_NO_COMPUTE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Constant", "Transpose",
-               "Concat", "Split", "Slice", "Gather", "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear"}
+_NO_COMPUTE = {
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Shape",
+    "Constant",
+    "Transpose",
+    "Concat",
+    "Split",
+    "Slice",
+    "Gather",
+    "Dropout",
+    "Cast",
+    "QuantizeLinear",
+    "DequantizeLinear",
+}
 
 
 @dataclass
@@ -45,9 +61,17 @@ class LayerCost:
         return self.zeros / self.float_params if self.float_params else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "op": self.op, "params": self.params, "macs": self.macs,
-                "other_ops": self.other_ops, "bytes": self.bytes, "sparsity": round(self.sparsity, 6),
-                "output_shape": self.output_shape, **self.extra}
+        return {
+            "name": self.name,
+            "op": self.op,
+            "params": self.params,
+            "macs": self.macs,
+            "other_ops": self.other_ops,
+            "bytes": self.bytes,
+            "sparsity": round(self.sparsity, 6),
+            "output_shape": self.output_shape,
+            **self.extra,
+        }
 
 
 @dataclass
@@ -65,11 +89,19 @@ class CostReport:
     outputs: list[dict[str, Any]]
 
     def to_dict(self, *, layers: bool = True) -> dict[str, Any]:
-        d: dict[str, Any] = {"params": self.params, "macs": self.macs, "flops": 2 * self.macs,
-                             "other_ops": self.other_ops, "size_bytes": self.size_bytes,
-                             "weight_bytes": self.weight_bytes, "sparsity": round(self.sparsity, 6),
-                             "nodes": self.nodes, "op_counts": self.op_counts, "inputs": self.inputs,
-                             "outputs": self.outputs}
+        d: dict[str, Any] = {
+            "params": self.params,
+            "macs": self.macs,
+            "flops": 2 * self.macs,
+            "other_ops": self.other_ops,
+            "size_bytes": self.size_bytes,
+            "weight_bytes": self.weight_bytes,
+            "sparsity": round(self.sparsity, 6),
+            "nodes": self.nodes,
+            "op_counts": self.op_counts,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+        }
         if layers:
             d["layers"] = [lc.to_dict() for lc in self.layers]
         return d
@@ -162,22 +194,40 @@ def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
         total_macs += macs
         total_other += other
         shp = graph.shape(node.outputs[0]) if node.outputs else None
-        layer = LayerCost(node.name, node.op, params, macs, other, nbytes, zeros, nfloat,
-                          list(shp) if shp is not None else None)
+        layer = LayerCost(
+            node.name, node.op, params, macs, other, nbytes, zeros, nfloat, list(shp) if shp is not None else None
+        )
         if node.op in ("Conv", "Gemm", "MatMul") and zeros:
             m = weight_matrix(graph, node)
             if m is not None:
-                layer.extra["block_sparsity"] = {f"{b[0]}x{b[1]}": round(block_sparsity(m, b), 6)
-                                                 for b in STANDARD_BLOCKS}
+                layer.extra["block_sparsity"] = {
+                    f"{b[0]}x{b[1]}": round(block_sparsity(m, b), 6) for b in STANDARD_BLOCKS
+                }
         if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
             layer.extra.update(_weight_info(graph, node))
         layers.append(layer)
     io = []
     for group in (graph.inputs, graph.outputs):
-        io.append([{"name": t.name, "shape": list(graph.shape(t) or []),
-                    "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None} for t in group])
+        io.append(
+            [
+                {
+                    "name": t.name,
+                    "shape": list(graph.shape(t) or []),
+                    "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None,
+                }
+                for t in group
+            ]
+        )
     return CostReport(
-        params=total_params, macs=total_macs, other_ops=total_other, size_bytes=graph.serialized_size(),
-        weight_bytes=total_bytes, sparsity=total_zeros / total_float if total_float else 0.0,
-        nodes=len(graph.nodes), op_counts=dict(sorted(Counter(n.op for n in graph.nodes).items())),
-        layers=layers, inputs=io[0], outputs=io[1])
+        params=total_params,
+        macs=total_macs,
+        other_ops=total_other,
+        size_bytes=graph.serialized_size(),
+        weight_bytes=total_bytes,
+        sparsity=total_zeros / total_float if total_float else 0.0,
+        nodes=len(graph.nodes),
+        op_counts=dict(sorted(Counter(n.op for n in graph.nodes).items())),
+        layers=layers,
+        inputs=io[0],
+        outputs=io[1],
+    )

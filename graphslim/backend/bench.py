@@ -47,8 +47,16 @@ class PeakMemory:
         return {"peak_rss_mb": round(self.peak / 1024, 1), "extra_mb": round(max(0, self.peak - self.before) / 1024, 1)}
 
 
-def measure_ort(model: onnx.ModelProto, data: Dataset, *, batch: int = 1, warmup: int = 5, repeat: int = 30,
-                max_seconds: float = 5.0, threads: int = 0) -> dict[str, Any]:
+def measure_ort(
+    model: onnx.ModelProto,
+    data: Dataset,
+    *,
+    batch: int = 1,
+    warmup: int = 5,
+    repeat: int = 30,
+    max_seconds: float = 5.0,
+    threads: int = 0,
+) -> dict[str, Any]:
     """Median / p90 latency in ms of ONNX Runtime (all graph optimizations on) on one batch.
 
     Stops early after ``max_seconds`` of timed runs (at least 3 runs), so big models stay cheap.
@@ -62,8 +70,9 @@ def measure_ort(model: onnx.ModelProto, data: Dataset, *, batch: int = 1, warmup
     return {**result, "memory": mem.result()}
 
 
-def measure_tvm(runner: Any, data: Dataset, *, warmup: int = 5, repeat: int = 30, max_seconds: float = 5.0
-                ) -> dict[str, Any]:
+def measure_tvm(
+    runner: Any, data: Dataset, *, warmup: int = 5, repeat: int = 30, max_seconds: float = 5.0
+) -> dict[str, Any]:
     """The same for a compiled artifact (graphslim.backend.load_artifact), at its static batch.
 
     Time ONNX Runtime and numpy before this in a process: TVM's spinning thread pool slows
@@ -83,9 +92,14 @@ def measure_callable(fn: Any, batch: int, warmup: int, repeat: int, max_seconds:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     arr = np.asarray(times)
-    return {"batch": batch, "runs": len(times), "median_ms": round(float(np.median(arr)), 4),
-            "p90_ms": round(float(np.percentile(arr, 90)), 4), "p99_ms": round(float(np.percentile(arr, 99)), 4),
-            "throughput_per_s": round(batch / (float(np.median(arr)) / 1e3), 2)}
+    return {
+        "batch": batch,
+        "runs": len(times),
+        "median_ms": round(float(np.median(arr)), 4),
+        "p90_ms": round(float(np.percentile(arr, 90)), 4),
+        "p99_ms": round(float(np.percentile(arr, 99)), 4),
+        "throughput_per_s": round(batch / (float(np.median(arr)) / 1e3), 2),
+    }
 
 
 def _batch_of(data: Dataset, batch: int) -> dict[str, np.ndarray]:

@@ -115,8 +115,10 @@ def _static_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
             if d.HasField("dim_value") and d.dim_value > 0:
                 continue
             if i != 0:
-                raise InputError(f"input '{vi.name}' has a symbolic dimension {i} ('{d.dim_param}'): only the "
-                                 "batch dimension may be symbolic; give a model with static shapes")
+                raise InputError(
+                    f"input '{vi.name}' has a symbolic dimension {i} ('{d.dim_param}'): only the "
+                    "batch dimension may be symbolic; give a model with static shapes"
+                )
             d.Clear()
             d.dim_value = batch
     del m.graph.value_info[:]
@@ -131,9 +133,18 @@ class Artifact:
     meta: dict[str, Any]
 
 
-def compile_model(model: onnx.ModelProto, target: str, out_dir: Path, *, batch: int = 1,
-                  model_sha256: str = "", tune: int = 0, tuning_db: str | Path | None = None,
-                  rpc: tuple[str, str] | None = None, progress: bool = False) -> Artifact:
+def compile_model(
+    model: onnx.ModelProto,
+    target: str,
+    out_dir: Path,
+    *,
+    batch: int = 1,
+    model_sha256: str = "",
+    tune: int = 0,
+    tuning_db: str | Path | None = None,
+    rpc: tuple[str, str] | None = None,
+    progress: bool = False,
+) -> Artifact:
     """Compile ``model`` for ``target`` into ``out_dir`` (replaced whole, atomically).
 
     With ``tune`` trials, the tuning records end up in ``out_dir/tuning/`` (and in ``tuning_db``
@@ -144,8 +155,9 @@ def compile_model(model: onnx.ModelProto, target: str, out_dir: Path, *, batch: 
 
     with tempfile.TemporaryDirectory(prefix="graphslim-tuning-") as scratch:
         db = tuning_db if tuning_db is not None else (Path(scratch) if tune > 0 else None)
-        export, meta = build(model, target, batch=batch, model_sha256=model_sha256, tune=tune, tuning_db=db,
-                             rpc=rpc, progress=progress)
+        export, meta = build(
+            model, target, batch=batch, model_sha256=model_sha256, tune=tune, tuning_db=db, rpc=rpc, progress=progress
+        )
         if tuning_db is None and "tuning" in meta:
             meta["tuning"]["database"] = "tuning"  # the scratch folder is copied there
         write_output_dir(Path(out_dir), {"model.so": export})
@@ -165,9 +177,17 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     return graph.to_model()
 
 
-def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: str = "",
-          tune: int = 0, tuning_db: str | Path | None = None, rpc: tuple[str, str] | None = None,
-          progress: bool = False) -> tuple[Any, dict[str, Any]]:
+def build(
+    model: onnx.ModelProto,
+    target: str,
+    *,
+    batch: int = 1,
+    model_sha256: str = "",
+    tune: int = 0,
+    tuning_db: str | Path | None = None,
+    rpc: tuple[str, str] | None = None,
+    progress: bool = False,
+) -> tuple[Any, dict[str, Any]]:
     """Compile; returns (a function that writes the library and artifact.json into a folder, meta).
 
     ``tune`` > 0 runs MetaSchedule with that many trials in total over the model's kernels (CPU
@@ -203,9 +223,18 @@ def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: 
         if spec["kind"] == "llvm":
             from graphslim.kernels.pipeline import cpu_pipeline
 
-            mod = cpu_pipeline(tgt, tune=tune, tuning_db=tuning_db, tuning_report=tuning_meta, rpc=rpc,
-                               progress=progress, schedule_report=schedule_meta, rewrites=REWRITES, spec=spec,
-                               rewrites_applied=applied)(mod)
+            mod = cpu_pipeline(
+                tgt,
+                tune=tune,
+                tuning_db=tuning_db,
+                tuning_report=tuning_meta,
+                rpc=rpc,
+                progress=progress,
+                schedule_report=schedule_meta,
+                rewrites=REWRITES,
+                spec=spec,
+                rewrites_applied=applied,
+            )(mod)
             ex = tvm.compile(mod, tgt)
         else:
             for name, rewrite in REWRITES.items():
@@ -214,13 +243,24 @@ def build(model: onnx.ModelProto, target: str, *, batch: int = 1, model_sha256: 
                     applied.append(name)
             ex = tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
     inits = {i.name for i in static.graph.initializer}
-    inputs = [{"name": vi.name, "shape": [d.dim_value for d in vi.type.tensor_type.shape.dim],
-               "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))}
-              for vi in static.graph.input if vi.name not in inits]
+    inputs = [
+        {
+            "name": vi.name,
+            "shape": [d.dim_value for d in vi.type.tensor_type.shape.dim],
+            "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)),
+        }
+        for vi in static.graph.input
+        if vi.name not in inits
+    ]
     options = {"target": target, "batch": batch, "tune": tune}
     meta: dict[str, Any] = {
-        "schema_version": 1, "target": target, "tvm_target": spec, "batch": batch, "inputs": inputs,
-        "outputs": [o.name for o in static.graph.output], "rewrites": applied,
+        "schema_version": 1,
+        "target": target,
+        "tvm_target": spec,
+        "batch": batch,
+        "inputs": inputs,
+        "outputs": [o.name for o in static.graph.output],
+        "rewrites": applied,
         "schedules": schedule_meta.get("counts", {}) if spec["kind"] == "llvm" else "dlight GPU rules",
         **({"kernel_schedules": schedule_meta["kernels"]} if schedule_meta else {}),
         **({"tuning": tuning_meta} if tuning_meta else {}),
@@ -275,7 +315,7 @@ def _aligned(shape: list[int], dtype: str, align: int = 64) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     raw = np.zeros(nbytes + align, dtype=np.uint8)
     offset = (-raw.ctypes.data) % align
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 class _Runner:
@@ -298,8 +338,10 @@ class _Runner:
         for info, buf in zip(self.meta["inputs"], self._buffers, strict=True):
             value = np.asarray(feeds[info["name"]])
             if value.shape != buf.shape:
-                raise InputError(f"input '{info['name']}' has shape {list(value.shape)}; the artifact was compiled "
-                                 f"for {info['shape']}")
+                raise InputError(
+                    f"input '{info['name']}' has shape {list(value.shape)}; the artifact was compiled "
+                    f"for {info['shape']}"
+                )
             np.copyto(buf, value, casting="same_kind")
         out = self._main(*self._tensors)
         outs = [out] if hasattr(out, "shape") else list(out)
@@ -321,8 +363,10 @@ def load_artifact(folder: str | Path) -> _Runner:
     missing = _missing_cpu_features(meta.get("tvm_target", {}))
     if missing:
         mcpu = meta.get("tvm_target", {}).get("mcpu", "")
-        raise InputError(f"{folder}: compiled for {mcpu}, but this CPU has no {', '.join(missing)}; "
-                         "compile with --target x86 on this machine")
+        raise InputError(
+            f"{folder}: compiled for {mcpu}, but this CPU has no {', '.join(missing)}; "
+            "compile with --target x86 on this machine"
+        )
     return _Runner(folder, meta)
 
 

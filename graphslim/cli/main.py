@@ -36,14 +36,23 @@ TARGET_CHOICES = ("x86", "x86-avx2", "x86-avx512", "x86-avx512-vnni", "arm", "ar
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
     # Also accepted after the command; SUPPRESS keeps the global value when not given here.
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="print nothing but errors (and --json output)")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print nothing but errors (and --json output)",
+    )
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="graphslim", description="Compress and compile ONNX models.", epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="graphslim",
+        description="Compress and compile ONNX models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--version", action="version", version=f"graphslim {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     ap.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json output)")
@@ -51,29 +60,59 @@ def _parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("optimize", help="run a pass pipeline on a model and write OUT_DIR", epilog=EPILOG)
     o.add_argument("model", help="input .onnx file (never modified)")
-    o.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
-                   help="output folder: model.onnx, report.json, report.md (replaced whole, atomically)")
+    o.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT_DIR",
+        help="output folder: model.onnx, report.json, report.md (replaced whole, atomically)",
+    )
     g = o.add_mutually_exclusive_group()
-    g.add_argument("--passes", metavar="PIPELINE", help="pipeline text, e.g. 'fold-batchnorm,prune-channels{ratio=0.5}'")
+    g.add_argument(
+        "--passes", metavar="PIPELINE", help="pipeline text, e.g. 'fold-batchnorm,prune-channels{ratio=0.5}'"
+    )
     g.add_argument("--recipe", metavar="FILE", help="pipeline as a JSON or YAML recipe file")
-    o.add_argument("--data", metavar="DATA", help="data set: FILE.npz (arrays named after the model inputs, optional "
-                   "'labels'), a folder of .npz shards, or module:function returning batches")
+    o.add_argument(
+        "--data",
+        metavar="DATA",
+        help="data set: FILE.npz (arrays named after the model inputs, optional "
+        "'labels'), a folder of .npz shards, or module:function returning batches",
+    )
     o.add_argument("--train-data", metavar="DATA", help="data for training/calibration, if not --data")
     o.add_argument("--eval-data", metavar="DATA", help="held-out data for evaluation and the report, if not --data")
-    o.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
-                   help="budget: exit 3 if top-1 accuracy falls by more (without labels: disagreement with the original)")
-    o.add_argument("--min-compression", type=float, metavar="R",
-                   help="budget: exit 3 unless r = params after / before is at most R")
-    o.add_argument("--max-latency-ms", type=float, metavar="MS",
-                   help="budget: exit 3 if the result's ONNX Runtime latency (batch 1, median) is above MS")
-    o.add_argument("--target", choices=TARGET_CHOICES,
-                   help="also compile the result with TVM into OUT_DIR/compiled/ (extra: tvm)")
+    o.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="POINTS",
+        help="budget: exit 3 if top-1 accuracy falls by more (without labels: disagreement with the original)",
+    )
+    o.add_argument(
+        "--min-compression",
+        type=float,
+        metavar="R",
+        help="budget: exit 3 unless r = params after / before is at most R",
+    )
+    o.add_argument(
+        "--max-latency-ms",
+        type=float,
+        metavar="MS",
+        help="budget: exit 3 if the result's ONNX Runtime latency (batch 1, median) is above MS",
+    )
+    o.add_argument(
+        "--target", choices=TARGET_CHOICES, help="also compile the result with TVM into OUT_DIR/compiled/ (extra: tvm)"
+    )
     _add_tuning(o)
-    o.add_argument("--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact")
+    o.add_argument(
+        "--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact"
+    )
     o.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
     o.add_argument("--print-pipeline", action="store_true", help="print the normalized pipeline and exit")
-    o.add_argument("--cache-dir", metavar="DIR", help="reuse the outputs of an earlier run with the same cache key "
-                   "(model, pipeline, data, seed, target, versions); report.json records the key")
+    o.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="reuse the outputs of an earlier run with the same cache key "
+        "(model, pipeline, data, seed, target, versions); report.json records the key",
+    )
     o.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime latency measurement")
     _add_common(o)
 
@@ -112,8 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="latency of an ONNX model (ONNX Runtime) or a compiled artifact (TVM)")
     bn.add_argument("model", metavar="MODEL_OR_ARTIFACT")
     bn.add_argument("--baseline", metavar="MODEL", help="also time this ONNX model, in the same run")
-    bn.add_argument("--batch", default="1,32", help="batch sizes for ONNX models (default 1,32); artifacts use "
-                    "their compiled batch")
+    bn.add_argument(
+        "--batch", default="1,32", help="batch sizes for ONNX models (default 1,32); artifacts use their compiled batch"
+    )
     bn.add_argument("--data", metavar="DATA", help="inputs to time with (default: seeded random inputs)")
     bn.add_argument("--warmup", type=int, default=10)
     bn.add_argument("--repeat", type=int, default=100)
@@ -143,25 +183,38 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
     pipeline = _pipeline_from_args(args)  # usage errors before any work
     if args.print_pipeline:
         return EXIT_OK, {"pipeline": str(pipeline)} if args.json else str(pipeline)
-    opts = RunOptions(pipeline=pipeline, data=args.data, train_data=args.train_data, eval_data=args.eval_data,
-                      verify=args.verify, seed=args.seed, measure_latency=not args.no_latency,
-                      progress=not (args.quiet or args.json), cache_dir=args.cache_dir,
-                      budgets=Budgets(args.max_accuracy_drop, args.min_compression, args.max_latency_ms),
-                      compile=_compile_options(args, target=args.target))
+    opts = RunOptions(
+        pipeline=pipeline,
+        data=args.data,
+        train_data=args.train_data,
+        eval_data=args.eval_data,
+        verify=args.verify,
+        seed=args.seed,
+        measure_latency=not args.no_latency,
+        progress=not (args.quiet or args.json),
+        cache_dir=args.cache_dir,
+        budgets=Budgets(args.max_accuracy_drop, args.min_compression, args.max_latency_ms),
+        compile=_compile_options(args, target=args.target),
+    )
     res = optimize(args.model, args.output, opts)
     rep = res.report
-    missed = [f"{name}: {b['measure']} = {b['value']}, limit {b['limit']}" for name, b in rep["budgets"].items()
-              if not b["met"]]
+    missed = [
+        f"{name}: {b['measure']} = {b['value']}, limit {b['limit']}"
+        for name, b in rep["budgets"].items()
+        if not b["met"]
+    ]
     code = EXIT_BUDGET if missed else EXIT_OK
     for m in missed:
         print(f"graphslim: budget missed: {m} (outputs written to {args.output})", file=sys.stderr)
     if args.json:
         return code, rep
     c, b, a = rep["compression"], rep["before"], rep["after"]
-    lines = [f"wrote {Path(args.output) / 'model.onnx'}, report.json and report.html",
-             f"  params {b['params']:,} -> {a['params']:,} (r = {c['r_params']})",
-             f"  MACs   {b['macs']:,} -> {a['macs']:,}",
-             f"  bytes  {b['size_bytes']:,} -> {a['size_bytes']:,}"]
+    lines = [
+        f"wrote {Path(args.output) / 'model.onnx'}, report.json and report.html",
+        f"  params {b['params']:,} -> {a['params']:,} (r = {c['r_params']})",
+        f"  MACs   {b['macs']:,} -> {a['macs']:,}",
+        f"  bytes  {b['size_bytes']:,} -> {a['size_bytes']:,}",
+    ]
     if rep.get("accuracy"):
         acc = rep["accuracy"]
         lines.append(f"  accuracy {acc['before']:.4f} -> {acc['after']:.4f} ({acc['samples']} samples)")
@@ -199,8 +252,10 @@ def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
         lines.append(f"  top-1 accuracy {out['accuracy']:.4f}")
     if args.reference:
         f = out["fidelity"]
-        lines.append(f"  vs {args.reference}: top-1 agreement {f['top1_agreement']}, cosine {f['cosine']:.6f}, "
-                     f"max abs diff {f['max_abs_diff']:.4g}")
+        lines.append(
+            f"  vs {args.reference}: top-1 agreement {f['top1_agreement']}, cosine {f['cosine']:.6f}, "
+            f"max abs diff {f['max_abs_diff']:.4g}"
+        )
     return EXIT_OK, "\n".join(lines)
 
 
@@ -221,24 +276,31 @@ def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
         if groups is not None:
             d["groups"] = groups
         return EXIT_OK, d
-    lines = [f"{args.model}: {rep.nodes} nodes, {rep.params:,} parameters, {rep.macs:,} MACs, "
-             f"{rep.size_bytes:,} bytes, weight sparsity {rep.sparsity:.2%}",
-             "  inputs:  " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in rep.inputs),
-             "  outputs: " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in rep.outputs),
-             "  ops:     " + ", ".join(f"{k} {v}" for k, v in rep.op_counts.items())]
+    lines = [
+        f"{args.model}: {rep.nodes} nodes, {rep.params:,} parameters, {rep.macs:,} MACs, "
+        f"{rep.size_bytes:,} bytes, weight sparsity {rep.sparsity:.2%}",
+        "  inputs:  " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in rep.inputs),
+        "  outputs: " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in rep.outputs),
+        "  ops:     " + ", ".join(f"{k} {v}" for k, v in rep.op_counts.items()),
+    ]
     if args.layers:
         lines.append(f"  {'layer':<32} {'op':<20} {'params':>10} {'MACs':>14} {'sparsity':>9}  block sparsity")
         for lc in rep.layers:
             if lc.params or lc.macs:
                 blocks = " ".join(f"{k}:{v:.0%}" for k, v in lc.extra.get("block_sparsity", {}).items())
-                lines.append(f"  {lc.name[:32]:<32} {lc.op:<20} {lc.params:>10,} {lc.macs:>14,} {lc.sparsity:>9.2%}  {blocks}")
+                lines.append(
+                    f"  {lc.name[:32]:<32} {lc.op:<20} {lc.params:>10,} {lc.macs:>14,} {lc.sparsity:>9.2%}  {blocks}"
+                )
     if groups is not None:
         n_ok = sum(1 for grp in groups if grp["prunable"])
         lines.append(f"  channel groups: {len(groups)}, prunable: {n_ok}")
         for grp in groups:
             roots = ", ".join(m["root"] for m in grp["members"])
-            state = (f"prunable ({grp['channels']} channels)" if grp["prunable"]
-                     else "frozen: " + "; ".join(grp["why_not"][:2]))
+            state = (
+                f"prunable ({grp['channels']} channels)"
+                if grp["prunable"]
+                else "frozen: " + "; ".join(grp["why_not"][:2])
+            )
             lines.append(f"  group {grp['group']:>3}: [{roots}] {state}")
             for m in grp["members"]:
                 lines.append(f"      {m['root']}: {', '.join(m['uses'])}")
@@ -250,8 +312,13 @@ def _describe_options(cls: type) -> list[dict[str, Any]]:
     out = []
     for f in dataclasses.fields(cls.Options):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append({"name": f.name, "type": str(hints[f.name]).replace("typing.", ""),
-                    "default": list(default) if isinstance(default, tuple) else default})
+        out.append(
+            {
+                "name": f.name,
+                "type": str(hints[f.name]).replace("typing.", ""),
+                "default": list(default) if isinstance(default, tuple) else default,
+            }
+        )
     return out
 
 
@@ -274,13 +341,26 @@ def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
 
 def _add_tuning(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tuning (CPU targets)")
-    g.add_argument("--tune", type=int, default=0, metavar="TRIALS",
-                   help="MetaSchedule trials in total over the model's kernels (default 0: graphslim's default "
-                        "schedules); records go to OUT_DIR[/compiled]/tuning/")
-    g.add_argument("--tuning-db", metavar="DIR", help="tuning database folder to reuse and extend across builds "
-                   "(kernels it already holds are not tuned again; with --tune 0 its records are only applied)")
-    g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device registered with this TVM RPC "
-                   "tracker (needed to tune a cross-compiled target such as arm)")
+    g.add_argument(
+        "--tune",
+        type=int,
+        default=0,
+        metavar="TRIALS",
+        help="MetaSchedule trials in total over the model's kernels (default 0: graphslim's default "
+        "schedules); records go to OUT_DIR[/compiled]/tuning/",
+    )
+    g.add_argument(
+        "--tuning-db",
+        metavar="DIR",
+        help="tuning database folder to reuse and extend across builds "
+        "(kernels it already holds are not tuned again; with --tune 0 its records are only applied)",
+    )
+    g.add_argument(
+        "--rpc-tracker",
+        metavar="HOST:PORT",
+        help="measure on a device registered with this TVM RPC "
+        "tracker (needed to tune a cross-compiled target such as arm)",
+    )
     g.add_argument("--rpc-key", metavar="KEY", help="device key at the RPC tracker")
 
 
@@ -292,8 +372,13 @@ def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int
         raise InputError("--rpc-tracker and --rpc-key go together")
     if args.rpc_tracker and not re.fullmatch(r"[^:\s]+:\d+", args.rpc_tracker):
         raise InputError(f"--rpc-tracker: expected HOST:PORT, got {args.rpc_tracker!r}")
-    return CompileOptions(target=target, batch=batch, tune=args.tune, tuning_db=args.tuning_db,
-                          rpc=(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None)
+    return CompileOptions(
+        target=target,
+        batch=batch,
+        tune=args.tune,
+        tuning_db=args.tuning_db,
+        rpc=(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None,
+    )
 
 
 def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
@@ -304,11 +389,23 @@ def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
     c = _compile_options(args, target=args.target, batch=args.batch)
     check_out_dir(Path(args.model), Path(args.output))
     model = load_model(args.model)
-    art = compile_model(model, c.target, Path(args.output), batch=c.batch, model_sha256=model_file_sha256(Path(args.model)),
-                        tune=c.tune, tuning_db=c.tuning_db, rpc=c.rpc, progress=not (args.quiet or args.json))
+    art = compile_model(
+        model,
+        c.target,
+        Path(args.output),
+        batch=c.batch,
+        model_sha256=model_file_sha256(Path(args.model)),
+        tune=c.tune,
+        tuning_db=c.tuning_db,
+        rpc=c.rpc,
+        progress=not (args.quiet or args.json),
+    )
     if args.json:
         return EXIT_OK, art.meta
-    return EXIT_OK, f"compiled {args.model} for {args.target} (batch {args.batch}) -> {art.folder / art.meta['library']}"
+    return (
+        EXIT_OK,
+        f"compiled {args.model} for {args.target} (batch {args.batch}) -> {art.folder / art.meta['library']}",
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
@@ -328,8 +425,11 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
     outs: list[list[np.ndarray]] = []
     for b in data.batches(batch):
         n = len(b)
-        feeds = {k: np.concatenate([v, np.repeat(v[-1:], batch - n, axis=0)]) if n < batch else v
-                 for k, v in b.inputs.items() if k in names}
+        feeds = {
+            k: np.concatenate([v, np.repeat(v[-1:], batch - n, axis=0)]) if n < batch else v
+            for k, v in b.inputs.items()
+            if k in names
+        }
         outs.append([o[:n] for o in runner(feeds)])
     result = [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
     out: dict[str, Any] = {"artifact": args.artifact, "samples": len(data)}
@@ -344,8 +444,10 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
         lines.append(f"  top-1 accuracy {out['accuracy']:.4f}")
     if "fidelity" in out:
         f = out["fidelity"]
-        lines.append(f"  vs {args.reference} in ONNX Runtime: max abs diff {f['max_abs_diff']:.3g}, "
-                     f"top-1 agreement {f['top1_agreement']}")
+        lines.append(
+            f"  vs {args.reference} in ONNX Runtime: max abs diff {f['max_abs_diff']:.3g}, "
+            f"top-1 agreement {f['top1_agreement']}"
+        )
     return EXIT_OK, "\n".join(lines)
 
 
@@ -372,32 +474,52 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
         model = load_model(path)
         data = data_for(model)
         for b in batches:
-            rows.append({"what": label, "path": path, "runtime": "onnxruntime",
-                         **measure_ort(model, data, batch=b, warmup=args.warmup, repeat=args.repeat, max_seconds=30)})
+            rows.append(
+                {
+                    "what": label,
+                    "path": path,
+                    "runtime": "onnxruntime",
+                    **measure_ort(model, data, batch=b, warmup=args.warmup, repeat=args.repeat, max_seconds=30),
+                }
+            )
     if Path(args.model).is_dir():
         from graphslim.backend import load_artifact
         from graphslim.backend.bench import PeakMemory
 
         with PeakMemory() as mem:
             runner = load_artifact(args.model)
-            data = load_data(args.data, _model_for_inputs(runner.meta)) if args.data else random_inputs(
-                _model_for_inputs(runner.meta), runner.meta["batch"], 0)
+            data = (
+                load_data(args.data, _model_for_inputs(runner.meta))
+                if args.data
+                else random_inputs(_model_for_inputs(runner.meta), runner.meta["batch"], 0)
+            )
             timing = measure_tvm(runner, data, warmup=args.warmup, repeat=args.repeat, max_seconds=30)
-        rows.append({"what": "model", "path": args.model, "runtime": f"tvm ({runner.meta['target']})", **timing,
-                     "memory": mem.result()})
+        rows.append(
+            {
+                "what": "model",
+                "path": args.model,
+                "runtime": f"tvm ({runner.meta['target']})",
+                **timing,
+                "memory": mem.result(),
+            }
+        )
     base = {r["batch"]: r["median_ms"] for r in rows if r["what"] == "baseline"}
     for r in rows:
         r["vs_baseline"] = round(r["median_ms"] / base[r["batch"]], 4) if r["batch"] in base else None
     if args.json:
         return EXIT_OK, {"results": rows}
-    lines = [f"{'what':<9} {'runtime':<18} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'per s':>10} "
-             f"{'vs base':>8} {'+MB peak':>9}"]
+    lines = [
+        f"{'what':<9} {'runtime':<18} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'per s':>10} "
+        f"{'vs base':>8} {'+MB peak':>9}"
+    ]
     for r in rows:
         vs = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
         extra = r.get("memory", {}).get("extra_mb")
-        lines.append(f"{r['what']:<9} {r['runtime']:<18} {r['batch']:>5} {r['median_ms']:>10.4f} {r['p90_ms']:>9.4f} "
-                     f"{r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8} "
-                     f"{'-' if extra is None else format(extra, '.1f'):>9}")
+        lines.append(
+            f"{r['what']:<9} {r['runtime']:<18} {r['batch']:>5} {r['median_ms']:>10.4f} {r['p90_ms']:>9.4f} "
+            f"{r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8} "
+            f"{'-' if extra is None else format(extra, '.1f'):>9}"
+        )
     return EXIT_OK, "\n".join(lines)
 
 
@@ -406,8 +528,12 @@ def _model_for_inputs(meta: dict[str, Any]) -> Any:
     import onnx
     from onnx import helper
 
-    inputs = [helper.make_tensor_value_info(i["name"], helper.np_dtype_to_tensor_dtype(np.dtype(i["dtype"])),
-                                            ["N", *i["shape"][1:]]) for i in meta["inputs"]]
+    inputs = [
+        helper.make_tensor_value_info(
+            i["name"], helper.np_dtype_to_tensor_dtype(np.dtype(i["dtype"])), ["N", *i["shape"][1:]]
+        )
+        for i in meta["inputs"]
+    ]
     graph = helper.make_graph([], "inputs", inputs, [])
     return onnx.helper.make_model(graph)
 
@@ -421,7 +547,9 @@ def _cmd_report(args: argparse.Namespace) -> tuple[int, Any]:
     files.pop("report.json")  # the source stays as it is
     for name, data in files.items():
         atomic_write(Path(args.folder) / name, data)
-    return EXIT_OK, {"written": sorted(files)} if args.json else f"re-rendered {', '.join(sorted(files))} in {args.folder}"
+    return EXIT_OK, {
+        "written": sorted(files)
+    } if args.json else f"re-rendered {', '.join(sorted(files))} in {args.folder}"
 
 
 def _cmd_compare(args: argparse.Namespace) -> tuple[int, Any]:
@@ -443,14 +571,32 @@ def _cmd_compare(args: argparse.Namespace) -> tuple[int, Any]:
         files["compare.html"] = f"<!doctype html><meta charset='utf-8'><title>graphslim compare</title>{body}".encode()
         write_output_dir(Path(args.output), files)
     if args.json:
-        return EXIT_OK, {"runs": [{"name": n, "pipeline": r["pipeline"], "compression": r["compression"],
-                                   "accuracy": r.get("accuracy"), "latency": r.get("latency")} for n, r in runs]}
+        return EXIT_OK, {
+            "runs": [
+                {
+                    "name": n,
+                    "pipeline": r["pipeline"],
+                    "compression": r["compression"],
+                    "accuracy": r.get("accuracy"),
+                    "latency": r.get("latency"),
+                }
+                for n, r in runs
+            ]
+        }
     return EXIT_OK, table
 
 
-COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "passes": _cmd_passes, "eval": _cmd_eval,
-            "report": _cmd_report, "compare": _cmd_compare, "compile": _cmd_compile, "run": _cmd_run,
-            "bench": _cmd_bench}
+COMMANDS = {
+    "optimize": _cmd_optimize,
+    "inspect": _cmd_inspect,
+    "passes": _cmd_passes,
+    "eval": _cmd_eval,
+    "report": _cmd_report,
+    "compare": _cmd_compare,
+    "compile": _cmd_compile,
+    "run": _cmd_run,
+    "bench": _cmd_bench,
+}
 
 
 class _Terminated(BaseException):
@@ -470,7 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.print_help(sys.stderr)
         return 2
     # SIGTERM unwinds like Ctrl-C, so half-written output folders are cleaned up (see write_output_dir).
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    previous = (
+        signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         code, out = COMMANDS[args.command](args)
     except GraphslimError as e:
@@ -489,8 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a bug in graphslim: one line unless --debug
         if args.debug:
             raise
-        print(f"graphslim: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"graphslim: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr
+        )
         return EXIT_INTERNAL
     finally:
         if previous is not None:

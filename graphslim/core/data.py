@@ -36,20 +36,23 @@ class Dataset:
         return self.slice(0, min(n, len(self)))
 
     def subset(self, indices: np.ndarray) -> Dataset:
-        return Dataset({k: v[indices] for k, v in self.inputs.items()},
-                       None if self.labels is None else self.labels[indices])
+        return Dataset(
+            {k: v[indices] for k, v in self.inputs.items()}, None if self.labels is None else self.labels[indices]
+        )
 
     def slice(self, start: int, stop: int) -> Dataset:
-        return Dataset({k: v[start:stop] for k, v in self.inputs.items()},
-                       None if self.labels is None else self.labels[start:stop])
+        return Dataset(
+            {k: v[start:stop] for k, v in self.inputs.items()}, None if self.labels is None else self.labels[start:stop]
+        )
 
-    def index_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0
-                      ) -> Iterator[tuple[np.ndarray, Dataset]]:
+    def index_batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[np.ndarray, Dataset]]:
         """(sample indices, batch) pairs in order, or shuffled deterministically by ``seed``."""
         n = len(self)
         order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             yield idx, self.subset(idx)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Dataset]:
@@ -90,7 +93,9 @@ def _check_names(p: Path, arrays: Any, specs: dict[str, Any]) -> None:
     """Every model input has an array, and every array is an input or ``labels``."""
     missing = [n for n in specs if n not in arrays]
     if missing:
-        raise InputError(f"{p}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(arrays) or 'none'})")
+        raise InputError(
+            f"{p}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(arrays) or 'none'})"
+        )
     unknown = [k for k in arrays if k not in specs and k != LABELS]
     if unknown:
         raise InputError(f"{p}: arrays {', '.join(unknown)} match no model input (inputs: {', '.join(specs)})")
@@ -105,7 +110,9 @@ def load_npz(path: str | Path, model: onnx.ModelProto) -> Dataset:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"{p}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise InputError(
+            f"{p}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     specs = _input_specs(model)
     _check_names(p, arrays, specs)
     inputs: dict[str, np.ndarray] = {}
@@ -143,8 +150,10 @@ def random_inputs(model: onnx.ModelProto, n: int = 4, seed: int = 0) -> Dataset:
     for name, (dtype, dims) in _input_specs(model).items():
         shape = [d if isinstance(d, int) and d > 0 else (n if i == 0 else 1) for i, d in enumerate(dims)]
         if int(np.prod(shape, dtype=np.float64)) > MAX_SAMPLE_ELEMENTS:
-            raise InputError(f"input '{name}' declares shape {dims}: too large to sample "
-                             f"(more than {MAX_SAMPLE_ELEMENTS:,} elements); give --data")
+            raise InputError(
+                f"input '{name}' declares shape {dims}: too large to sample "
+                f"(more than {MAX_SAMPLE_ELEMENTS:,} elements); give --data"
+            )
         kind = np.dtype(dtype).kind
         if kind == "f":
             inputs[name] = rng.standard_normal(shape).astype(dtype)
@@ -200,7 +209,11 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                     continue
                 with zf.open(member) as f:
                     version = np.lib.format.read_magic(f)
-                    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    reader = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape, _, dtype = reader(f)
                 out[member[:-4]] = (tuple(shape), np.dtype(dtype))
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
@@ -252,15 +265,16 @@ class ShardedDataset:
     def slice(self, start: int, stop: int) -> Dataset:
         return self.take(stop).slice(start, stop)
 
-    def index_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0
-                      ) -> Iterator[tuple[np.ndarray, Dataset]]:
+    def index_batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[np.ndarray, Dataset]]:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
         for i in order:
             d = self._load(int(i))
             local = rng.permutation(len(d)) if shuffle else np.arange(len(d))
             for start in range(0, len(d), batch_size):
-                idx = local[start:start + batch_size]
+                idx = local[start : start + batch_size]
                 yield idx + self.starts[i], d.subset(idx)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[Dataset]:
@@ -284,8 +298,14 @@ class ShardedDataset:
         order = np.random.default_rng(seed).permutation(len(self.shards))
         k = min(max(1, int(round(eval_fraction * len(self.shards)))), len(self.shards) - 1)
         ev, tr = sorted(order[:k].tolist()), sorted(order[k:].tolist())
-        pick = lambda ids: ShardedDataset([self.shards[i] for i in ids], [self.counts[i] for i in ids],  # noqa: E731
-                                          self._model)
+
+        def pick(ids):
+            return ShardedDataset(
+                [self.shards[i] for i in ids],
+                [self.counts[i] for i in ids],  # noqa: E731
+                self._model,
+            )
+
         return pick(tr), pick(ev)
 
     def fingerprint(self, h: Any) -> None:
@@ -312,8 +332,9 @@ def load_shards(folder: Path, model: onnx.ModelProto) -> ShardedDataset:
             raise InputError(f"{p}: arrays have different sample counts")
         for name, (_, dims) in specs.items():
             shape, dt = heads[name]
-            if len(shape) != len(dims) or any(i > 0 and isinstance(d, int) and d > 0 and shape[i] != d
-                                              for i, d in enumerate(dims)):
+            if len(shape) != len(dims) or any(
+                i > 0 and isinstance(d, int) and d > 0 and shape[i] != d for i, d in enumerate(dims)
+            ):
                 raise InputError(f"{p}: array '{name}' has shape {shape}, the model expects {dims}")
             if dt.kind not in "fiu":
                 raise InputError(f"{p}: array '{name}' has dtype {dt}")

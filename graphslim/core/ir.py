@@ -229,8 +229,9 @@ def _check_initializers(model: onnx.ModelProto, what: str) -> None:
             if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
                 held //= 2
         if held != n:
-            raise InputError(f"{what}: initializer '{t.name}' declares shape {list(t.dims)} ({n} values) "
-                             f"but holds {held}")
+            raise InputError(
+                f"{what}: initializer '{t.name}' declares shape {list(t.dims)} ({n} values) but holds {held}"
+            )
 
 
 def check_and_infer(model: onnx.ModelProto, *, what: str = "model") -> onnx.ModelProto:
@@ -288,8 +289,9 @@ def model_size(model: onnx.ModelProto) -> int:
         return model.ByteSize()
     except Exception:  # noqa: BLE001 - protobuf refuses sizes past 2 GB in some versions
         light = strip_large_initializers(model)
-        return light.ByteSize() + sum(len(i.raw_data) for i in model.graph.initializer
-                                      if int(np.prod(i.dims, dtype=np.int64)) > 4096)
+        return light.ByteSize() + sum(
+            len(i.raw_data) for i in model.graph.initializer if int(np.prod(i.dims, dtype=np.int64)) > 4096
+        )
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -313,8 +315,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     data_name = p.name + ".data"
     with tempfile.TemporaryDirectory(dir=p.parent, prefix=".graphslim-") as tmp:
         tmp_model = Path(tmp) / p.name
-        onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(tmp_model),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
         os.replace(Path(tmp) / data_name, p.parent / data_name)
         os.replace(tmp_model, p)
 
@@ -491,8 +499,14 @@ class Graph:
         name: str | None = None,
         domain: str | None = None,
     ) -> Node:
-        node = gs.Node(op=op, name=self.fresh_name(name or op), attrs=dict(attrs or {}),
-                       inputs=list(inputs), outputs=list(outputs), domain=domain)
+        node = gs.Node(
+            op=op,
+            name=self.fresh_name(name or op),
+            attrs=dict(attrs or {}),
+            inputs=list(inputs),
+            outputs=list(outputs),
+            domain=domain,
+        )
         self._g.nodes.append(node)
         self._touch()
         return node
@@ -635,8 +649,11 @@ class Graph:
         """The model with every constant over ``limit`` elements turned into a typed graph input,
         exported without copying any weight (shape inference and size estimates need no values).
         The graph is restored on exit."""
-        big = [t for t in self._g.tensors().values()
-               if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) > limit]
+        big = [
+            t
+            for t in self._g.tensors().values()
+            if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) > limit
+        ]
         saved = [(t, t._values, t.dtype, list(t.shape)) for t in big]
         inputs = list(self._g.inputs)
         try:
@@ -652,8 +669,11 @@ class Graph:
 
     def serialized_size(self) -> int:
         """Bytes of the serialized model, without serializing (or copying) the weights."""
-        big = [t for t in self._g.tensors().values()
-               if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) > 4096]
+        big = [
+            t
+            for t in self._g.tensors().values()
+            if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) > 4096
+        ]
         weights = sum(int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for t in big)
         with self._without_weights() as light:
             # Each weight moves from a graph input (a value_info) to an initializer: close enough.

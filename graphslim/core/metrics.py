@@ -29,8 +29,13 @@ class Fidelity:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_abs_diff": self.max_abs_diff, "max_rel_diff": self.max_rel_diff, "cosine": self.cosine,
-                "top1_agreement": self.top1_agreement, **self.extra}
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "max_rel_diff": self.max_rel_diff,
+            "cosine": self.cosine,
+            "top1_agreement": self.top1_agreement,
+            **self.extra,
+        }
 
 
 def compare_outputs(ref: list[np.ndarray], new: list[np.ndarray]) -> Fidelity:

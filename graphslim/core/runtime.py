@@ -29,8 +29,10 @@ __all__ = ["installed_flavors", "ort_session", "require_onnxruntime", "require_t
 
 log = logging.getLogger(__name__)
 
-_FIX = ("pip uninstall -y onnxruntime onnxruntime-training && "
-        "pip install 'graphslim[ort]' (or 'graphslim[training]' for distill)")
+_FIX = (
+    "pip uninstall -y onnxruntime onnxruntime-training && "
+    "pip install 'graphslim[ort]' (or 'graphslim[training]' for distill)"
+)
 
 
 def installed_flavors() -> list[str]:
@@ -48,13 +50,18 @@ def require_onnxruntime() -> ModuleType:
     """Import onnxruntime, or fail with the install command."""
     flavors = installed_flavors()
     if len(flavors) > 1:
-        log.warning("both %s are installed; they share one package directory and break each other. Fix: %s",
-                    " and ".join(flavors), _FIX)
+        log.warning(
+            "both %s are installed; they share one package directory and break each other. Fix: %s",
+            " and ".join(flavors),
+            _FIX,
+        )
     try:
         import onnxruntime
     except ImportError as e:
-        raise GraphslimError(f"ONNX Runtime is not installed or broken ({e}); install it with "
-                             "pip install 'graphslim[ort]' (or 'graphslim[training]')") from None
+        raise GraphslimError(
+            f"ONNX Runtime is not installed or broken ({e}); install it with "
+            "pip install 'graphslim[ort]' (or 'graphslim[training]')"
+        ) from None
     return onnxruntime
 
 
@@ -67,11 +74,15 @@ def require_training() -> ModuleType:
         import onnxruntime.training.api  # noqa: F401 - imports torch as well
         from onnxruntime.training import artifacts, onnxblock  # noqa: F401
     except ImportError as e:
-        hint = (f" Both onnxruntime and onnxruntime-training are installed and the inference build won. Fix: {_FIX}"
-                if {"onnxruntime", "onnxruntime-training"} <= set(installed_flavors()) else "")
-        raise GraphslimError("the distill pass needs onnxruntime-training: pip install 'graphslim[training]' "
-                             f"(onnxruntime-training 1.19.2 and torch 2.13.0, in place of onnxruntime) [{e}].{hint}"
-                             ) from None
+        hint = (
+            f" Both onnxruntime and onnxruntime-training are installed and the inference build won. Fix: {_FIX}"
+            if {"onnxruntime", "onnxruntime-training"} <= set(installed_flavors())
+            else ""
+        )
+        raise GraphslimError(
+            "the distill pass needs onnxruntime-training: pip install 'graphslim[training]' "
+            f"(onnxruntime-training 1.19.2 and torch 2.13.0, in place of onnxruntime) [{e}].{hint}"
+        ) from None
     import onnxruntime.training
 
     return onnxruntime.training
@@ -82,8 +93,9 @@ def ort_session(model: onnx.ModelProto | bytes, *, optimize: bool = False, threa
     compared are the model's own, not those of ORT's fused rewrites."""
     ort = require_onnxruntime()
     so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     so.log_severity_level = 4  # failures surface as exceptions; native error logs would only be noise
     if threads:
         so.intra_op_num_threads = threads
@@ -106,5 +118,6 @@ def run_model(model: onnx.ModelProto | Any, data: Dataset, *, batch_size: int = 
         chunks.append(sess.run(None, batch.inputs))
     if len(chunks) == 1:
         return chunks[0]
-    return [np.concatenate([c[i] for c in chunks]) if np.ndim(chunks[0][i]) else chunks[0][i]
-            for i in range(len(chunks[0]))]
+    return [
+        np.concatenate([c[i] for c in chunks]) if np.ndim(chunks[0][i]) else chunks[0][i] for i in range(len(chunks[0]))
+    ]

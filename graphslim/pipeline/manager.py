@@ -90,9 +90,15 @@ class PassRecord:
     verification: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "pipeline": self.text, "changed": self.changed, "seconds": round(self.seconds, 4),
-                "stats": self.stats, "skipped": [s.to_dict() for s in self.skipped],
-                "verification": self.verification}
+        return {
+            "name": self.name,
+            "pipeline": self.text,
+            "changed": self.changed,
+            "seconds": round(self.seconds, 4),
+            "stats": self.stats,
+            "skipped": [s.to_dict() for s in self.skipped],
+            "verification": self.verification,
+        }
 
 
 class _Verifier:
@@ -129,8 +135,10 @@ class _Verifier:
             raise GraphslimError(str(e)) from None
         result = {"checker": "ok", "runs": True, "exact": p.exact, **fid.to_dict()}
         if p.exact and fid.max_rel_diff > self.rtol:
-            raise GraphslimError(f"outputs changed by {fid.max_rel_diff:.3g} (relative), more than rtol={self.rtol:g} "
-                                 "allowed for an exact pass")
+            raise GraphslimError(
+                f"outputs changed by {fid.max_rel_diff:.3g} (relative), more than rtol={self.rtol:g} "
+                "allowed for an exact pass"
+            )
         self.prev = new
         return result
 
@@ -169,7 +177,8 @@ class PassManager:
                     verification = verifier.check(p, graph)
                 except GraphslimError as e:
                     raise VerificationError(text, ran, e) from e
-            records.append(PassRecord(p.name, text, result.changed, seconds, result.stats, result.skipped,
-                                      verification))
+            records.append(
+                PassRecord(p.name, text, result.changed, seconds, result.stats, result.skipped, verification)
+            )
             ran.append(text)
         return records

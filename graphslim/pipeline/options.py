@@ -48,7 +48,7 @@ class _Lexer:
             self.i += 1
         if start == self.i:
             raise self.error("expected a name")
-        return self.s[start:self.i]
+        return self.s[start : self.i]
 
     def value(self) -> Any:
         ch = self.peek()
@@ -70,7 +70,7 @@ class _Lexer:
         start = self.i
         while self.i < len(self.s) and self.s[self.i] not in ",{}[]=":
             self.i += 1
-        raw = self.s[start:self.i].strip()
+        raw = self.s[start : self.i].strip()
         if not raw:
             raise self.error("expected a value")
         return raw
@@ -216,8 +216,9 @@ def format_value(v: Any) -> str:
     if v is None:
         return "none"
     s = str(v)
-    if isinstance(v, str) and (not s or any(c in s for c in ",{}[]=\"' ") or s.lower() in ("true", "false", "none")
-                               or _looks_numeric(s)):
+    if isinstance(v, str) and (
+        not s or any(c in s for c in ",{}[]=\"' ") or s.lower() in ("true", "false", "none") or _looks_numeric(s)
+    ):
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return s
 
@@ -235,8 +236,11 @@ def format_options(options: Any) -> str:
     parts = []
     for f in dataclasses.fields(options):
         v = getattr(options, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        )
         if v != default:
             parts.append(f"{f.name}={format_value(v)}")
     return "{" + ",".join(parts) + "}" if parts else ""

@@ -56,7 +56,7 @@ class Pipeline(Sequence):
         if isinstance(doc, dict):
             doc = doc.get("passes")
         if not isinstance(doc, list):
-            raise PipelineError(f"{p}: a recipe is a list of passes (or {{\"passes\": [...]}})")
+            raise PipelineError(f'{p}: a recipe is a list of passes (or {{"passes": [...]}})')
         passes = []
         for i, item in enumerate(doc):
             if isinstance(item, str):
@@ -76,7 +76,9 @@ class Pipeline(Sequence):
         out = []
         for p in self.passes:
             opts = {f.name: getattr(p.options, f.name) for f in dataclasses.fields(p.options)}
-            out.append({"name": p.name, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}})
+            out.append(
+                {"name": p.name, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}}
+            )
         return out
 
     def __str__(self) -> str:
@@ -87,7 +89,8 @@ class Pipeline(Sequence):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Pipeline) and [(p.name, p.options) for p in self.passes] == [
-            (p.name, p.options) for p in other.passes]
+            (p.name, p.options) for p in other.passes
+        ]
 
     def __hash__(self) -> int:
         return hash(str(self))

@@ -15,5 +15,15 @@ from graphslim.report.render import (
     summary_rows,
 )
 
-__all__ = ["SCHEMA_PATH", "compare_markdown", "compare_plot", "layer_rows", "load_report", "plots", "render_files",
-           "render_html", "render_markdown", "summary_rows"]
+__all__ = [
+    "SCHEMA_PATH",
+    "compare_markdown",
+    "compare_plot",
+    "layer_rows",
+    "load_report",
+    "plots",
+    "render_files",
+    "render_html",
+    "render_markdown",
+    "summary_rows",
+]

@@ -15,8 +15,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA_PATH", "compare_markdown", "compare_plot", "layer_rows", "load_report", "plots", "render_files",
-           "render_html", "render_markdown", "summary_rows"]
+__all__ = [
+    "SCHEMA_PATH",
+    "compare_markdown",
+    "compare_plot",
+    "layer_rows",
+    "load_report",
+    "plots",
+    "render_files",
+    "render_html",
+    "render_markdown",
+    "summary_rows",
+]
 
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 _WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -52,25 +62,45 @@ def load_report(folder: str | Path) -> dict[str, Any]:
 
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     b, a, c = report["before"], report["after"], report["compression"]
-    rows = [("parameters", _fmt(b["params"]), _fmt(a["params"]), _fmt(c["r_params"])),
-            ("MACs", _fmt(b["macs"]), _fmt(a["macs"]), _fmt(c["r_macs"])),
-            ("size on disk (bytes)", _fmt(b["size_bytes"]), _fmt(a["size_bytes"]), _fmt(c["r_bytes"])),
-            ("weight sparsity", f"{b['sparsity']:.2%}", f"{a['sparsity']:.2%}", ""),
-            ("nodes", _fmt(b["nodes"]), _fmt(a["nodes"]), "")]
+    rows = [
+        ("parameters", _fmt(b["params"]), _fmt(a["params"]), _fmt(c["r_params"])),
+        ("MACs", _fmt(b["macs"]), _fmt(a["macs"]), _fmt(c["r_macs"])),
+        ("size on disk (bytes)", _fmt(b["size_bytes"]), _fmt(a["size_bytes"]), _fmt(c["r_bytes"])),
+        ("weight sparsity", f"{b['sparsity']:.2%}", f"{a['sparsity']:.2%}", ""),
+        ("nodes", _fmt(b["nodes"]), _fmt(a["nodes"]), ""),
+    ]
     acc = report.get("accuracy")
     if acc:
-        rows.append((f"top-1 accuracy ({acc['samples']} samples)", f"{acc['before']:.4f}", f"{acc['after']:.4f}",
-                     f"{-acc['drop_points']:+.2f} points"))
+        rows.append(
+            (
+                f"top-1 accuracy ({acc['samples']} samples)",
+                f"{acc['before']:.4f}",
+                f"{acc['after']:.4f}",
+                f"{-acc['drop_points']:+.2f} points",
+            )
+        )
     lat = report.get("latency")
     if lat:
         o, n = lat["ort_original"], lat["ort_compressed"]
-        rows.append((f"ONNX Runtime latency, batch {o['batch']} (median ms)", f"{o['median_ms']:.4g}",
-                     f"{n['median_ms']:.4g}", f"{n['median_ms'] / o['median_ms']:.2f}x" if o["median_ms"] else ""))
+        rows.append(
+            (
+                f"ONNX Runtime latency, batch {o['batch']} (median ms)",
+                f"{o['median_ms']:.4g}",
+                f"{n['median_ms']:.4g}",
+                f"{n['median_ms'] / o['median_ms']:.2f}x" if o["median_ms"] else "",
+            )
+        )
         t = lat.get("tvm_compiled")
         if t:
             target = (report.get("compiled") or {}).get("target", "")
-            rows.append((f"TVM compiled ({target}), batch {t['batch']} (median ms)", "", f"{t['median_ms']:.4g}",
-                         f"{t['median_ms'] / o['median_ms']:.2f}x vs ORT original" if o["median_ms"] else ""))
+            rows.append(
+                (
+                    f"TVM compiled ({target}), batch {t['batch']} (median ms)",
+                    "",
+                    f"{t['median_ms']:.4g}",
+                    f"{t['median_ms'] / o['median_ms']:.2f}x vs ORT original" if o["median_ms"] else "",
+                )
+            )
     return rows
 
 
@@ -96,12 +126,21 @@ def layer_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         params_after = None
         if new is not None:
             params_after = (new.get("weight_params", 0) or 0) + sum(p.get("weight_params", 0) or 0 for p in partners)
-        rows.append({"name": lay["name"], "op": lay["op"], "channels_before": _channels(lay),
-                     "channels_after": _channels(new) if new else None,
-                     "params_before": lay.get("weight_params", lay["params"]), "params_after": params_after,
-                     "sparsity_after": new["sparsity"] if new and str(new.get("precision", "")).startswith("float")
-                     else None, "rank": ranks.get(lay["name"]),
-                     "precision_after": new.get("precision") if new else "removed"})
+        rows.append(
+            {
+                "name": lay["name"],
+                "op": lay["op"],
+                "channels_before": _channels(lay),
+                "channels_after": _channels(new) if new else None,
+                "params_before": lay.get("weight_params", lay["params"]),
+                "params_after": params_after,
+                "sparsity_after": new["sparsity"]
+                if new and str(new.get("precision", "")).startswith("float")
+                else None,
+                "rank": ranks.get(lay["name"]),
+                "precision_after": new.get("precision") if new else "removed",
+            }
+        )
     return rows
 
 
@@ -162,7 +201,7 @@ def plots(report: dict[str, Any]) -> dict[str, bytes]:
         if lat.get("tvm_compiled"):
             labels.append("TVM compiled")
             vals.append(lat["tvm_compiled"]["median_ms"])
-        ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0", "#3e8e5e"][:len(vals)])
+        ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0", "#3e8e5e"][: len(vals)])
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=9)
         ax.set_ylabel(f"median ms, batch {lat['ort_original']['batch']}")
@@ -183,8 +222,10 @@ def _accuracy_points(report: dict[str, Any]) -> list[tuple[float, float, str]]:
         curve = p["stats"].get("curve") if p["name"] == "spiral" else None
         if curve:
             key = p["stats"]["metric"]
-            return [(c["r_params"], c[key], f"step {c['step']}" + (" (rolled back)" if c.get("rolled_back") else ""))
-                    for c in curve]
+            return [
+                (c["r_params"], c[key], f"step {c['step']}" + (" (rolled back)" if c.get("rolled_back") else ""))
+                for c in curve
+            ]
     acc = report.get("accuracy")
     if acc:
         return [(1.0, acc["before"], "original"), (report["compression"]["r_params"], acc["after"], "result")]
@@ -211,20 +252,32 @@ def render_markdown(report: dict[str, Any], images: dict[str, bytes] | None = No
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
     fid = report.get("fidelity")
     if fid and "error" not in fid:
-        lines += ["", f"Fidelity to the original on {fid['samples']} samples ({fid['on']}): max abs diff "
-                  f"{fid['max_abs_diff']:.3g}, cosine {fid['cosine']:.6f}, top-1 agreement {_fmt(fid['top1_agreement'])}."]
+        lines += [
+            "",
+            f"Fidelity to the original on {fid['samples']} samples ({fid['on']}): max abs diff "
+            f"{fid['max_abs_diff']:.3g}, cosine {fid['cosine']:.6f}, top-1 agreement {_fmt(fid['top1_agreement'])}.",
+        ]
     for name, b in (report.get("budgets") or {}).items():
-        lines.append(f"- budget `{name}`: {b['measure']} = {_fmt(b['value'])}, limit {_fmt(b['limit'])}: "
-                     f"**{'met' if b['met'] else 'MISSED'}**")
+        lines.append(
+            f"- budget `{name}`: {b['measure']} = {_fmt(b['value'])}, limit {_fmt(b['limit'])}: "
+            f"**{'met' if b['met'] else 'MISSED'}**"
+        )
     rows = layer_rows(report)
     if rows:
-        lines += ["", "## Layers", "", "| layer | op | channels | weight params | sparsity | rank | precision |",
-                  "|---|---|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "## Layers",
+            "",
+            "| layer | op | channels | weight params | sparsity | rank | precision |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
         for r in rows:
             sparsity = "-" if r["sparsity_after"] is None else f"{r['sparsity_after']:.0%}"
-            lines.append(f"| {r['name']} | {r['op']} | {_fmt(r['channels_before'])} → {_fmt(r['channels_after'])} | "
-                         f"{_fmt(r['params_before'])} → {_fmt(r['params_after'])} | {sparsity} | "
-                         f"{_fmt(r['rank'])} | {r['precision_after'] or '-'} |")
+            lines.append(
+                f"| {r['name']} | {r['op']} | {_fmt(r['channels_before'])} → {_fmt(r['channels_after'])} | "
+                f"{_fmt(r['params_before'])} → {_fmt(r['params_after'])} | {sparsity} | "
+                f"{_fmt(r['rank'])} | {r['precision_after'] or '-'} |"
+            )
     lines += ["", "## Passes", "", "| pass | changed | seconds | stats |", "|---|---|---:|---|"]
     for p in report["passes"]:
         stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items() if not isinstance(v, list | dict))
@@ -248,60 +301,100 @@ def _table(header: list[str], rows: list[list[Any]], numeric: set[int] | None = 
     numeric = numeric or set()
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for row in rows:
-        cells = "".join(f"<td{' class=n' if i in numeric else ''}>{html.escape(str(c))}</td>" for i, c in enumerate(row))
+        cells = "".join(
+            f"<td{' class=n' if i in numeric else ''}>{html.escape(str(c))}</td>" for i, c in enumerate(row)
+        )
         out.append(f"<tr>{cells}</tr>")
     return "".join(out) + "</table>"
 
 
 def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
     e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>graphslim report</title><style>{_CSS}</style>"
-             "</head><body><h1>graphslim report</h1>",
-             f"<p>Input <code>{e(report['input']['path'])}</code> (opset {report['input']['opset']}), pipeline "
-             f"<code>{e(report['pipeline'])}</code>, graphslim {e(report['versions']['graphslim'])}.</p>",
-             _table(["", "before", "after", "ratio"], [list(r) for r in summary_rows(report)], {1, 2, 3})]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>graphslim report</title><style>{_CSS}</style>"
+        "</head><body><h1>graphslim report</h1>",
+        f"<p>Input <code>{e(report['input']['path'])}</code> (opset {report['input']['opset']}), pipeline "
+        f"<code>{e(report['pipeline'])}</code>, graphslim {e(report['versions']['graphslim'])}.</p>",
+        _table(["", "before", "after", "ratio"], [list(r) for r in summary_rows(report)], {1, 2, 3}),
+    ]
     budgets = report.get("budgets") or {}
     if budgets:
-        items = "".join(f"<li><code>{e(n)}</code>: {e(b['measure'])} = {e(_fmt(b['value']))}, limit "
-                        f"{e(_fmt(b['limit']))}: <span class={'met' if b['met'] else 'missed'}>"
-                        f"{'met' if b['met'] else 'missed'}</span></li>" for n, b in budgets.items())
+        items = "".join(
+            f"<li><code>{e(n)}</code>: {e(b['measure'])} = {e(_fmt(b['value']))}, limit "
+            f"{e(_fmt(b['limit']))}: <span class={'met' if b['met'] else 'missed'}>"
+            f"{'met' if b['met'] else 'missed'}</span></li>"
+            for n, b in budgets.items()
+        )
         parts.append(f"<h2>Budgets</h2><ul>{items}</ul>")
-    for name, title in (("accuracy.png", "Accuracy vs compression"), ("latency.png", "Latency"),
-                        ("layers.png", "Parameters per layer")):
+    for name, title in (
+        ("accuracy.png", "Accuracy vs compression"),
+        ("latency.png", "Latency"),
+        ("layers.png", "Parameters per layer"),
+    ):
         if name in images:
             data = base64.b64encode(images[name]).decode()
             parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{data}'>")
     rows = layer_rows(report)
     if rows:
-        parts.append("<h2>Layers</h2>" + _table(
-            ["layer", "op", "channels", "weight params", "sparsity after", "rank", "precision"],
-            [[r["name"], r["op"], f"{_fmt(r['channels_before'])} → {_fmt(r['channels_after'])}",
-              f"{_fmt(r['params_before'])} → {_fmt(r['params_after'])}",
-              "-" if r["sparsity_after"] is None else f"{r['sparsity_after']:.0%}", _fmt(r["rank"]),
-              r["precision_after"] or "-"] for r in rows], {2, 3, 4, 5}))
-    parts.append("<h2>Passes</h2>" + _table(
-        ["pass", "changed", "seconds", "stats"],
-        [[p["pipeline"], _fmt(p["changed"]), f"{p['seconds']:.3f}",
-          ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items() if not isinstance(v, list | dict))]
-         for p in report["passes"]], {2}))
+        parts.append(
+            "<h2>Layers</h2>"
+            + _table(
+                ["layer", "op", "channels", "weight params", "sparsity after", "rank", "precision"],
+                [
+                    [
+                        r["name"],
+                        r["op"],
+                        f"{_fmt(r['channels_before'])} → {_fmt(r['channels_after'])}",
+                        f"{_fmt(r['params_before'])} → {_fmt(r['params_after'])}",
+                        "-" if r["sparsity_after"] is None else f"{r['sparsity_after']:.0%}",
+                        _fmt(r["rank"]),
+                        r["precision_after"] or "-",
+                    ]
+                    for r in rows
+                ],
+                {2, 3, 4, 5},
+            )
+        )
+    parts.append(
+        "<h2>Passes</h2>"
+        + _table(
+            ["pass", "changed", "seconds", "stats"],
+            [
+                [
+                    p["pipeline"],
+                    _fmt(p["changed"]),
+                    f"{p['seconds']:.3f}",
+                    ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items() if not isinstance(v, list | dict)),
+                ]
+                for p in report["passes"]
+            ],
+            {2},
+        )
+    )
     if report["skipped"]:
-        parts.append("<h2>Left unchanged, and why</h2>" + _table(
-            ["pass", "where", "reason"], [[s["pass"], s["where"], s["reason"]] for s in report["skipped"]]))
+        parts.append(
+            "<h2>Left unchanged, and why</h2>"
+            + _table(["pass", "where", "reason"], [[s["pass"], s["where"], s["reason"]] for s in report["skipped"]])
+        )
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def compare_markdown(reports: list[tuple[str, dict[str, Any]]]) -> str:
     """The ablation table: one row per run."""
-    lines = ["| run | pipeline | r params | r bytes | r MACs | accuracy | drop (points) | ORT ms b1 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | pipeline | r params | r bytes | r MACs | accuracy | drop (points) | ORT ms b1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in reports:
         acc = r.get("accuracy") or {}
         lat = (r.get("latency") or {}).get("ort_compressed") or {}
         c = r["compression"]
-        lines.append(f"| {name} | `{r['pipeline']}` | {_fmt(c['r_params'])} | {_fmt(c['r_bytes'])} | "
-                     f"{_fmt(c['r_macs'])} | {_fmt(acc.get('after'))} | {_fmt(acc.get('drop_points'))} | "
-                     f"{_fmt(lat.get('median_ms'))} |")
+        lines.append(
+            f"| {name} | `{r['pipeline']}` | {_fmt(c['r_params'])} | {_fmt(c['r_bytes'])} | "
+            f"{_fmt(c['r_macs'])} | {_fmt(acc.get('after'))} | {_fmt(acc.get('drop_points'))} | "
+            f"{_fmt(lat.get('median_ms'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -335,8 +428,10 @@ def compare_plot(reports: list[tuple[str, dict[str, Any]]]) -> bytes | None:
 def render_files(report: dict[str, Any]) -> dict[str, bytes]:
     """report.json, report.md, report.html and the plots, as they are written into OUT_DIR."""
     images = plots(report)
-    files = {"report.json": (json.dumps(report, indent=2) + "\n").encode(),
-             "report.md": render_markdown(report, images).encode(),
-             "report.html": render_html(report, images).encode()}
+    files = {
+        "report.json": (json.dumps(report, indent=2) + "\n").encode(),
+        "report.md": render_markdown(report, images).encode(),
+        "report.html": render_html(report, images).encode(),
+    }
     files.update(images)
     return files

@@ -31,16 +31,36 @@ def versions() -> dict[str, str]:
     import onnx_graphsurgeon
     import onnxruntime
 
-    return {"graphslim": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnx_graphsurgeon": onnx_graphsurgeon.__version__, "numpy": numpy.__version__}
+    return {
+        "graphslim": __version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnx_graphsurgeon": onnx_graphsurgeon.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
-def cache_key(model_sha256: str, pipeline: str, data: dict[str, Dataset | None], *, seed: int,
-              target: str | None, verify: bool, extra: dict[str, Any] | None = None) -> str:
+def cache_key(
+    model_sha256: str,
+    pipeline: str,
+    data: dict[str, Dataset | None],
+    *,
+    seed: int,
+    target: str | None,
+    verify: bool,
+    extra: dict[str, Any] | None = None,
+) -> str:
     """What a build system can key on: same key, same outputs (model bytes and report numbers)."""
     h = hashlib.sha256()
-    meta = {"model": model_sha256, "pipeline": pipeline, "seed": seed, "target": target, "verify": verify,
-            "versions": versions(), **(extra or {})}
+    meta = {
+        "model": model_sha256,
+        "pipeline": pipeline,
+        "seed": seed,
+        "target": target,
+        "verify": verify,
+        "versions": versions(),
+        **(extra or {}),
+    }
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for role in sorted(data):
         ds = data[role]

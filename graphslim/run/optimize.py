@@ -64,8 +64,11 @@ class DataRoles:
     def describe(self) -> dict[str, Any] | None:
         if self.train is None and self.report is None:
             return None
-        return {"train_samples": len(self.train) if self.train is not None else 0,
-                "eval_samples": len(self.report) if self.report is not None else 0, "eval_source": self.source}
+        return {
+            "train_samples": len(self.train) if self.train is not None else 0,
+            "eval_samples": len(self.report) if self.report is not None else 0,
+            "eval_source": self.source,
+        }
 
 
 def data_roles(model: onnx.ModelProto, opts: RunOptions) -> DataRoles:
@@ -86,12 +89,14 @@ def data_roles(model: onnx.ModelProto, opts: RunOptions) -> DataRoles:
     if len(fit) < 2:
         return DataRoles(fit, fit, "NOT held out: the data set has one sample", given)
     rest, held = fit.split(opts.eval_fraction, opts.seed)
-    return DataRoles(rest, held, f"held out {len(held)} of {len(fit)} samples before any pass (seed {opts.seed})",
-                     given)
+    return DataRoles(
+        rest, held, f"held out {len(held)} of {len(fit)} samples before any pass (seed {opts.seed})", given
+    )
 
 
-def optimize(model_path: str | Path, out_dir: str | Path | None = None, options: RunOptions | None = None,
-             **kwargs: Any) -> OptimizeResult:
+def optimize(
+    model_path: str | Path, out_dir: str | Path | None = None, options: RunOptions | None = None, **kwargs: Any
+) -> OptimizeResult:
     """Optimize the model at ``model_path`` and (if ``out_dir``) write ``model.onnx``,
     ``report.json``, ``report.md`` and ``report.html`` there (replaced whole or not at all).
 
@@ -123,11 +128,15 @@ def optimize(model_path: str | Path, out_dir: str | Path | None = None, options:
     records = PassManager(pipe).run(graph, _context(original, roles, opts))
     seconds = time.perf_counter() - t0
     result = graph.to_model()
-    report = _report(src, model_hash, original, result, pipe, records, seconds, before.to_dict(),
-                     cost_model(graph).to_dict(), opts)
+    report = _report(
+        src, model_hash, original, result, pipe, records, seconds, before.to_dict(), cost_model(graph).to_dict(), opts
+    )
     report["data"] = roles.describe()
-    report.update(_quality(original, result, roles.report, opts.seed,
-                           opts.measure_latency or opts.budgets.max_latency_ms is not None))
+    report.update(
+        _quality(
+            original, result, roles.report, opts.seed, opts.measure_latency or opts.budgets.max_latency_ms is not None
+        )
+    )
     compiled = _compile(result, report, roles.report, opts) if opts.compile.target else None
     report["budgets"] = _budgets(report, opts)
     report["cache"] = {"key": key, "hit": False}
@@ -149,10 +158,12 @@ def _key(model_hash: str, pipe: Pipeline, roles: DataRoles, opts: RunOptions) ->
     target = c.target
     if target and c.tune:
         target = f"{target}+tune{c.tune}"
-    extra = {"shapes": [list(s) for s in c.shapes], "eval_fraction": opts.eval_fraction} if (
-        c.shapes or opts.eval_fraction != 0.2) else None
-    return cache_key(model_hash, str(pipe), roles.given, seed=opts.seed, target=target, verify=opts.verify,
-                     extra=extra)
+    extra = (
+        {"shapes": [list(s) for s in c.shapes], "eval_fraction": opts.eval_fraction}
+        if (c.shapes or opts.eval_fraction != 0.2)
+        else None
+    )
+    return cache_key(model_hash, str(pipe), roles.given, seed=opts.seed, target=target, verify=opts.verify, extra=extra)
 
 
 def _from_cache(entry: Path, key: str, out: Path | None, opts: RunOptions) -> OptimizeResult | None:
@@ -167,13 +178,29 @@ def _from_cache(entry: Path, key: str, out: Path | None, opts: RunOptions) -> Op
 
 
 def _context(original: onnx.ModelProto, roles: DataRoles, opts: RunOptions) -> PassContext:
-    return PassContext(target=opts.compile.target, data=roles.train, eval_data=None, seed=opts.seed,
-                       verify=opts.verify, teacher=original, progress=opts.progress)
+    return PassContext(
+        target=opts.compile.target,
+        data=roles.train,
+        eval_data=None,
+        seed=opts.seed,
+        verify=opts.verify,
+        teacher=original,
+        progress=opts.progress,
+    )
 
 
-def _report(src: Path, model_hash: str, original: onnx.ModelProto, result: onnx.ModelProto, pipe: Pipeline,
-            records: list[PassRecord], seconds: float, before: dict[str, Any], after: dict[str, Any],
-            opts: RunOptions) -> dict[str, Any]:
+def _report(
+    src: Path,
+    model_hash: str,
+    original: onnx.ModelProto,
+    result: onnx.ModelProto,
+    pipe: Pipeline,
+    records: list[PassRecord],
+    seconds: float,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    opts: RunOptions,
+) -> dict[str, Any]:
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "versions": versions(),
@@ -192,8 +219,9 @@ def _report(src: Path, model_hash: str, original: onnx.ModelProto, result: onnx.
     }
 
 
-def _compile(model: onnx.ModelProto, report: dict[str, Any], data: Dataset | None,
-             opts: RunOptions) -> Callable[[Path], None]:
+def _compile(
+    model: onnx.ModelProto, report: dict[str, Any], data: Dataset | None, opts: RunOptions
+) -> Callable[[Path], None]:
     """Compile the result with TVM for ``target``; on the host, also time it. Returns the writer
     of OUT_DIR/compiled/."""
 
@@ -209,8 +237,16 @@ def _compile(model: onnx.ModelProto, report: dict[str, Any], data: Dataset | Non
 
         tuning_db = tempfile.mkdtemp(prefix="graphslim-tuning-")  # copied into compiled/tuning/ by export
         atexit.register(shutil.rmtree, tuning_db, True)
-    export, meta = build(model, target, batch=1, model_sha256=report["output"]["sha256"], tune=tune,
-                         tuning_db=tuning_db, rpc=c.rpc, progress=opts.progress)
+    export, meta = build(
+        model,
+        target,
+        batch=1,
+        model_sha256=report["output"]["sha256"],
+        tune=tune,
+        tuning_db=tuning_db,
+        rpc=c.rpc,
+        progress=opts.progress,
+    )
     if scratch and "tuning" in meta:
         meta["tuning"]["database"] = "compiled/tuning"
     report["compiled"] = {"folder": "compiled", **meta}
@@ -244,8 +280,9 @@ def model_digest(model: onnx.ModelProto) -> str:
     return h.hexdigest()
 
 
-def _write(folder: Path, model: onnx.ModelProto | bytes, report: dict[str, Any],
-           compiled: Callable[[Path], None] | None = None) -> None:
+def _write(
+    folder: Path, model: onnx.ModelProto | bytes, report: dict[str, Any], compiled: Callable[[Path], None] | None = None
+) -> None:
     from graphslim.report import render_files
 
     if isinstance(model, bytes):
@@ -273,17 +310,29 @@ def _budgets(report: dict[str, Any], opts: RunOptions) -> dict[str, Any]:
             value, how = round(100 * (1 - fid["top1_agreement"]), 4), "top-1 disagreement with the original (points)"
         else:
             value, how = None, "not measurable: no labels and no classification output"
-        out["max_accuracy_drop"] = {"limit": max_drop, "value": value, "measure": how,
-                                    "met": value is not None and value <= max_drop}
+        out["max_accuracy_drop"] = {
+            "limit": max_drop,
+            "value": value,
+            "measure": how,
+            "met": value is not None and value <= max_drop,
+        }
     if max_r is not None:
         r = report["compression"]["r_params"]
-        out["min_compression"] = {"limit": max_r, "value": r, "measure": "r = params after / before",
-                                  "met": r is not None and r <= max_r}
+        out["min_compression"] = {
+            "limit": max_r,
+            "value": r,
+            "measure": "r = params after / before",
+            "met": r is not None and r <= max_r,
+        }
     if max_ms is not None:
         lat = (report.get("latency") or {}).get("ort_compressed")
         value = lat["median_ms"] if lat else None
-        out["max_latency_ms"] = {"limit": max_ms, "value": value, "measure": "ONNX Runtime, batch 1, median ms",
-                                 "met": value is not None and value <= max_ms}
+        out["max_latency_ms"] = {
+            "limit": max_ms,
+            "value": value,
+            "measure": "ONNX Runtime, batch 1, median ms",
+            "met": value is not None and value <= max_ms,
+        }
     return out
 
 
@@ -298,8 +347,9 @@ def _ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | 
     return {"r_params": r("params"), "r_bytes": r("size_bytes"), "r_macs": r("macs")}
 
 
-def _quality(original: onnx.ModelProto, result: onnx.ModelProto, data: Dataset | None, seed: int,
-             measure_latency: bool) -> dict[str, Any]:
+def _quality(
+    original: onnx.ModelProto, result: onnx.ModelProto, data: Dataset | None, seed: int, measure_latency: bool
+) -> dict[str, Any]:
     """Accuracy (with labels), fidelity to the original, and ORT latency of both models."""
     from graphslim.backend.bench import measure_ort
     from graphslim.core.metrics import accuracy, compare_outputs
@@ -313,15 +363,20 @@ def _quality(original: onnx.ModelProto, result: onnx.ModelProto, data: Dataset |
     except Exception as e:  # noqa: BLE001 - report, do not crash, when ORT cannot run a model
         out["fidelity"] = {"error": str(e).splitlines()[0]}
         return out
-    out["fidelity"] = {"samples": len(sample), "on": "data" if data is not None else "random inputs",
-                       **compare_outputs(ref, new).to_dict()}
+    out["fidelity"] = {
+        "samples": len(sample),
+        "on": "data" if data is not None else "random inputs",
+        **compare_outputs(ref, new).to_dict(),
+    }
     if data is not None and data.labels is not None:
         acc_before, acc_after = accuracy(original, sample), accuracy(result, sample)
         if acc_before is not None and acc_after is not None:
-            out["accuracy"] = {"samples": len(sample), "before": acc_before, "after": acc_after,
-                               "drop_points": round(100 * (acc_before - acc_after), 4)}
+            out["accuracy"] = {
+                "samples": len(sample),
+                "before": acc_before,
+                "after": acc_after,
+                "drop_points": round(100 * (acc_before - acc_after), 4),
+            }
     if measure_latency:
         out["latency"] = {"ort_original": measure_ort(original, sample), "ort_compressed": measure_ort(result, sample)}
     return out
-
-

@@ -37,7 +37,7 @@ def _use_norm(graph: Graph, use: Use, size: int, power: int) -> np.ndarray | Non
         cout, cpg = mag.shape[0], mag.shape[1]
         per = mag.reshape(groups, cout // groups, cpg, -1).sum(axis=(1, 3), dtype=np.float64).reshape(groups * cpg)
     else:
-        part = np.moveaxis(mag, use.axis, 0)[use.offset:use.offset + size * use.rep]
+        part = np.moveaxis(mag, use.axis, 0)[use.offset : use.offset + size * use.rep]
         per = part.reshape(size, -1).sum(axis=1, dtype=np.float64)
     return np.sqrt(per) if power == 2 else per
 
@@ -54,8 +54,13 @@ def _norm_criterion(power: int) -> Callable[..., np.ndarray]:
     def score(graph: Graph, an: ChannelAnalysis, group: Group, rng: np.random.Generator) -> np.ndarray:
         # Weights only (input 1), as Torch-Pruning's magnitude importance: a bias vector would
         # otherwise weigh as much as a whole filter after normalization.
-        vecs = [v for _, u in an.group_uses(group) if u.kind in ("out", "in", "group_in") and u.index == 1
-                for v in [_use_norm(graph, u, group.size, power)] if v is not None]
+        vecs = [
+            v
+            for _, u in an.group_uses(group)
+            if u.kind in ("out", "in", "group_in") and u.index == 1
+            for v in [_use_norm(graph, u, group.size, power)]
+            if v is not None
+        ]
         return _mean_normalized(vecs, group.size)
 
     return score
@@ -67,7 +72,7 @@ def _bn_gamma(graph: Graph, an: ChannelAnalysis, group: Group, rng: np.random.Ge
     for _, u in an.group_uses(group):
         if u.kind == "param" and u.node.op == "BatchNormalization" and u.index == 1:
             gamma = graph.constant(u.node.inputs[1])
-            vecs.append(np.abs(gamma.astype(np.float64).reshape(-1)[u.offset:u.offset + group.size]))
+            vecs.append(np.abs(gamma.astype(np.float64).reshape(-1)[u.offset : u.offset + group.size]))
     return _mean_normalized(vecs, group.size) if vecs else None
 
 
@@ -84,8 +89,9 @@ CRITERIA: dict[str, Callable[..., np.ndarray | None]] = {
 }
 
 
-def group_scores(graph: Graph, an: ChannelAnalysis, groups: list[Group], criterion: str,
-                 rng: np.random.Generator) -> tuple[dict[int, np.ndarray], int]:
+def group_scores(
+    graph: Graph, an: ChannelAnalysis, groups: list[Group], criterion: str, rng: np.random.Generator
+) -> tuple[dict[int, np.ndarray], int]:
     """Scores per prunable group; groups where the criterion does not apply fall back to l1.
     Returns the scores and how many groups fell back."""
     scores, fallbacks = {}, 0
@@ -115,8 +121,9 @@ class Rounding:
         return min(n, group.size)
 
 
-def keep_counts(groups: list[Group], scores: dict[int, np.ndarray], ratio: float, scope: str,
-                rounding: Rounding) -> dict[int, int]:
+def keep_counts(
+    groups: list[Group], scores: dict[int, np.ndarray], ratio: float, scope: str, rounding: Rounding
+) -> dict[int, int]:
     """How many channels each group keeps at pruning ``ratio``."""
     if scope == "local":
         return {g.id: rounding.keep(g, g.size - int(math.floor(ratio * g.size + 1e-9))) for g in groups}
@@ -138,7 +145,7 @@ def select_channels(group: Group, score: np.ndarray, keep: int) -> np.ndarray:
     k = keep // group.slices
     kept = []
     for s in range(group.slices):
-        part = score[s * per:(s + 1) * per]
+        part = score[s * per : (s + 1) * per]
         order = np.lexsort((np.arange(per), -part))  # highest score first, lower index on ties
         kept.append(np.sort(order[:k]) + s * per)
     return np.concatenate(kept)
@@ -147,8 +154,7 @@ def select_channels(group: Group, score: np.ndarray, keep: int) -> np.ndarray:
 # --------------------------------------------------------------------------- cost estimate
 
 
-def estimate_cost(graph: Graph, an: ChannelAnalysis, keep: dict[int, int], base: tuple[int, int]
-                  ) -> tuple[int, int]:
+def estimate_cost(graph: Graph, an: ChannelAnalysis, keep: dict[int, int], base: tuple[int, int]) -> tuple[int, int]:
     """Exact (params, MACs) after pruning to ``keep`` counts, without touching the graph.
 
     ``base`` is the (params, MACs) of the graph as it is (from the cost model).
@@ -218,7 +224,7 @@ def apply_pruning(graph: Graph, an: ChannelAnalysis, kept: dict[int, np.ndarray]
         parts = []
         for gi in range(groups):
             local = [d - gi * cpg for d in drop if gi * cpg <= d < (gi + 1) * cpg]
-            parts.append(np.delete(w[gi * opg:(gi + 1) * opg], local, axis=1))
+            parts.append(np.delete(w[gi * opg : (gi + 1) * opg], local, axis=1))
         graph.set_constant(u.node, u.index, np.concatenate(parts, axis=0))
     for (_, index), (node, per_axis) in deletions.items():
         val = graph.constant(node.inputs[index])

@@ -41,9 +41,22 @@ TEACHER_INPUT = "graphslim_teacher_probs"
 LABELS_INPUT = "graphslim_labels"
 
 # (op, input index) pairs whose constant is a trainable parameter.
-_TRAINABLE = {("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2), ("Gemm", 1), ("Gemm", 2),
-              ("MatMul", 1), ("BatchNormalization", 1), ("BatchNormalization", 2), ("InstanceNormalization", 1),
-              ("InstanceNormalization", 2), ("PRelu", 1), ("Add", 0), ("Add", 1)}
+_TRAINABLE = {
+    ("Conv", 1),
+    ("Conv", 2),
+    ("ConvTranspose", 1),
+    ("ConvTranspose", 2),
+    ("Gemm", 1),
+    ("Gemm", 2),
+    ("MatMul", 1),
+    ("BatchNormalization", 1),
+    ("BatchNormalization", 2),
+    ("InstanceNormalization", 1),
+    ("InstanceNormalization", 2),
+    ("PRelu", 1),
+    ("Add", 0),
+    ("Add", 1),
+}
 _WEIGHT = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("MatMul", 1)}
 
 
@@ -116,19 +129,35 @@ def _kd_loss_block(onnxblock: Any, temperature: float, alpha: float, with_labels
 
             def const(name: str, value: Any, dtype: int = TensorProto.FLOAT, dims: tuple = ()) -> str:
                 vals = value if isinstance(value, list) else [value]
-                g.node.append(helper.make_node("Constant", [], [name], name=name,
-                                               value=helper.make_tensor(name + "_v", dtype, list(dims), vals)))
+                g.node.append(
+                    helper.make_node(
+                        "Constant",
+                        [],
+                        [name],
+                        name=name,
+                        value=helper.make_tensor(name + "_v", dtype, list(dims), vals),
+                    )
+                )
                 return name
 
             nodes = [
                 helper.make_node("Div", [logits, const("gs_kd_T", temperature)], ["gs_kd_scaled"], name="gs_kd_div"),
                 helper.make_node("LogSoftmax", ["gs_kd_scaled"], ["gs_kd_logp"], name="gs_kd_logsoftmax", axis=-1),
                 helper.make_node("Mul", [TEACHER_INPUT, "gs_kd_logp"], ["gs_kd_prod"], name="gs_kd_mul"),
-                helper.make_node("ReduceSum", ["gs_kd_prod", const("gs_kd_axes", [-1], TensorProto.INT64, (1,))],
-                                 ["gs_kd_rowsum"], name="gs_kd_sum", keepdims=0),
+                helper.make_node(
+                    "ReduceSum",
+                    ["gs_kd_prod", const("gs_kd_axes", [-1], TensorProto.INT64, (1,))],
+                    ["gs_kd_rowsum"],
+                    name="gs_kd_sum",
+                    keepdims=0,
+                ),
                 helper.make_node("ReduceMean", ["gs_kd_rowsum"], ["gs_kd_mean"], name="gs_kd_mean", keepdims=0),
-                helper.make_node("Mul", ["gs_kd_mean", const("gs_kd_coef", -(1.0 - alpha) * temperature ** 2)],
-                                 ["gs_kd_loss"], name="gs_kd_scale"),
+                helper.make_node(
+                    "Mul",
+                    ["gs_kd_mean", const("gs_kd_coef", -(1.0 - alpha) * temperature**2)],
+                    ["gs_kd_loss"],
+                    name="gs_kd_scale",
+                ),
             ]
             g.node.extend(nodes)
             if not with_labels:
@@ -139,12 +168,19 @@ def _kd_loss_block(onnxblock: Any, temperature: float, alpha: float, with_labels
             lbl.type.tensor_type.elem_type = TensorProto.INT64
             del lbl.type.tensor_type.shape.dim[-1]
             g.input.append(lbl)
-            g.node.extend([
-                helper.make_node("SoftmaxCrossEntropyLoss", [logits, LABELS_INPUT], ["gs_ce", "gs_ce_logprob"],
-                                 name="gs_ce", reduction="mean"),
-                helper.make_node("Mul", ["gs_ce", const("gs_alpha", alpha)], ["gs_ce_w"], name="gs_ce_w"),
-                helper.make_node("Add", ["gs_ce_w", "gs_kd_loss"], ["gs_total_loss"], name="gs_total"),
-            ])
+            g.node.extend(
+                [
+                    helper.make_node(
+                        "SoftmaxCrossEntropyLoss",
+                        [logits, LABELS_INPUT],
+                        ["gs_ce", "gs_ce_logprob"],
+                        name="gs_ce",
+                        reduction="mean",
+                    ),
+                    helper.make_node("Mul", ["gs_ce", const("gs_alpha", alpha)], ["gs_ce_w"], name="gs_ce_w"),
+                    helper.make_node("Add", ["gs_ce_w", "gs_kd_loss"], ["gs_total_loss"], name="gs_total"),
+                ]
+            )
             return "gs_total_loss"
 
     return KDLoss()
@@ -180,8 +216,16 @@ def _resave(path: Path) -> None:
         onnx.save(m, str(path))
 
 
-def distill_graph(graph: Graph, teacher: onnx.ModelProto, train: Dataset, evalset: Dataset,
-                  cfg: DistillOptions, *, seed: int = 0, progress: bool = False) -> DistillResult:
+def distill_graph(
+    graph: Graph,
+    teacher: onnx.ModelProto,
+    train: Dataset,
+    evalset: Dataset,
+    cfg: DistillOptions,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+) -> DistillResult:
     """Fine-tune ``graph``'s float parameters against ``teacher``; writes the best weights back."""
     ort_training = require_training()
     from onnxruntime.training import api, artifacts
@@ -203,17 +247,25 @@ def distill_graph(graph: Graph, teacher: onnx.ModelProto, train: Dataset, evalse
         raise ValueError("teacher and student must both output (N, classes) logits as their first output")
     p_train, p_eval = softmax(teacher_train, t), softmax(teacher_eval, t)
     # The KL term's constant: T^2 * (1 - alpha) * mean(sum p log p), per data set.
-    ent = {id(train): float(np.mean(np.sum(p_train * np.log(np.maximum(p_train, 1e-30)), axis=1))),
-           id(evalset): float(np.mean(np.sum(p_eval * np.log(np.maximum(p_eval, 1e-30)), axis=1)))}
+    ent = {
+        id(train): float(np.mean(np.sum(p_train * np.log(np.maximum(p_train, 1e-30)), axis=1))),
+        id(evalset): float(np.mean(np.sum(p_eval * np.log(np.maximum(p_eval, 1e-30)), axis=1))),
+    }
 
     with tempfile.TemporaryDirectory(prefix="graphslim-distill-") as tmp:
         tmpd = Path(tmp)
         block = _kd_loss_block(ort_training.onnxblock, t, alpha, with_labels)
         optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[cfg.optimizer]
         with _native_info_filtered():
-            artifacts.generate_artifacts(student, requires_grad=trainable, frozen_params=frozen, loss=block,
-                                         optimizer=optim, artifact_directory=tmpd,
-                                         additional_output_names=[logits_name])
+            artifacts.generate_artifacts(
+                student,
+                requires_grad=trainable,
+                frozen_params=frozen,
+                loss=block,
+                optimizer=optim,
+                artifact_directory=tmpd,
+                additional_output_names=[logits_name],
+            )
         for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
             _resave(tmpd / name)
         state = api.CheckpointState.load_checkpoint(str(tmpd / "checkpoint"))
@@ -255,8 +307,11 @@ def distill_graph(graph: Graph, teacher: onnx.ModelProto, train: Dataset, evalse
             from tqdm import tqdm
         except ImportError:  # pragma: no cover - tqdm is a dependency
             tqdm = None
-        bar = tqdm(total=cfg.epochs, desc="distill", unit="epoch", disable=not progress or tqdm is None,
-                   leave=False) if tqdm else None
+        bar = (
+            tqdm(total=cfg.epochs, desc="distill", unit="epoch", disable=not progress or tqdm is None, leave=False)
+            if tqdm
+            else None
+        )
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             module.train()
@@ -271,10 +326,15 @@ def distill_graph(graph: Graph, teacher: onnx.ModelProto, train: Dataset, evalse
                 train_losses.append(float(loss))
             times.append(time.perf_counter() - t0)
             loss_e, score = evaluate(evalset, p_eval, teacher_eval)
-            history.append({"epoch": epoch, "train_loss": round(float(np.mean(train_losses)) + (1.0 - alpha) * t * t
-                                                                 * ent[id(train)], 6),
-                            "eval_loss": round(loss_e, 6), f"eval_{metric}": round(score, 6),
-                            "seconds": round(times[-1], 4)})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": round(float(np.mean(train_losses)) + (1.0 - alpha) * t * t * ent[id(train)], 6),
+                    "eval_loss": round(loss_e, 6),
+                    f"eval_{metric}": round(score, 6),
+                    "seconds": round(times[-1], 4),
+                }
+            )
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_e:.4f}", **{metric: f"{score:.4f}"})
                 bar.update(1)
@@ -291,5 +351,6 @@ def distill_graph(graph: Graph, teacher: onnx.ModelProto, train: Dataset, evalse
     by_name = graph.tensors()
     for name, value in best_params.items():
         graph.set_tensor_value(by_name[name], value)
-    return DistillResult(metric, before, best, best_epoch, history, float(np.median(times)) if times else 0.0,
-                         len(trainable), len(masks))
+    return DistillResult(
+        metric, before, best, best_epoch, history, float(np.median(times)) if times else 0.0, len(trainable), len(masks)
+    )
