@@ -450,7 +450,7 @@ def test_small_kernels_stay_on_one_thread():
 def test_artifacts_needing_missing_instruction_sets_are_refused(monkeypatch):
     """An x86 artifact built for a CPU with AVX-512 / VNNI is refused on a CPU without them (by
     the features LLVM gives its target), and accepted where they exist."""
-    import graphslim.backend as backend
+    import graphslim.backend.driver as backend
 
     monkeypatch.setattr(backend, "host_cpu_flags", lambda: {"avx", "avx2", "fma"})
     assert backend._missing_cpu_features({"kind": "llvm", "mcpu": "cascadelake"}) == ["AVX512F", "AVX512-VNNI"]
