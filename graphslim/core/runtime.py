@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -25,7 +26,14 @@ from graphslim.core.data import Dataset
 from graphslim.core.errors import GraphslimError
 from graphslim.core.ir import is_large, model_bytes, save_model
 
-__all__ = ["installed_flavors", "ort_session", "require_onnxruntime", "require_training", "run_model"]
+__all__ = [
+    "installed_flavors",
+    "ort_session",
+    "require_onnxruntime",
+    "require_training",
+    "run_model",
+    "run_with_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +129,28 @@ def run_model(model: onnx.ModelProto | Any, data: Dataset, *, batch_size: int = 
     return [
         np.concatenate([c[i] for c in chunks]) if np.ndim(chunks[0][i]) else chunks[0][i] for i in range(len(chunks[0]))
     ]
+
+
+def run_with_outputs(
+    model: onnx.ModelProto, data: Dataset, names: list[str], *, batch: int = 8
+) -> Iterator[dict[str, np.ndarray]]:
+    """Intermediate tensors ``names`` of ``model`` on ``data``, one dict per batch (so a caller can
+    reduce big activations batch by batch). The tensors become extra graph outputs of a copy."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inferred = {vi.name: vi for vi in m.graph.value_info}
+    present = {o.name for o in m.graph.output}
+    for name in names:
+        if name in present:
+            continue
+        vi = onnx.ValueInfoProto()
+        if name in inferred:
+            vi.CopyFrom(inferred[name])
+            vi.type.tensor_type.ClearField("shape")
+        else:
+            vi.name = name
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        m.graph.output.append(vi)
+    sess = ort_session(m)
+    for b in data.batches(batch):
+        yield dict(zip(names, sess.run(names, b.inputs), strict=True))
