@@ -68,5 +68,7 @@ def test_batchnorm_through_unsqueezed_initializers_folds():
     model = inception_zoo()
     out, recs = apply(model, "fold-batchnorm")
     assert not {"Mul", "Add", "Unsqueeze"} & set(op_types(out))
-    assert recs[0].stats["constants_folded"] > 0 and recs[0].stats["affine_folded"] == 2 * 15  # Mul and Add of 15 BatchNorms
+    assert (
+        recs[0].stats["constants_folded"] > 0 and recs[0].stats["affine_folded"] == 2 * 15
+    )  # Mul and Add of 15 BatchNorms
     assert_same_outputs(model, out)

@@ -191,6 +191,41 @@ class ChannelAnalysis:
     def group_uses(self, g: Group) -> list[tuple[int, Use]]:
         return [(r, u) for r in g.roots for u in self.uses.get(r, [])]
 
+    def layer_types(self, graph: Graph) -> dict[int, str]:
+        """id(node) -> "attention", "ffn" or "embeddings" for the nodes of a transformer: nodes
+        that produce, read or compute on attention heads (Q/K/V and output projections, QK^T,
+        Softmax, scores x V), nodes that produce or read an FFN inner dimension (a plain group),
+        embedding lookups. Empty for models without attention heads."""
+        heads = {g.id for g in self.groups if g.heads}
+        if not heads:
+            return {}
+        # An FFN inner dimension: a plain group that weights both produce and read.
+        ffn = {
+            g.id
+            for g in self.groups
+            if g.kind == "channels" and {u.kind for _, u in self.group_uses(g)} >= {"out", "in"}
+        }
+        kind_of = {
+            r: ("attention" if self.group_of.get(r) in heads else "ffn" if self.group_of.get(r) in ffn else None)
+            for r in range(len(self.roots))
+        }
+        out: dict[int, str] = {}
+        for node in graph.nodes:
+            if node.op == "Gather" and any(r.producer is node for r in self.roots):
+                out[id(node)] = "embeddings"
+                continue
+            kinds = {
+                kind_of[r]
+                for t in [*node.inputs, *node.outputs]
+                if (tc := self.tensors.get(id(t))) is not None
+                for r in tc.roots()
+            }
+            if "attention" in kinds:
+                out[id(node)] = "attention"
+            elif "ffn" in kinds:
+                out[id(node)] = "ffn"
+        return out
+
     def describe(self) -> list[dict[str, Any]]:
         """Groups as plain data (for ``inspect --groups`` and the report)."""
         out = []

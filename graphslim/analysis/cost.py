@@ -21,7 +21,7 @@ from graphslim.analysis.sparsity import STANDARD_BLOCKS, block_sparsity
 from graphslim.core.ir import Graph, Node
 from graphslim.core.ops import node_macs, op_info, weight_matrix
 
-__all__ = ["CostReport", "LayerCost", "bind_dims", "cost_model", "layer_name"]
+__all__ = ["CostReport", "LayerCost", "bind_dims", "cost_by_type", "cost_model", "layer_name"]
 
 _NOT_PARAMS = ("int64", "bool")
 
@@ -222,3 +222,17 @@ def cost_model(graph: Graph, ctx: Any = None, *, bindings: dict[str, int] | None
         outputs=io[1],
         bindings=dict(sorted(bindings.items())),
     )
+
+
+def cost_by_type(graph: Graph, report: CostReport, types: dict[int, str]) -> dict[str, dict[str, int]]:
+    """Parameters, MACs and weight bytes per layer type (``types``: id(node) -> "attention",
+    "ffn", "embeddings", from :meth:`ChannelAnalysis.layer_types`; the rest is "other")."""
+    nodes = [n for n in graph.nodes if n.op != "Constant"]  # the order cost_model lists layers in
+    out: dict[str, dict[str, int]] = {}
+    for node, layer in zip(nodes, report.layers, strict=True):
+        row = out.setdefault(types.get(id(node), "other"), {"params": 0, "macs": 0, "bytes": 0})
+        row["params"] += layer.params
+        row["macs"] += layer.macs
+        row["bytes"] += layer.bytes
+    order = ["embeddings", "attention", "ffn", "other"]
+    return {k: out[k] for k in order if k in out}

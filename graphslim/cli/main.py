@@ -33,6 +33,15 @@ EPILOG = """exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 bud
 TARGET_CHOICES = ("x86", "x86-avx2", "x86-avx512", "x86-avx512-vnni", "arm", "arm64-neon", "arm64-dot", "cuda")
 
 
+def _add_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=DIMS",
+        help="bind an input's symbolic dims, e.g. input_ids=1x128 (repeatable; unbound symbolic dims count as 1)",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
     # Also accepted after the command; SUPPRESS keeps the global value when not given here.
@@ -120,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--layers", action="store_true", help="print the per-layer table")
     i.add_argument("--groups", action="store_true", help="print the channel dependency groups (what prunes together)")
+    _add_shape(i)
     _add_common(i)
 
     p = sub.add_parser("passes", help="list the registered passes with their options")
@@ -260,19 +270,27 @@ def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
-    from graphslim.analysis import cost_model
+    from graphslim.analysis.channels import channel_groups
+    from graphslim.analysis.cost import bind_dims, cost_by_type, cost_model
+    from graphslim.backend.options import parse_shapes
     from graphslim.core.ir import Graph, load_model
 
+    shapes = dict(parse_shapes(args.shape))
     graph = Graph.from_model(load_model(args.model))
     graph.infer_shapes()
-    rep = cost_model(graph)
-    groups = None
-    if args.groups:
-        from graphslim.analysis.channels import channel_groups
-
-        groups = channel_groups(graph).describe()
+    try:
+        bindings = bind_dims(graph, shapes)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    rep = cost_model(graph, bindings=bindings)
+    analysis = channel_groups(graph)
+    types = analysis.layer_types(graph)
+    by_type = cost_by_type(graph, rep, types) if types else None
+    groups = analysis.describe() if args.groups else None
     if args.json:
         d = rep.to_dict()
+        if by_type is not None:
+            d["by_type"] = by_type
         if groups is not None:
             d["groups"] = groups
         return EXIT_OK, d
@@ -283,6 +301,16 @@ def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
         "  outputs: " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in rep.outputs),
         "  ops:     " + ", ".join(f"{k} {v}" for k, v in rep.op_counts.items()),
     ]
+    if rep.bindings:
+        given = {d for t in graph.inputs if t.name in shapes for d in graph.shape(t) or () if isinstance(d, str)}
+        lines.append(
+            "  counted for: "
+            + ", ".join(f"{k}={v}" + ("" if k in given else " (default)") for k, v in rep.bindings.items())
+        )
+    if by_type:
+        lines.append(f"  {'by type':<12} {'params':>12} {'MACs':>16} {'bytes':>14}")
+        for kind, row in by_type.items():
+            lines.append(f"  {kind:<12} {row['params']:>12,} {row['macs']:>16,} {row['bytes']:>14,}")
     if args.layers:
         lines.append(f"  {'layer':<32} {'op':<20} {'params':>10} {'MACs':>14} {'sparsity':>9}  block sparsity")
         for lc in rep.layers:
