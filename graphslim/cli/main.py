@@ -352,6 +352,7 @@ def _describe_options(cls: type) -> list[dict[str, Any]]:
 
 def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.pipeline import registered_passes
+    from graphslim.pipeline.options import format_value
 
     items = []
     for name, cls in registered_passes().items():
@@ -361,7 +362,8 @@ def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
         return EXIT_OK, {"passes": items}
     lines = []
     for it in items:
-        opts = ", ".join(f"{o['name']}={o['default']}" for o in it["options"])
+        # Pipeline syntax (true, none, [a,b], quoted strings): a line pastes back as a pass.
+        opts = ",".join(f"{o['name']}={format_value(o['default'])}" for o in it["options"])
         lines.append(f"{it['name']}{{{opts}}}" if opts else it["name"])
         lines.append("    " + it["doc"].splitlines()[0] if it["doc"] else "")
     return EXIT_OK, "\n".join(lines)

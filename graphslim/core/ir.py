@@ -271,8 +271,12 @@ def _convert_opset(model: onnx.ModelProto, opset: int, *, what: str) -> onnx.Mod
         onnx.checker.check_model(converted)
         return onnx.shape_inference.infer_shapes(converted)
     except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors and more
-        log.warning("%s: kept opset %d, conversion to %d failed: %s", what, _default_opset(model), opset, e)
-        return model
+        # Passes assume opset-13 forms of Split, Squeeze, Slice and the reductions: going on with
+        # the old opset would make them misread the graph.
+        raise InputError(
+            f"{what}: cannot convert opset {_default_opset(model)} to {opset} "
+            f"({_first_line(e)}); re-export the model at opset {opset} or newer"
+        ) from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -649,6 +653,28 @@ class Graph:
         """Evaluate constant subgraphs (onnx-graphsurgeon's folder, which runs ONNX Runtime)."""
         self._g.fold_constants(size_threshold=size_threshold)
         self._touch()
+
+    def fingerprint(self) -> str:
+        """A hash of everything a pass can change: nodes (op, domain, name, attributes, inputs,
+        outputs, in order), graph inputs and outputs, and every constant's name, type, shape and
+        bytes. The pass manager checks a pass's ``changed`` flag against it under --verify."""
+        h = hashlib.sha256()
+        for t in [*self._g.inputs, *self._g.outputs]:
+            h.update(f"io:{t.name}:{t.dtype}:{t.shape}".encode())
+        seen: set[int] = set()
+        for n in self._g.nodes:
+            attrs = sorted(
+                (k, repr(v) if not isinstance(v, gs.Tensor) else f"tensor:{v.name}") for k, v in n.attrs.items()
+            )
+            h.update(f"node:{n.op}:{n.domain}:{n.name}:{attrs}".encode())
+            for t in [*n.inputs, *n.outputs]:
+                h.update(f"|{t.name}".encode())
+                if isinstance(t, gs.Constant) and id(t) not in seen:
+                    seen.add(id(t))
+                    val = self.constant(t)
+                    h.update(f"{val.dtype}{val.shape}".encode())
+                    h.update(np.ascontiguousarray(val).tobytes())
+        return h.hexdigest()
 
     def fold_constant_subexpressions(self) -> int:
         """Fold float constant subexpressions (an Unsqueeze or Reshape of an initializer feeding a

@@ -26,7 +26,8 @@ class _Lexer:
         self.i = 0
 
     def error(self, msg: str) -> PipelineError:
-        return PipelineError(f"bad pipeline text at column {self.i + 1}: {msg}\n  {self.s}\n  {' ' * self.i}^")
+        near = self.s[max(0, self.i - 20) : self.i + 20]
+        return PipelineError(f"bad pipeline text at column {self.i + 1}: {msg} (near '{near}')")
 
     def skip_ws(self) -> None:
         while self.i < len(self.s) and self.s[self.i].isspace():
