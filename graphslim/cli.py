@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="budget: exit 3 if the result's ONNX Runtime latency (batch 1, median) is above MS")
     o.add_argument("--target", choices=TARGET_CHOICES,
                    help="also compile the result with TVM into OUT_DIR/compiled/ (extra: tvm)")
+    _add_shapes(o)
     _add_tuning(o)
     o.add_argument("--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact")
     o.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
@@ -98,8 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("compile", help="compile a model with TVM for x86, ARM or CUDA (extra: tvm)")
     k.add_argument("model")
     k.add_argument("--target", required=True, choices=TARGET_CHOICES)
-    k.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    k.add_argument("--batch", type=int, help="static batch size: symbolic leading dimensions (default: as --shape "
+                   "gives them, else 1)")
     k.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model.so (or .tar) and artifact.json")
+    _add_shapes(k)
     _add_tuning(k)
     _add_common(k)
 
@@ -140,13 +143,17 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.optimize import optimize
 
     pipeline = _pipeline_from_args(args)  # usage errors before any work
+    shapes = _shapes(args)
+    if shapes and not args.target:
+        raise InputError("--shape is for compiling: give --target too")
     if args.print_pipeline:
         return EXIT_OK, {"pipeline": str(pipeline)} if args.json else str(pipeline)
     res = optimize(args.model, args.output, pipeline=pipeline, data=args.data, train_data=args.train_data,
                    eval_data=args.eval_data, target=args.target, verify=args.verify, seed=args.seed,
                    measure_latency=not args.no_latency, progress=not (args.quiet or args.json),
                    max_accuracy_drop=args.max_accuracy_drop, min_compression=args.min_compression,
-                   max_latency_ms=args.max_latency_ms, cache_dir=args.cache_dir, **_tuning_args(args))
+                   max_latency_ms=args.max_latency_ms, cache_dir=args.cache_dir, shapes=shapes or None,
+                   **_tuning_args(args))
     rep = res.report
     missed = [f"{name}: {b['measure']} = {b['value']}, limit {b['limit']}" for name, b in rep["budgets"].items()
               if not b["met"]]
@@ -281,6 +288,24 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rpc-key", metavar="KEY", help="device key at the RPC tracker")
 
 
+def _add_shapes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
+                   help="static shape of an input for compiling, e.g. --shape input_ids=1x128 (repeatable); "
+                        "binds its symbolic dimensions (batch, sequence) in every input that uses their names")
+
+
+def _shapes(args: argparse.Namespace) -> dict[str, list[int]]:
+    from graphslim.kernels.prepare import parse_shape
+
+    shapes: dict[str, list[int]] = {}
+    for text in args.shape:
+        name, dims = parse_shape(text)
+        if name in shapes and shapes[name] != dims:
+            raise InputError(f"--shape {name} given twice with different shapes")
+        shapes[name] = dims
+    return shapes
+
+
 def _tuning_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.tune < 0:
         raise InputError("--tune must be >= 0")
@@ -297,16 +322,18 @@ def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.ir import load_model
     from graphslim.optimize import _check_out_dir, _model_sha256
 
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise InputError("--batch must be >= 1")
+    shapes = _shapes(args)
     _check_out_dir(Path(args.model), Path(args.output))
     model = load_model(args.model)
-    art = compile_model(model, args.target, Path(args.output), batch=args.batch,
+    art = compile_model(model, args.target, Path(args.output), batch=args.batch, shapes=shapes,
                         model_sha256=_model_sha256(Path(args.model)), progress=not (args.quiet or args.json),
                         **_tuning_args(args))
     if args.json:
         return EXIT_OK, art.meta
-    return EXIT_OK, f"compiled {args.model} for {args.target} (batch {args.batch}) -> {art.folder / art.meta['library']}"
+    return EXIT_OK, (f"compiled {args.model} for {args.target} (batch {art.meta['batch']}) -> "
+                     f"{art.folder / art.meta['library']}")
 
 
 def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from graphslim import __version__
@@ -79,6 +80,7 @@ def optimize(
     tune: int = 0,
     tuning_db: str | os.PathLike[str] | None = None,
     rpc: tuple[str, str] | None = None,
+    shapes: dict[str, list[int]] | None = None,
 ) -> OptimizeResult:
     """Optimize the model at ``model_path`` and (if ``out_dir``) write ``model.onnx``,
     ``report.json`` and ``report.md`` there. The output folder is replaced whole or not at all.
@@ -95,7 +97,8 @@ def optimize(
     a run whose key is already there copies the stored outputs instead of running the pipeline.
 
     With ``target``, ``tune`` / ``tuning_db`` / ``rpc`` are passed to
-    :func:`graphslim.backend.build` (MetaSchedule tuning; records in OUT_DIR/compiled/tuning/).
+    :func:`graphslim.backend.build` (MetaSchedule tuning; records in OUT_DIR/compiled/tuning/), and
+    ``shapes`` (input name -> static shape) fixes symbolic input dimensions for compiling.
     """
     from graphslim.passes import DEFAULT_PIPELINE
 
@@ -104,6 +107,10 @@ def optimize(
         _check_out_dir(src, Path(out_dir))
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline or DEFAULT_PIPELINE)
     original = load_model(src)
+    if target:  # unbound symbolic dims: the error now, not after the pipeline ran
+        from graphslim.kernels.prepare import fix_shapes
+
+        fix_shapes(original, shapes)
     model_hash = _model_sha256(src)
 
     def _load(d: str | os.PathLike[str] | Dataset | None) -> Dataset | None:
@@ -112,8 +119,11 @@ def optimize(
     dataset, train_set, eval_set = _load(data), _load(train_data), _load(eval_data)
     train_set = train_set or dataset
     report_set = eval_set or dataset or train_set
+    target_key = f"{target}+tune{tune}" if target and tune else target
+    if target and shapes:
+        target_key = f"{target_key}+shapes{json.dumps(shapes, sort_keys=True)}"
     key = cache_key(model_hash, str(pipe), {"data": dataset, "train": train_set, "eval": eval_set},
-                    seed=seed, target=f"{target}+tune{tune}" if target and tune else target, verify=verify)
+                    seed=seed, target=target_key, verify=verify)
     cached = _from_cache(Path(cache_dir) / key) if cache_dir is not None else None
     if cached is not None:
         cached.report["cache"] = {"key": key, "hit": True}
@@ -153,6 +163,7 @@ def optimize(
     report.update(_quality(original, result, report_set, seed,
                            measure_latency or max_latency_ms is not None))
     compiled = (_compile(result, target, report, report_set, seed, measure_latency, tune=tune, tuning_db=tuning_db,
+                         shapes=shapes,
                          rpc=rpc, progress=progress) if target else None)
     report["budgets"] = _budgets(report, max_accuracy_drop, min_compression, max_latency_ms)
     report["cache"] = {"key": key, "hit": False}
@@ -165,9 +176,10 @@ def optimize(
 
 def _compile(model: onnx.ModelProto, target: str, report: dict[str, Any], data: Dataset | None, seed: int,
              measure: bool, *, tune: int = 0, tuning_db: str | os.PathLike[str] | None = None,
-             rpc: tuple[str, str] | None = None, progress: bool = False) -> Callable[[Path], None]:
-    """Compile the result with TVM for ``target``; on the host, also time it. Returns the writer
-    of OUT_DIR/compiled/."""
+             rpc: tuple[str, str] | None = None, progress: bool = False,
+             shapes: dict[str, list[int]] | None = None) -> Callable[[Path], None]:
+    """Compile the result with TVM for ``target`` (symbolic input dims fixed by ``shapes``, the
+    batch to 1 otherwise); on the host, also time it. Returns the writer of OUT_DIR/compiled/."""
     import tempfile
 
     from graphslim.backend import build, load_artifact
@@ -180,8 +192,9 @@ def _compile(model: onnx.ModelProto, target: str, report: dict[str, Any], data: 
 
         tuning_db = tempfile.mkdtemp(prefix="graphslim-tuning-")  # copied into compiled/tuning/ by export
         atexit.register(shutil.rmtree, tuning_db, True)
-    export, meta = build(model, target, batch=1, model_sha256=report["output"]["sha256"], tune=tune,
-                         tuning_db=tuning_db, rpc=rpc, progress=progress)
+    export, meta = build(model, target, batch=None, shapes=shapes,
+                         model_sha256=report["output"]["sha256"], tune=tune, tuning_db=tuning_db, rpc=rpc,
+                         progress=progress)
     if scratch and "tuning" in meta:
         meta["tuning"]["database"] = "compiled/tuning"
     report["compiled"] = {"folder": "compiled", **meta}
@@ -193,7 +206,7 @@ def _compile(model: onnx.ModelProto, target: str, report: dict[str, Any], data: 
             except InputError as e:  # e.g. an AVX-512 build on an AVX2 host
                 report["compiled"]["not_timed"] = str(e)
             else:
-                sample = data if data is not None else random_inputs(model, 1, seed)
+                sample = data if data is not None else random_inputs(_static_inputs(meta), 1, seed)
                 report.setdefault("latency", None)
                 report["latency"] = {**(report["latency"] or {}), "tvm_compiled": measure_tvm(runner, sample)}
 
@@ -202,6 +215,13 @@ def _compile(model: onnx.ModelProto, target: str, report: dict[str, Any], data: 
         export(folder / "compiled")
 
     return write
+
+
+def _static_inputs(meta: dict[str, Any]) -> onnx.ModelProto:
+    """A model stub declaring the compiled inputs (static shapes), to sample timing inputs from."""
+    inputs = [onnx.helper.make_tensor_value_info(i["name"], onnx.helper.np_dtype_to_tensor_dtype(np.dtype(i["dtype"])),
+                                                 i["shape"]) for i in meta["inputs"]]
+    return onnx.helper.make_model(onnx.helper.make_graph([], "inputs", inputs, []))
 
 
 def model_digest(model: onnx.ModelProto) -> str:
