@@ -105,8 +105,7 @@ def _target_spec(name: str) -> dict[str, Any]:
     raise InputError(f"unknown target '{name}' (targets: {', '.join(TARGETS)})")
 
 
-def _static_batch(model: onnx.ModelProto, batch: int,
-                  shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+def _static_batch(model: onnx.ModelProto, batch: int, shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """A copy with static input shapes (see :func:`graphslim.kernels.prepare.fix_shapes`: symbolic
     leading dims are ``batch``, others come from ``shapes`` or are refused), shapes inferred."""
     from graphslim.kernels.prepare import fix_shapes
@@ -120,10 +119,19 @@ class Artifact:
     meta: dict[str, Any]
 
 
-def compile_model(model: onnx.ModelProto, target: str, out_dir: Path, *, batch: int | None = None,
-                  shapes: dict[str, list[int]] | None = None, model_sha256: str = "", tune: int = 0,
-                  tuning_db: str | Path | None = None, rpc: tuple[str, str] | None = None,
-                  progress: bool = False) -> Artifact:
+def compile_model(
+    model: onnx.ModelProto,
+    target: str,
+    out_dir: Path,
+    *,
+    batch: int | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    model_sha256: str = "",
+    tune: int = 0,
+    tuning_db: str | Path | None = None,
+    rpc: tuple[str, str] | None = None,
+    progress: bool = False,
+) -> Artifact:
     """Compile ``model`` for ``target`` into ``out_dir`` (replaced whole, atomically). ``batch``
     and ``shapes`` fix the symbolic input dimensions as in :func:`build`.
 
@@ -135,8 +143,17 @@ def compile_model(model: onnx.ModelProto, target: str, out_dir: Path, *, batch: 
 
     with tempfile.TemporaryDirectory(prefix="graphslim-tuning-") as scratch:
         db = tuning_db if tuning_db is not None else (Path(scratch) if tune > 0 else None)
-        export, meta = build(model, target, batch=batch, shapes=shapes, model_sha256=model_sha256, tune=tune,
-                             tuning_db=db, rpc=rpc, progress=progress)
+        export, meta = build(
+            model,
+            target,
+            batch=batch,
+            shapes=shapes,
+            model_sha256=model_sha256,
+            tune=tune,
+            tuning_db=db,
+            rpc=rpc,
+            progress=progress,
+        )
         if tuning_db is None and "tuning" in meta:
             meta["tuning"]["database"] = "tuning"  # the scratch folder is copied there
         write_output_dir(Path(out_dir), {"model.so": export})
@@ -152,10 +169,18 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     return fixed_point(model)
 
 
-def build(model: onnx.ModelProto, target: str, *, batch: int | None = None,
-          shapes: dict[str, list[int]] | None = None, model_sha256: str = "", tune: int = 0,
-          tuning_db: str | Path | None = None, rpc: tuple[str, str] | None = None,
-          progress: bool = False) -> tuple[Any, dict[str, Any]]:
+def build(
+    model: onnx.ModelProto,
+    target: str,
+    *,
+    batch: int | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    model_sha256: str = "",
+    tune: int = 0,
+    tuning_db: str | Path | None = None,
+    rpc: tuple[str, str] | None = None,
+    progress: bool = False,
+) -> tuple[Any, dict[str, Any]]:
     """Compile; returns (a function that writes the library and artifact.json into a folder, meta).
 
     Shapes are static. ``shapes`` maps input names to whole shapes (``--shape input_ids=1x128``);
@@ -200,9 +225,18 @@ def build(model: onnx.ModelProto, target: str, *, batch: int | None = None,
         if spec["kind"] == "llvm":
             from graphslim.kernels.pipeline import cpu_pipeline
 
-            mod = cpu_pipeline(tgt, tune=tune, tuning_db=tuning_db, tuning_report=tuning_meta, rpc=rpc,
-                               progress=progress, schedule_report=schedule_meta, rewrites=REWRITES, spec=spec,
-                               rewrites_applied=applied)(mod)
+            mod = cpu_pipeline(
+                tgt,
+                tune=tune,
+                tuning_db=tuning_db,
+                tuning_report=tuning_meta,
+                rpc=rpc,
+                progress=progress,
+                schedule_report=schedule_meta,
+                rewrites=REWRITES,
+                spec=spec,
+                rewrites_applied=applied,
+            )(mod)
             ex = tvm.compile(mod, tgt)
         else:
             for name, rewrite in REWRITES.items():
@@ -211,13 +245,24 @@ def build(model: onnx.ModelProto, target: str, *, batch: int | None = None,
                     applied.append(name)
             ex = tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
     inits = {i.name for i in static.graph.initializer}
-    inputs = [{"name": vi.name, "shape": [d.dim_value for d in vi.type.tensor_type.shape.dim],
-               "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))}
-              for vi in static.graph.input if vi.name not in inits]
+    inputs = [
+        {
+            "name": vi.name,
+            "shape": [d.dim_value for d in vi.type.tensor_type.shape.dim],
+            "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)),
+        }
+        for vi in static.graph.input
+        if vi.name not in inits
+    ]
     options = {"target": target, "batch": batch, "tune": tune, **({"shapes": shapes} if shapes else {})}
     meta: dict[str, Any] = {
-        "schema_version": 1, "target": target, "tvm_target": spec, "batch": batch, "inputs": inputs,
-        "outputs": [o.name for o in static.graph.output], "rewrites": applied,
+        "schema_version": 1,
+        "target": target,
+        "tvm_target": spec,
+        "batch": batch,
+        "inputs": inputs,
+        "outputs": [o.name for o in static.graph.output],
+        "rewrites": applied,
         "schedules": schedule_meta.get("counts", {}) if spec["kind"] == "llvm" else "dlight GPU rules",
         **({"kernel_schedules": schedule_meta["kernels"]} if schedule_meta else {}),
         **({"tuning": tuning_meta} if tuning_meta else {}),
@@ -272,7 +317,7 @@ def _aligned(shape: list[int], dtype: str, align: int = 64) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     raw = np.zeros(nbytes + align, dtype=np.uint8)
     offset = (-raw.ctypes.data) % align
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 class _Runner:
@@ -295,8 +340,10 @@ class _Runner:
         for info, buf in zip(self.meta["inputs"], self._buffers, strict=True):
             value = np.asarray(feeds[info["name"]])
             if value.shape != buf.shape:
-                raise InputError(f"input '{info['name']}' has shape {list(value.shape)}; the artifact was compiled "
-                                 f"for {info['shape']}")
+                raise InputError(
+                    f"input '{info['name']}' has shape {list(value.shape)}; the artifact was compiled "
+                    f"for {info['shape']}"
+                )
             np.copyto(buf, value, casting="same_kind")
         out = self._main(*self._tensors)
         outs = [out] if hasattr(out, "shape") else list(out)
@@ -318,8 +365,10 @@ def load_artifact(folder: str | Path) -> _Runner:
     missing = _missing_cpu_features(meta.get("tvm_target", {}))
     if missing:
         mcpu = meta.get("tvm_target", {}).get("mcpu", "")
-        raise InputError(f"{folder}: compiled for {mcpu}, but this CPU has no {', '.join(missing)}; "
-                         "compile with --target x86 on this machine")
+        raise InputError(
+            f"{folder}: compiled for {mcpu}, but this CPU has no {', '.join(missing)}; "
+            "compile with --target x86 on this machine"
+        )
     return _Runner(folder, meta)
 
 

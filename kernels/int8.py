@@ -37,8 +37,22 @@ from typing import Any
 import numpy as np
 from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
-__all__ = ["AVX2", "NEON_DOT", "VNNI", "Isa", "conv_tile", "dense_tile", "has_vnni", "isa_for", "pack_conv_weights",
-           "pack_weights", "qconv2d_func", "qdense_func", "rewrite_int8_conv", "rewrite_int8_dense"]
+__all__ = [
+    "AVX2",
+    "NEON_DOT",
+    "VNNI",
+    "Isa",
+    "conv_tile",
+    "dense_tile",
+    "has_vnni",
+    "isa_for",
+    "pack_conv_weights",
+    "pack_weights",
+    "qconv2d_func",
+    "qdense_func",
+    "rewrite_int8_conv",
+    "rewrite_int8_dense",
+]
 
 
 @dataclass(frozen=True)
@@ -84,15 +98,25 @@ class Isa:
 
         if self.group == 4 and self.signed:  # AArch64 dot product: int8 x int8 -> int32, 4 lanes
             return lambda acc, word, w: T.call_llvm_pure_intrin(
-                "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc,
-                T.reinterpret("int8x16", T.Broadcast(word, 4)), w)
+                "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc, T.reinterpret("int8x16", T.Broadcast(word, 4)), w
+            )
         if self.group == 4:  # AVX-512 VNNI: no saturation, uint8 x int8 -> int32
             return lambda acc, word, w: T.call_llvm_pure_intrin(
-                f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{lanes * 32}", acc,
-                T.reinterpret(f"int8x{lanes * 4}", T.Broadcast(word, lanes)), w)
-        return lambda acc, word, w: acc + T.call_llvm_pure_intrin(  # AVX2: int16 x int16 -> int32 pairs
-            "int32x8", "llvm.x86.avx2.pmadd.wd", T.reinterpret("int16x16", T.Broadcast(word, 8)),
-            T.Cast("int16x16", w))
+                f"int32x{lanes}",
+                f"llvm.x86.avx512.vpdpbusd.{lanes * 32}",
+                acc,
+                T.reinterpret(f"int8x{lanes * 4}", T.Broadcast(word, lanes)),
+                w,
+            )
+        return lambda acc, word, w: (
+            acc
+            + T.call_llvm_pure_intrin(  # AVX2: int16 x int16 -> int32 pairs
+                "int32x8",
+                "llvm.x86.avx2.pmadd.wd",
+                T.reinterpret("int16x16", T.Broadcast(word, 8)),
+                T.Cast("int16x16", w),
+            )
+        )
 
 
 VNNI = Isa("vnni", 4, 8)
@@ -139,7 +163,8 @@ def pack_weights(w: np.ndarray, tile: int, isa: Isa) -> np.ndarray:
     padded = np.zeros((n, kw_ * isa.group), np.int8)
     padded[:, :k] = w
     return np.ascontiguousarray(padded.reshape(n // tile, tile, kw_, isa.group).transpose(0, 2, 1, 3)).reshape(
-        n // tile, kw_, tile * isa.group)
+        n // tile, kw_, tile * isa.group
+    )
 
 
 def pack_conv_weights(w: np.ndarray, tile: int, isa: Isa) -> np.ndarray:
@@ -175,8 +200,9 @@ def conv_tile(k: int, isa: Isa) -> tuple[int, int]:
     return 8, 2 if k % 16 == 0 else 1
 
 
-def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2, out_dtype: str = "float32",
-                epilogue: Any = None) -> Any:
+def qdense_func(
+    m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2, out_dtype: str = "float32", epilogue: Any = None
+) -> Any:
     """PrimFunc ``(q[m,k] qdtype, w[n/T, ceil(k/group), T*group] int8, scale[n], offset[n], bias[n],
     y[m,n] out_dtype)`` with ``T = lanes * vectors`` from :func:`dense_tile` (``n`` a multiple of
     16): ``y = epilogue((acc * scale + offset) + bias)`` (see :func:`fuse_requantization`)."""
@@ -192,9 +218,14 @@ def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2, 
     loop = T.parallel if m * k * n >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
     @T.prim_func(private=True, s_tir=True)
-    def qdense(q: T.Buffer((m, k), qdtype), w: T.Buffer((n // tile, kw_, tile * grp), "int8"),
-               scale: T.Buffer((n,), "float32"), offset: T.Buffer((n,), "float32"), bias: T.Buffer((n,), "float32"),
-               y: T.Buffer((m, n), out_dtype)):
+    def qdense(
+        q: T.Buffer((m, k), qdtype),
+        w: T.Buffer((n // tile, kw_, tile * grp), "int8"),
+        scale: T.Buffer((n,), "float32"),
+        offset: T.Buffer((n,), "float32"),
+        bias: T.Buffer((n,), "float32"),
+        y: T.Buffer((m, n), out_dtype),
+    ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_dense"})
         # activation groups packed once per call into int32 words, broadcast below
         words = T.alloc_buffer((m, kw_), "int32")
@@ -202,8 +233,9 @@ def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2, 
             for p in range(kw_):
                 words[i, p] = 0
                 for b in T.unroll(grp):
-                    words[i, p] = words[i, p] + T.shift_left(T.if_then_else(
-                        p * grp + b < k, isa.element(q[i, p * grp + b], qdtype), 0), b * isa.bits)
+                    words[i, p] = words[i, p] + T.shift_left(
+                        T.if_then_else(p * grp + b < k, isa.element(q[i, p * grp + b], qdtype), 0), b * isa.bits
+                    )
         for jo in loop(n // tile):
             acc = T.alloc_buffer((rt, tile), "int32", scope="local")
             for ro in range(m // rt):
@@ -214,20 +246,32 @@ def qdense_func(m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2, 
                     for r in T.unroll(rt):
                         for v in T.unroll(g):
                             acc[r, T.Ramp(v * lanes, 1, lanes)] = mac(
-                                acc[r, T.Ramp(v * lanes, 1, lanes)], words[ro * rt + r, p],
-                                w[jo, p, T.Ramp(v * lanes * grp, 1, lanes * grp)])
+                                acc[r, T.Ramp(v * lanes, 1, lanes)],
+                                words[ro * rt + r, p],
+                                w[jo, p, T.Ramp(v * lanes * grp, 1, lanes * grp)],
+                            )
                 for r in T.unroll(rt):
                     for j in T.vectorized(tile):
                         y[ro * rt + r, jo * tile + j] = epilogue(
                             (T.Cast("float32", acc[r, j]) * scale[jo * tile + j] + offset[jo * tile + j])
-                            + bias[jo * tile + j])
+                            + bias[jo * tile + j]
+                        )
 
     return qdense
 
 
-def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                 pads: tuple[int, int, int, int], k: int, zp: int, qdtype: str = "uint8", isa: Isa = AVX2,
-                 out_dtype: str = "float32", epilogue: Any = None) -> Any:
+def qconv2d_func(
+    shape: tuple[int, int, int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    pads: tuple[int, int, int, int],
+    k: int,
+    zp: int,
+    qdtype: str = "uint8",
+    isa: Isa = AVX2,
+    out_dtype: str = "float32",
+    epilogue: Any = None,
+) -> Any:
     """int8 direct convolution: PrimFunc ``(q[N, H, W, C] qdtype, w[K/T, KH, KW, ceil(C/group),
     T*group] int8, scale[K], offset[K], y[N, Ho, Wo, K] float32)``; ``shape`` is (N, C, H, W) and
     ``T`` from :func:`conv_tile`.
@@ -259,9 +303,14 @@ def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stri
     loop = T.parallel if n * ho * wo * k * c * kh * kw >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
 
     @T.prim_func(private=True, s_tir=True)
-    def qconv2d(q: T.Buffer((n, h, wd, c), qdtype), w: T.Buffer((k // tile, kh, kw, cw, tile * grp), "int8"),
-                scale: T.Buffer((k,), "float32"), offset: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
-                y: T.Buffer((n, ho, wo, k), out_dtype)):
+    def qconv2d(
+        q: T.Buffer((n, h, wd, c), qdtype),
+        w: T.Buffer((k // tile, kh, kw, cw, tile * grp), "int8"),
+        scale: T.Buffer((k,), "float32"),
+        offset: T.Buffer((k,), "float32"),
+        bias: T.Buffer((k,), "float32"),
+        y: T.Buffer((n, ho, wo, k), out_dtype),
+    ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_conv2d"})
         words = T.alloc_buffer((n, hp, wp, cw), "int32")
         for b_h in loop(n * hp):
@@ -269,10 +318,17 @@ def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stri
                 words[b_h // hp, b_h % hp, x_w, p] = 0
                 for b in T.unroll(grp):
                     words[b_h // hp, b_h % hp, x_w, p] = words[b_h // hp, b_h % hp, x_w, p] + T.shift_left(
-                        T.if_then_else(p * grp + b >= c, 0, T.if_then_else(
-                            b_h % hp >= pt and b_h % hp < pt + h and x_w >= pl and x_w < pl + wd,
-                            isa.element(q[b_h // hp, b_h % hp - pt, x_w - pl, p * grp + b], qdtype), pad)),
-                        b * isa.bits)
+                        T.if_then_else(
+                            p * grp + b >= c,
+                            0,
+                            T.if_then_else(
+                                b_h % hp >= pt and b_h % hp < pt + h and x_w >= pl and x_w < pl + wd,
+                                isa.element(q[b_h // hp, b_h % hp - pt, x_w - pl, p * grp + b], qdtype),
+                                pad,
+                            ),
+                        ),
+                        b * isa.bits,
+                    )
         for fused in loop(k // tile * n * ho):
             acc = T.alloc_buffer((wt, tile), "int32", scope="local")
             for wo_o in range(wo // wt):
@@ -285,12 +341,17 @@ def qconv2d_func(shape: tuple[int, int, int, int], kernel: tuple[int, int], stri
                             acc[t, T.Ramp(v * lanes, 1, lanes)] = mac(
                                 acc[t, T.Ramp(v * lanes, 1, lanes)],
                                 words[fused % (n * ho) // ho, fused % ho * sh + rh, (wo_o * wt + t) * sw + rw, p],
-                                w[fused // (n * ho), rh, rw, p, T.Ramp(v * lanes * grp, 1, lanes * grp)])
+                                w[fused // (n * ho), rh, rw, p, T.Ramp(v * lanes * grp, 1, lanes * grp)],
+                            )
                 for t in T.unroll(wt):
                     for j in T.vectorized(tile):
                         y[fused % (n * ho) // ho, fused % ho, wo_o * wt + t, fused // (n * ho) * tile + j] = epilogue(
-                            (T.Cast("float32", acc[t, j]) * scale[fused // (n * ho) * tile + j]
-                             + offset[fused // (n * ho) * tile + j]) + bias[fused // (n * ho) * tile + j])
+                            (
+                                T.Cast("float32", acc[t, j]) * scale[fused // (n * ho) * tile + j]
+                                + offset[fused // (n * ho) * tile + j]
+                            )
+                            + bias[fused // (n * ho) * tile + j]
+                        )
 
     return qconv2d
 
@@ -384,8 +445,9 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     VNNI, AArch64 with the dot product."""
     from tvm import relax
 
-    def build(self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int,
-              transposed: bool) -> Any:
+    def build(
+        self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool
+    ) -> Any:
         xs = [int(d) for d in q.ty.shape]
         if w.ndim != 2 or len(xs) < 2:
             return None
@@ -406,9 +468,17 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
         args = {"op": "dense", "m": xs[0], "k": k, "n": n, "qdtype": qdtype, "isa": isa.name}
         gv = self.builder_.add_func(_tagged(qdense_func(xs[0], k, n, qdtype, isa), args), f"int8_dense_{isa.name}")
         rows = q if len(lead) == 1 else self.builder_.emit(relax.op.reshape(q, xs))
-        out = relax.call_tir(gv, [rows, relax.const(pack_weights(wn, lanes * g, isa)), relax.const(scale),
-                                  relax.const(offset), relax.const(np.zeros(n, np.float32))],
-                             relax.TensorType((xs[0], n), "float32"))
+        out = relax.call_tir(
+            gv,
+            [
+                rows,
+                relax.const(pack_weights(wn, lanes * g, isa)),
+                relax.const(scale),
+                relax.const(offset),
+                relax.const(np.zeros(n, np.float32)),
+            ],
+            relax.TensorType((xs[0], n), "float32"),
+        )
         return out if len(lead) == 1 else relax.op.reshape(self.builder_.emit(out), (*lead, n))
 
     return _int8_rewrite(mod, spec, "matmul", build)
@@ -423,11 +493,15 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     :func:`rewrite_int8_dense`."""
     from tvm import relax
 
-    def build(self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int,
-              transposed: bool) -> Any:
+    def build(
+        self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool
+    ) -> Any:
         a = call.attrs
-        if transposed or w.ndim != 4 or (a.data_layout, a.kernel_layout, a.out_layout or "NCHW") != (
-                "NCHW", "OIHW", "NCHW"):
+        if (
+            transposed
+            or w.ndim != 4
+            or (a.data_layout, a.kernel_layout, a.out_layout or "NCHW") != ("NCHW", "OIHW", "NCHW")
+        ):
             return None
         if int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation):
             return None
@@ -438,20 +512,32 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
         qdtype, zp = str(q.ty.dtype), int(zp_x.reshape(()))
         pads = tuple(int(p) for p in a.padding)  # top, left, bottom, right
         geometry = (tuple(xs), (w.shape[2], w.shape[3]), tuple(int(s) for s in a.strides), pads, k, zp)
-        func = _tagged(qconv2d_func(*geometry, qdtype, isa),
-                       {"op": "conv2d", "geometry": geometry, "qdtype": qdtype, "isa": isa.name})
+        func = _tagged(
+            qconv2d_func(*geometry, qdtype, isa),
+            {"op": "conv2d", "geometry": geometry, "qdtype": qdtype, "isa": isa.name},
+        )
         lanes, g = conv_tile(k, isa)
         packed = pack_conv_weights(w, lanes * g, isa)
-        scale, offset = _scale_offset(s_x, np.asarray(isa.zero_point(zp, qdtype)), s_w,
-                                      w.reshape(k, -1).astype(np.int64).sum(axis=1))
+        scale, offset = _scale_offset(
+            s_x, np.asarray(isa.zero_point(zp, qdtype)), s_w, w.reshape(k, -1).astype(np.int64).sum(axis=1)
+        )
         gv = self.builder_.add_func(func, f"int8_conv2d_{isa.name}")
         out = [int(d) for d in call.ty.shape]  # N, K, Ho, Wo
         # NHWC in and out; the pipeline's transpose sinking cancels these between layers
         q_nhwc = self.builder_.emit(relax.op.permute_dims(q, [0, 2, 3, 1]))
-        nhwc = self.builder_.emit(relax.call_tir(
-            gv, [q_nhwc, relax.const(packed), relax.const(scale), relax.const(offset),
-                 relax.const(np.zeros(k, np.float32))],
-            relax.TensorType((out[0], out[2], out[3], k), "float32")))
+        nhwc = self.builder_.emit(
+            relax.call_tir(
+                gv,
+                [
+                    q_nhwc,
+                    relax.const(packed),
+                    relax.const(scale),
+                    relax.const(offset),
+                    relax.const(np.zeros(k, np.float32)),
+                ],
+                relax.TensorType((out[0], out[2], out[3], k), "float32"),
+            )
+        )
         return relax.op.permute_dims(nhwc, [0, 3, 1, 2])
 
     return _int8_rewrite(mod, spec, "nn.conv2d", build)
@@ -531,8 +617,13 @@ def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
                     step = ("reshape", None)
             elif call.op == ops["add"] and first:
                 c = _const(call.args[0 if commuted else 1])
-                if c is not None and c.dtype == np.float32 and c.size == k and c.shape[-1] == k and \
-                        c.ndim <= len(var.ty.shape):  # not broadcasting the result to a higher rank
+                if (
+                    c is not None
+                    and c.dtype == np.float32
+                    and c.size == k
+                    and c.shape[-1] == k
+                    and c.ndim <= len(var.ty.shape)
+                ):  # not broadcasting the result to a higher rank
                     step = ("bias", c.reshape(k))
             elif commuted:
                 return chain
@@ -554,8 +645,12 @@ def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
                 if kind == "quantize":
                     s_, z_, out = arg
                     info = np.iinfo(out)
-                    v = T.Cast(out, T.max(T.min(T.round(v / T.float32(s_)) + T.float32(z_), T.float32(info.max)),
-                                          T.float32(info.min)))
+                    v = T.Cast(
+                        out,
+                        T.max(
+                            T.min(T.round(v / T.float32(s_)) + T.float32(z_), T.float32(info.max)), T.float32(info.min)
+                        ),
+                    )
                 elif kind == "dequantize":
                     s_, z_, _ = arg
                     v = T.Cast("float32", T.Cast("int32", v) - z_) * T.float32(s_)
@@ -579,14 +674,21 @@ def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
                 bias = next((arg for kind, arg in steps if kind == "bias"), None)
                 out_dtype = next(arg[2] for kind, arg in reversed(steps) if kind == "quantize")
                 kernel = self.builder_.add_func(
-                    _rebuild(str(mod[call.args[0]].attrs["graphslim.int8_kernel"]), out_dtype,
-                             make_epilogue([st for st in steps if st[0] not in ("bias", "reshape")])),
-                    f"{call.args[0].name_hint}_requant")
+                    _rebuild(
+                        str(mod[call.args[0]].attrs["graphslim.int8_kernel"]),
+                        out_dtype,
+                        make_epilogue([st for st in steps if st[0] not in ("bias", "reshape")]),
+                    ),
+                    f"{call.args[0].name_hint}_requant",
+                )
                 args = list(call.args[1].fields)
                 if bias is not None:
                     args[-1] = relax.const(bias.astype(np.float32))
-                new = relax.call_tir(kernel, [self.visit_expr(a) for a in args],
-                                     relax.TensorType(tuple(int(d) for d in call.ty.shape), out_dtype))
+                new = relax.call_tir(
+                    kernel,
+                    [self.visit_expr(a) for a in args],
+                    relax.TensorType(tuple(int(d) for d in call.ty.shape), out_dtype),
+                )
                 if any(kind == "reshape" for kind, _ in steps):  # the N-D shape, after the fused chain
                     new = relax.op.reshape(self.builder_.emit(new), binding.var.ty.shape)
                 fused.append(kernel.name_hint)

@@ -24,8 +24,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NHWC_LAYOUTS", "apply_schedule_rules", "bound_gathers", "cancel_transposes", "convert_layout",
-           "cpu_pipeline", "has_op", "sink_transposes", "unstack_reductions", "visit_relax_functions"]
+__all__ = [
+    "NHWC_LAYOUTS",
+    "apply_schedule_rules",
+    "bound_gathers",
+    "cancel_transposes",
+    "convert_layout",
+    "cpu_pipeline",
+    "has_op",
+    "sink_transposes",
+    "unstack_reductions",
+    "visit_relax_functions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +43,19 @@ log = logging.getLogger(__name__)
 NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
-def cpu_pipeline(target: Any, *, tune: int = 0, tuning_db: str | Path | None = None,
-                 tuning_report: dict[str, Any] | None = None, rpc: tuple[str, str] | None = None,
-                 progress: bool = False, schedule_report: dict[str, Any] | None = None,
-                 rewrites: dict[str, Any] | None = None, spec: dict[str, Any] | None = None,
-                 rewrites_applied: list[str] | None = None) -> Any:
+def cpu_pipeline(
+    target: Any,
+    *,
+    tune: int = 0,
+    tuning_db: str | Path | None = None,
+    tuning_report: dict[str, Any] | None = None,
+    rpc: tuple[str, str] | None = None,
+    progress: bool = False,
+    schedule_report: dict[str, Any] | None = None,
+    rewrites: dict[str, Any] | None = None,
+    spec: dict[str, Any] | None = None,
+    rewrites_applied: list[str] | None = None,
+) -> Any:
     """A module pass compiling a Relax module (from the ONNX frontend) for an LLVM ``target``.
     ``schedule_report`` (a dict) receives which rule scheduled each kernel (see
     :func:`apply_schedule_rules`) and ``tuning_report`` what tuning did."""
@@ -62,8 +80,7 @@ def cpu_pipeline(target: Any, *, tune: int = 0, tuning_db: str | Path | None = N
                     raise ValueError("tuning needs a database folder")
                 from graphslim.kernels.tuning import tune as run_tuning
 
-                database = run_tuning(mod, target, tune, tuning_db, rpc=rpc, progress=progress,
-                                      report=tuning_report)
+                database = run_tuning(mod, target, tune, tuning_db, rpc=rpc, progress=progress, report=tuning_report)
                 with database:
                     mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             mod = apply_schedule_rules(mod, target, default_cpu_rules(), schedule_report)
@@ -105,13 +122,13 @@ def convert_layout(mod: Any) -> Any:
     try:
         return relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
     except tvm.error.InternalError as e:  # a TVM check failed on some binding: keep NCHW
-        log.warning("layout conversion to NHWC failed, convolutions stay NCHW (slower): %s",
-                    str(e).strip().splitlines()[-1])
+        log.warning(
+            "layout conversion to NHWC failed, convolutions stay NCHW (slower): %s", str(e).strip().splitlines()[-1]
+        )
         return mod
 
 
-def _apply_rewrites(mod: Any, rewrites: dict[str, Any], spec: dict[str, Any] | None,
-                    applied: list[str] | None) -> Any:
+def _apply_rewrites(mod: Any, rewrites: dict[str, Any], spec: dict[str, Any] | None, applied: list[str] | None) -> Any:
     for name, rewrite in rewrites.items():
         mod, changed = rewrite(mod, spec or {})
         if changed and applied is not None:
@@ -203,8 +220,12 @@ def unstack_reductions(mod: Any) -> Any:
     from tvm import relax
 
     stack, broadcast = tvm.ir.Op.get("relax.stack"), tvm.ir.Op.get("relax.broadcast_to")
-    binary = {tvm.ir.Op.get("relax.max"): relax.op.maximum, tvm.ir.Op.get("relax.min"): relax.op.minimum,
-              tvm.ir.Op.get("relax.sum"): relax.op.add, tvm.ir.Op.get("relax.mean"): relax.op.add}
+    binary = {
+        tvm.ir.Op.get("relax.max"): relax.op.maximum,
+        tvm.ir.Op.get("relax.min"): relax.op.minimum,
+        tvm.ir.Op.get("relax.sum"): relax.op.add,
+        tvm.ir.Op.get("relax.mean"): relax.op.add,
+    }
     mean = tvm.ir.Op.get("relax.mean")
 
     @relax.expr_functor.mutator
@@ -266,8 +287,20 @@ def bound_gathers(mod: Any) -> Any:
 
 
 #: Elementwise ops a transpose moves through unchanged (``f(permute(x)) = permute(f(x))``).
-_UNARY = ("relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu",
-          "relax.astype", "relax.round", "relax.floor", "relax.exp", "relax.negative", "relax.abs")
+_UNARY = (
+    "relax.nn.relu",
+    "relax.clip",
+    "relax.sigmoid",
+    "relax.tanh",
+    "relax.nn.silu",
+    "relax.nn.gelu",
+    "relax.astype",
+    "relax.round",
+    "relax.floor",
+    "relax.exp",
+    "relax.negative",
+    "relax.abs",
+)
 #: Elementwise binary ops: both operands permuted alike, or one a broadcast operand of known shape.
 _BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum")
 
@@ -288,8 +321,10 @@ def sink_transposes(mod: Any) -> Any:
     unary = {tvm.ir.Op.get(n) for n in _UNARY}
     binary = {tvm.ir.Op.get(n) for n in _BINARY}
     qdq = {tvm.ir.Op.get("relax.quantize"): relax.op.quantize, tvm.ir.Op.get("relax.dequantize"): relax.op.dequantize}
-    pools = {tvm.ir.Op.get("relax.nn.max_pool2d"): relax.op.nn.max_pool2d,
-             tvm.ir.Op.get("relax.nn.avg_pool2d"): relax.op.nn.avg_pool2d}
+    pools = {
+        tvm.ir.Op.get("relax.nn.max_pool2d"): relax.op.nn.max_pool2d,
+        tvm.ir.Op.get("relax.nn.avg_pool2d"): relax.op.nn.avg_pool2d,
+    }
     moved = [0]
 
     def rank(expr: Any) -> int | None:
@@ -318,9 +353,17 @@ def sink_transposes(mod: Any) -> Any:
                 a = call.attrs
                 if p != [0, 3, 1, 2] or (a.layout, a.out_layout or a.layout) != ("NCHW", "NCHW"):
                     return call
-                new = pools[call.op](x, [int(v) for v in a.pool_size], [int(v) for v in a.strides],
-                                     [int(v) for v in a.padding], [int(v) for v in a.dilation], bool(a.ceil_mode),
-                                     bool(a.count_include_pad), "NHWC", "NHWC")
+                new = pools[call.op](
+                    x,
+                    [int(v) for v in a.pool_size],
+                    [int(v) for v in a.strides],
+                    [int(v) for v in a.padding],
+                    [int(v) for v in a.dilation],
+                    bool(a.ceil_mode),
+                    bool(a.count_include_pad),
+                    "NHWC",
+                    "NHWC",
+                )
             elif call.op in unary:
                 new = relax.Call(call.op, [x, *call.args[1:]], call.attrs)
             elif call.op in qdq:

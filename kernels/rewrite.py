@@ -97,8 +97,9 @@ def rewrite_contractions(mod: Any, dense: DenseChooser | None, conv: ConvChooser
             kernels[gv.name_hint] = kc.make
             labels.append(kc.label)
             bias = np.zeros(out_shape[-1], np.float32)
-            return relax.call_tir(gv, [x, *(relax.const(c) for c in kc.consts), relax.const(bias)],
-                                  relax.TensorType(out_shape, "float32"))
+            return relax.call_tir(
+                gv, [x, *(relax.const(c) for c in kc.consts), relax.const(bias)], relax.TensorType(out_shape, "float32")
+            )
 
         def _matmul(self, call: Any) -> Any:
             if not isinstance(call.args[1], Constant):
@@ -162,8 +163,9 @@ def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
     from tvm import relax
     from tvm.ir.expr import Constant
 
-    add, relu, call_tir, reshape = (tvm.ir.Op.get(n) for n in ("relax.add", "relax.nn.relu", "relax.call_tir",
-                                                                "relax.reshape"))
+    add, relu, call_tir, reshape = (
+        tvm.ir.Op.get(n) for n in ("relax.add", "relax.nn.relu", "relax.call_tir", "relax.reshape")
+    )
     with_relu: dict[str, Any] = {}
 
     @relax.expr_functor.mutator
@@ -183,7 +185,7 @@ def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
             if not isinstance(inner, relax.Call) or inner.op != call_tir:
                 return None
             name = inner.args[0].name_hint
-            base = name[:-len("_relu")] if name.endswith("_relu") else name
+            base = name[: -len("_relu")] if name.endswith("_relu") else name
             return (inner, after) if base in kernels else None
 
         def visit_call_(self, call: Any) -> Any:
@@ -197,7 +199,7 @@ def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
                 return call
             inner, after = found
             name = inner.args[0].name_hint
-            base = name[:-len("_relu")] if name.endswith("_relu") else name
+            base = name[: -len("_relu")] if name.endswith("_relu") else name
             args = list(inner.args[1].fields)
             out_ty = inner.ty
             if call.op == add:
