@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--target", choices=TARGET_CHOICES, help="also compile the result with TVM into OUT_DIR/compiled/ (extra: tvm)"
     )
+    _add_shape(o)
     _add_tuning(o)
     o.add_argument(
         "--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact"
@@ -147,8 +148,13 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("compile", help="compile a model with TVM for x86, ARM or CUDA (extra: tvm)")
     k.add_argument("model")
     k.add_argument("--target", required=True, choices=TARGET_CHOICES)
-    k.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    k.add_argument(
+        "--batch",
+        type=int,
+        help="static batch size: symbolic leading dimensions (default: as --shape gives them, else 1)",
+    )
     k.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model.so (or .tar) and artifact.json")
+    _add_shape(k)
     _add_tuning(k)
     _add_common(k)
 
@@ -204,7 +210,7 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
         progress=not (args.quiet or args.json),
         cache_dir=args.cache_dir,
         budgets=Budgets(args.max_accuracy_drop, args.min_compression, args.max_latency_ms),
-        compile=_compile_options(args, target=args.target),
+        compile=_compile_options(args, target=args.target, batch=None),
     )
     res = optimize(args.model, args.output, opts)
     rep = res.report
@@ -394,9 +400,10 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rpc-key", metavar="KEY", help="device key at the RPC tracker")
 
 
-def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int = 1) -> Any:
-    """The CompileOptions of a command's tuning flags (validated here: usage errors before work)."""
-    from graphslim.backend.options import CompileOptions
+def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int | None = None) -> Any:
+    """The CompileOptions of a command's --shape and tuning flags (validated here: usage errors
+    before work)."""
+    from graphslim.backend.options import CompileOptions, parse_shapes
 
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise InputError("--rpc-tracker and --rpc-key go together")
@@ -404,6 +411,7 @@ def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int
         raise InputError(f"--rpc-tracker: expected HOST:PORT, got {args.rpc_tracker!r}")
     return CompileOptions(
         target=target,
+        shapes=parse_shapes(getattr(args, "shape", None)),
         batch=batch,
         tune=args.tune,
         tuning_db=args.tuning_db,
@@ -424,6 +432,7 @@ def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
         c.target,
         Path(args.output),
         batch=c.batch,
+        shapes={k: list(v) for k, v in c.shapes} or None,
         model_sha256=model_file_sha256(Path(args.model)),
         tune=c.tune,
         tuning_db=c.tuning_db,
@@ -434,7 +443,7 @@ def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
         return EXIT_OK, art.meta
     return (
         EXIT_OK,
-        f"compiled {args.model} for {args.target} (batch {args.batch}) -> {art.folder / art.meta['library']}",
+        f"compiled {args.model} for {args.target} (batch {art.meta['batch']}) -> {art.folder / art.meta['library']}",
     )
 
 
