@@ -386,6 +386,7 @@ def hf_models() -> dict[str, onnx.ModelProto]:
     return {kind: tm.export_hf(kind) for kind in HF_MODELS}
 
 
+@pytest.mark.slow
 @needs_tvm
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("kind", HF_MODELS)

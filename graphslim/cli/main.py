@@ -233,13 +233,36 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
     ]
     if rep.get("accuracy"):
         acc = rep["accuracy"]
-        lines.append(f"  accuracy {acc['before']:.4f} -> {acc['after']:.4f} ({acc['samples']} samples)")
+        held = (rep.get("data") or {}).get("eval_source") or "the data"
+        lines.append(f"  accuracy {acc['before']:.4f} -> {acc['after']:.4f} ({acc['samples']} samples; {held})")
+    lines += _latency_lines(rep)
     for r in rep["passes"]:
         scalars = ", ".join(f"{k}={v}" for k, v in r["stats"].items() if not isinstance(v, list | dict))
         lines.append(f"  {r['pipeline']}: {'changed' if r['changed'] else 'no change'} ({scalars})")
     if rep["skipped"]:
         lines.append(f"  left unchanged: {len(rep['skipped'])} part(s), reasons in report.md")
     return code, "\n".join(lines)
+
+
+def _latency_lines(rep: dict[str, Any]) -> list[str]:
+    """Batch-1 medians: ONNX Runtime on the original and the result, the compiled artifact, each
+    with its speed-up over ONNX Runtime on the original."""
+    lat = rep.get("latency") or {}
+    base = (lat.get("ort_original") or {}).get("median_ms")
+    rows = [
+        ("ONNX Runtime, original", lat.get("ort_original")),
+        ("ONNX Runtime, result", lat.get("ort_compressed")),
+        (f"TVM {rep.get('target')}, compiled result", lat.get("tvm_compiled")),
+    ]
+    out = []
+    for label, row in rows:
+        if row and row.get("median_ms"):
+            speed = f" ({base / row['median_ms']:.2f}x)" if base else ""
+            out.append(f"  latency {label}: {row['median_ms']:.4f} ms{speed}")
+    not_timed = (rep.get("compiled") or {}).get("not_timed")
+    if not_timed:
+        out.append(f"  compiled result not timed: {not_timed}")
+    return out
 
 
 def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:

@@ -650,9 +650,17 @@ class Graph:
         self._g.toposort()
 
     def fold_constants(self, size_threshold: int | None = 16 * 2**20) -> None:
-        """Evaluate constant subgraphs (onnx-graphsurgeon's folder, which runs ONNX Runtime)."""
+        """Evaluate constant subgraphs (onnx-graphsurgeon's folder, which runs ONNX Runtime). The
+        version moves only if something folded (the pass manager reads it as "changed")."""
+
+        def state() -> tuple[int, int]:
+            tensors = self._g.tensors().values()
+            return len(self._g.nodes), sum(isinstance(t, gs.Constant) for t in tensors)
+
+        before = state()
         self._g.fold_constants(size_threshold=size_threshold)
-        self._touch()
+        if state() != before:
+            self._touch()
 
     def fingerprint(self) -> str:
         """A hash of everything a pass can change: nodes (op, domain, name, attributes, inputs,
