@@ -291,3 +291,25 @@ def test_zoo_style_graphs_prune_at_least_30_percent(arch):
     assert _n_params(out) <= 0.7 * _n_params(model)
     assert recs[-1].verification["runs"] is True
     assert not [s for s in recs[-1].skipped if "reaches graph output" not in s.reason]  # nothing else left alone
+
+
+def test_grouped_conv_reading_a_concat_prunes_where_groups_line_up():
+    """A grouped Conv reading Concat(a, c): with 2 groups each group reads one conv; with 3 groups
+    over 8 + 10 channels the middle group reads the end of a and the start of c. Either way the
+    convs prune in one group whose parts keep equal counts, and dead channels go exactly."""
+
+    def model(groups: int) -> onnx.ModelProto:
+        b = ModelBuilder("gconcat", (1, 3, 8, 8))
+        x = b.relu(b.conv("input", 12))
+        a, c = b.relu(b.conv(x, 8)), b.relu(b.conv(x, 8 if groups == 2 else 10))
+        y = b.relu(b.conv(b.concat([a, c]), 12 if groups == 2 else 18, group=groups))
+        return b.build(b.gemm(b.flatten(b.gap(y)), 4))
+
+    for groups in (2, 3):
+        an = channel_groups(_graph(model(groups)))
+        cat = [grp for grp in an.groups if len(grp.roots) == 2]
+        assert len(cat) == 1 and cat[0].prunable and cat[0].slices == groups
+        dead_model, dead = zero_channels(model(groups), 0.5)
+        out, recs = apply(dead_model, "prune-channels{ratio=0.5}")
+        assert recs[0].stats["channels_removed"] == dead > 0
+        assert_same_outputs(dead_model, out, rtol=1e-5, atol=1e-5)

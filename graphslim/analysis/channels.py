@@ -58,9 +58,6 @@ class Root:
     origin: str  # a node or tensor name, for messages
     frozen: list[str] = field(default_factory=list)
     approx: list[str] = field(default_factory=list)
-    # Equal-count constraints: each array maps this root's channels to a class; pruning must keep
-    # the same number of channels in every class (grouped convolutions, channel shuffles).
-    partitions: list[tuple[np.ndarray, bool]] = field(default_factory=list)  # (classes, soft)
     heads: bool = False  # its channels form blocks that prune whole (attention heads)
 
 
@@ -292,6 +289,9 @@ class _Analyzer:
         self.names: dict[int, str] = {}
         self.uses: dict[int, list[Use]] = {}
         self.fixups: list[tuple[str, Node]] = []
+        # Equal-count constraints: per root, an array mapping its channels to a class (-1: none);
+        # pruning must keep as many channels in every class (grouped convolutions, head blocks).
+        self.partitions: list[tuple[dict[int, np.ndarray], bool]] = []  # (root -> classes, soft)
 
     # ---- roots and channel maps
     def new_root(self, size: int, producer: Node | None, origin: str, frozen: str | None = None) -> int:
@@ -386,11 +386,13 @@ class _Analyzer:
         per = tc.positions // classes
         roots, chans = tc.position_channels()
         cls = np.arange(tc.positions) // per
+        part: dict[int, np.ndarray] = {}
         for r in set(roots.tolist()):
             arr = np.full(self.roots[r].size, -1, dtype=np.int64)
             sel = roots == r
             arr[chans[sel]] = cls[sel]
-            self.roots[r].partitions.append((arr, soft))
+            part[r] = arr
+        self.partitions.append((part, soft))
         return True
 
     # ---- the walk
@@ -429,6 +431,10 @@ class _Analyzer:
                 rf.union(first[c], r)
             else:
                 first[c] = r
+        for part, _ in self.partitions:  # roots whose counts must match prune together
+            rs = sorted(part)
+            for r in rs[1:]:
+                rf.union(rs[0], r)
         members: dict[int, list[int]] = {}
         for r in range(n_roots):
             members.setdefault(rf.find(r), []).append(r)
@@ -452,19 +458,16 @@ class _Analyzer:
         frozen = [f for r in rids for f in self.roots[r].frozen]
         approx = [a for r in rids for a in self.roots[r].approx]
         classes: list[tuple[int, ...]] = [() for _ in units]
-        for r in rids:
-            for part, soft in self.roots[r].partitions:
-                if _spread_evenly(part, r, units) or soft and _within_units(part, r, units):
-                    continue
-                for i, u in enumerate(units):
-                    if r not in u:
-                        classes[i] += (-1,)
-                        continue
-                    cls = set(part[u[r]].tolist())
-                    if len(cls) != 1:
-                        frozen.append("a channel unit spans several parts of a grouped or shuffled layout")
-                        cls = {-2}
-                    classes[i] += (cls.pop(),)
+        for part, soft in self.partitions:
+            if not set(part) & set(rids):
+                continue
+            per_unit = [_unit_classes(part, u) for u in units]
+            if _spread_evenly(per_unit) or soft and _within_units(per_unit):
+                continue
+            for i, counts in enumerate(per_unit):
+                if len(counts) > 1:
+                    frozen.append("a channel unit spans several parts of a grouped or shuffled layout")
+                classes[i] += (next(iter(counts)) if len(counts) == 1 else -2 if counts else -1,)
         counts: dict[tuple[int, ...], int] = {}
         for c in classes:
             counts[c] = counts.get(c, 0) + 1
@@ -475,30 +478,33 @@ class _Analyzer:
         return Group(gid, rids, units, classes, frozen, approx, any(self.roots[r].heads for r in rids))
 
 
-def _within_units(part: np.ndarray, root: int, units: list[dict[int, np.ndarray]]) -> bool:
-    """Every class of ``part`` lies inside one unit (the blocks prune whole: attention heads)."""
-    owner = {}
-    for i, u in enumerate(units):
-        for c in u.get(root, ()):
-            owner[int(c)] = i
-    classes = set(part.tolist()) - {-1}
-    return all(len({owner[c] for c in np.flatnonzero(part == k).tolist()}) == 1 for k in classes)
+def _unit_classes(part: dict[int, np.ndarray], unit: dict[int, np.ndarray]) -> dict[int, int]:
+    """class -> how many of the unit's channels (over the partition's roots) fall in it."""
+    out: dict[int, int] = {}
+    for r, arr in part.items():
+        for c in arr[unit[r]].tolist() if r in unit else ():
+            if c >= 0:
+                out[c] = out.get(c, 0) + 1
+    return out
 
 
-def _spread_evenly(part: np.ndarray, root: int, units: list[dict[int, np.ndarray]]) -> bool:
-    """Every unit has as many channels in each class of ``part`` (a shuffle's units take one
-    channel from every group), so any choice of units keeps the classes equal."""
-    classes = sorted(set(part.tolist()) - {-1})
+def _within_units(per_unit: list[dict[int, int]]) -> bool:
+    """Every class lies inside one unit (the blocks prune whole: attention heads)."""
+    owner: dict[int, int] = {}
+    for i, counts in enumerate(per_unit):
+        for c in counts:
+            if owner.setdefault(c, i) != i:
+                return False
+    return True
+
+
+def _spread_evenly(per_unit: list[dict[int, int]]) -> bool:
+    """Every unit has as many channels in each class (a shuffle's units take one channel from
+    every group), so any choice of units keeps the classes equal."""
+    classes = {c for counts in per_unit for c in counts}
     if len(classes) < 2:
         return True
-    for u in units:
-        ch = u.get(root)
-        if ch is None:
-            continue
-        counts = np.bincount(part[ch][part[ch] >= 0], minlength=max(classes) + 1)[classes]
-        if len(set(counts.tolist())) != 1 or counts[0] == 0:
-            return False
-    return True
+    return all(not counts or (set(counts) == classes and len(set(counts.values())) == 1) for counts in per_unit)
 
 
 class _RootUnion:
