@@ -778,12 +778,20 @@ def _has_unknown_dims(vi: onnx.ValueInfoProto | None) -> bool:
     )
 
 
+_SYMBOLIC_WARNED: list[bool] = []
+
+
 def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Value infos from ONNX Runtime's symbolic shape inference; {} where it cannot run."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         out = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except ImportError as e:  # onnxruntime without sympy: say so once, the counts will show 0s
+        if not _SYMBOLIC_WARNED:
+            _SYMBOLIC_WARNED.append(True)
+            log.warning("symbolic shape inference unavailable (%s): shapes behind computed Reshapes stay unknown", e)
+        return {}
     except Exception as e:  # noqa: BLE001 - an optional refinement: any failure keeps ONNX's shapes
         log.debug("symbolic shape inference failed: %s", _first_line(e))
         return {}
