@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,6 +32,7 @@ import onnx
 
 from graphslim.core.data import Dataset
 from graphslim.core.errors import InputError
+from graphslim.core.fs import scratch_dir
 from graphslim.core.ir import Graph, model_bytes
 from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
@@ -97,8 +97,8 @@ class QuantizeInt8(Pass):
         skipped = [Skip(name, "excluded by the exclude option") for name in o.exclude]
         if not candidates:
             return PassResult(changed=False, stats={"quantized": 0}, skipped=skipped)
-        with tempfile.TemporaryDirectory(prefix="graphslim-q-") as tmp:
-            work = _Quantizer(model, ctx.data, o, Path(tmp))
+        with scratch_dir("q") as tmp:
+            work = _Quantizer(model, ctx.data, o, tmp)
             quantized = work.quantize(exclude=list(o.exclude))
             stats: dict = {
                 "mode": o.mode,
