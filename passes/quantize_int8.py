@@ -34,6 +34,7 @@ from graphslim.core.data import Dataset
 from graphslim.core.errors import InputError
 from graphslim.core.fs import scratch_dir
 from graphslim.core.ir import Graph, model_bytes
+from graphslim.core.runtime import require_onnxruntime
 from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class _Quantizer:
         self.batch = dim0.dim_value if dim0 is not None and dim0.HasField("dim_value") and dim0.dim_value > 0 else 32
 
     def quantize(self, *, exclude: list[str] | None = None, only: list[str] | None = None) -> onnx.ModelProto:
+        require_onnxruntime()  # its calibration sessions log through ONNX Runtime's default logger
         from onnxruntime.quantization import (
             CalibrationMethod,
             QuantFormat,

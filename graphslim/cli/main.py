@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from graphslim.core.errors import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK, GraphslimError, InputError
+from graphslim.core.fs import private_tmpdir, remove_scratch
 from graphslim.core.version import __version__
 
 __all__ = ["main"]
@@ -692,12 +694,35 @@ def _flush_c_stdio() -> None:
         ctypes.CDLL(None).fflush(None)
 
 
+class _LogStream(io.TextIOBase):
+    """A text stream whose lines become log records (what libraries print() while graphslim
+    runs them: ONNX Runtime's calibrators print progress, for instance)."""
+
+    def __init__(self, logger: logging.Logger, level: int):
+        self._log, self._level, self._part = logger, level, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        lines = (self._part + s).split("\n")
+        self._part = lines.pop()
+        for line in lines:
+            if line.strip():
+                self._log.log(self._level, "%s", line.rstrip())
+        return len(s)
+
+    def flush(self) -> None:
+        if self._part.strip():
+            self._log.log(self._level, "%s", self._part.rstrip())
+        self._part = ""
+
+
 @contextlib.contextmanager
 def _stdout_to_stderr() -> Iterator[Any]:
-    """While a command runs, everything written to stdout (print() in a library, such as ONNX
-    Runtime's calibrators, or native code writing to file descriptor 1) goes to stderr, so that
-    stdout carries only graphslim's own output (with --json: one JSON document). Yields the
-    real stdout."""
+    """While a command runs, stdout carries nothing but graphslim's own output (with --json: one
+    JSON document). What libraries print() goes through logging (shown with -v); what native code
+    writes to file descriptor 1 goes to stderr. Yields the real stdout."""
     real = sys.stdout
     real.flush()
     saved = None
@@ -707,10 +732,12 @@ def _stdout_to_stderr() -> Iterator[Any]:
         _flush_c_stdio()
         saved = (fd, os.dup(fd))
         os.dup2(err, fd)
+    printed = _LogStream(logging.getLogger("graphslim.printed"), logging.INFO)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(printed):
             yield real
     finally:
+        printed.flush()
         sys.stderr.flush()
         if saved is not None:
             _flush_c_stdio()
@@ -743,8 +770,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     wants_json = getattr(args, "json", False)
     try:
-        with _stdout_to_stderr() as stdout:
-            code, out = COMMANDS[args.command](args)
+        try:
+            # Temporary files of graphslim and of the libraries it runs go into one scratch
+            # folder under TMPDIR, removed when the command ends, also on Ctrl-C or SIGTERM.
+            with private_tmpdir(), _stdout_to_stderr() as stdout:
+                code, out = COMMANDS[args.command](args)
+        finally:
+            remove_scratch()  # a signal deferred in here is caught below
     except GraphslimError as e:
         if args.debug:
             log.exception("failed")
@@ -776,9 +808,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_INTERNAL
     finally:
-        from graphslim.core.fs import remove_scratch
-
-        remove_scratch()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if wants_json and not isinstance(out, str):

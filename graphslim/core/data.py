@@ -40,6 +40,7 @@ MAX_SAMPLE_ELEMENTS = 2**26  # random inputs larger than this (per input) are re
 # images) compresses far less; a zip bomb compresses about 1000x (deflate) or more (bzip2).
 BOMB_RATIO = 100
 BOMB_MIN_BYTES = 256 * 2**20
+_ZIP_METHODS = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
 _FINITE_CHUNK = 1 << 22  # elements checked for NaN/Inf at a time (bounds the temporary)
 
 
@@ -314,6 +315,14 @@ def _npz_headers(path: Path) -> dict[str, _Member]:
     try:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    # numpy writes stored or deflate members. zipfile decompresses bzip2 and LZMA
+                    # without a size limit: even the header of a bzip2 bomb would expand whole.
+                    raise InputError(
+                        f"{path}: member '{info.filename[:80]}' is compressed with "
+                        f"{_ZIP_METHODS.get(info.compress_type, f'method {info.compress_type}')}; "
+                        "graphslim reads .npz files as numpy writes them (np.savez, np.savez_compressed)"
+                    )
                 if not info.filename.endswith(".npy"):  # np.load would hand it back as raw bytes
                     out[info.filename] = _Member(
                         (info.file_size,), np.dtype(np.uint8), info.compress_size, info.file_size

@@ -61,6 +61,7 @@ __all__ = [
     "check_out_dir",
     "file_sha256",
     "make_scratch_dir",
+    "private_tmpdir",
     "read_marker",
     "remove_scratch",
     "scratch_dir",
@@ -693,6 +694,27 @@ def scratch_dir(purpose: str) -> Iterator[Path]:
         yield path
     finally:
         remove_scratch(path)
+
+
+@contextlib.contextmanager
+def private_tmpdir() -> Iterator[Path]:
+    """Point TMPDIR (``tempfile`` and child processes) into one scratch folder for the block, so
+    that what libraries create there (ONNX Runtime's quantizer, TVM's tuning workers) is removed
+    with it, also when a signal cuts their own cleanup short."""
+    path = make_scratch_dir("run")
+    old_tempdir, old_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(path)
+    os.environ["TMPDIR"] = str(path)
+    try:
+        yield path
+    finally:
+        with signals_deferred():
+            tempfile.tempdir = old_tempdir
+            if old_env is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = old_env
+            remove_scratch(path)
 
 
 atexit.register(remove_scratch)

@@ -690,6 +690,9 @@ class Graph:
                     return True
             return False
 
+        from graphslim.core.runtime import require_onnxruntime
+
+        require_onnxruntime()  # the folder's sessions log through ONNX Runtime's default logger
         self._g.fold_constants(
             size_threshold=size_threshold, should_exclude_node=too_big if size_threshold is not None else None
         )

@@ -24,6 +24,7 @@ import onnx
 from graphslim.core.data import Dataset
 from graphslim.core.errors import GraphslimError
 from graphslim.core.fs import MARKER, FileWriter, OutputDir, file_sha256, read_marker, verify_output_dir
+from graphslim.core.runtime import require_onnxruntime
 from graphslim.core.version import __version__
 
 __all__ = ["CacheDamaged", "CacheEntry", "cache_key", "copy_entry", "read_entry", "versions"]
@@ -39,7 +40,8 @@ def versions() -> dict[str, str]:
     """The versions of graphslim and of the libraries whose results a run depends on."""
     import numpy
     import onnx_graphsurgeon
-    import onnxruntime
+
+    onnxruntime = require_onnxruntime()  # also sets its native log level (graphslim.core.runtime)
 
     return {
         "graphslim": __version__,
