@@ -197,7 +197,8 @@ class _Quantizer:
             extra_options=extra,
         )
         prev = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING through root
+        if not log.isEnabledFor(logging.INFO):  # shown with -v
+            logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING through root
         try:
             if o.mode == "dynamic":
                 # ConvInteger exists in ONNX Runtime for uint8 weights only (1.19 has no int8 kernel).

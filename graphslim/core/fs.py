@@ -597,8 +597,9 @@ def _lock_beside(path: Path, shown: str | os.PathLike[str]) -> tuple[int, Path]:
         except FileNotFoundError:
             same = False
         if same:  # else the run that held it removed the file meanwhile: take the new one
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            with contextlib.suppress(OSError):  # the pid is for the message only (a full disk refuses it)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
             return fd, lock
         os.close(fd)
     raise OutputBusy(f"{shown}: the lock beside the folder keeps changing; try again")
