@@ -304,14 +304,14 @@ def check_out_dir(
         raise InputError(f"{out}: is a symbolic link; graphslim does not replace links (give another folder)")
     if p.exists() and not p.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    for name, protected in (
-        ("the root folder", Path("/")),
-        ("your home folder", Path.home()),
-        ("the current folder", Path.cwd()),
+    for name, where in (
+        ("the root folder", lambda: Path("/")),
+        ("your home folder", Path.home),
+        ("the current folder", Path.cwd),
     ):
         try:
-            protected = protected.resolve()
-        except OSError:
+            protected = where().resolve()
+        except (OSError, RuntimeError):  # no home folder, or a current folder that was deleted
             continue
         if _is_within(protected, p):
             what = name if p == protected else f"a parent of {name}"
