@@ -46,7 +46,13 @@ class _Reader:
     """onnxruntime.quantization's CalibrationDataReader over a Dataset."""
 
     def __init__(self, data: Dataset, batch: int):
-        self._it = iter(list(data.batches(batch)))
+        # ONNX Runtime returns a graph input that is also an output (the calibrators add the
+        # inputs as outputs) as a view of the caller's array, without a reference to it, and its
+        # histogram calibrators (entropy, percentile) read those views after the last batch. So
+        # every batch stays alive as long as the reader: an exhausted list iterator drops its list,
+        # which freed the arrays and made the histograms read freed memory (NaN, at random).
+        self._batches = list(data.batches(batch))
+        self._it = iter(self._batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         b = next(self._it, None)
