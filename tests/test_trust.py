@@ -598,7 +598,7 @@ def test_verify_fails_when_a_pass_turns_outputs_into_nan(canary, capsys):
     assert rep["fidelity"]["nonfinite"] > 0 and rep["fidelity"]["top1_agreement"] == 0.0
 
 
-def test_compare_outputs_keeps_nan():
+def test_compare_outputs_keeps_nan(canary):
     from graphslim.core.metrics import compare_outputs
 
     a = np.arange(12, dtype=np.float32).reshape(4, 3)
@@ -776,7 +776,7 @@ def test_constant_of_shape_bomb_is_refused_under_a_memory_limit(canary):
     assert cli("inspect", bomb, limit_mb=LIMIT_MB).returncode == 0  # looking at it costs nothing
 
 
-def test_fold_constants_bounds_intermediate_results():
+def test_fold_constants_bounds_intermediate_results(canary):
     """A 64 MiB ConstantOfShape feeding a ReduceSum: the result is one number, the intermediate
     is what max_mib must bound."""
     from onnx import TensorProto, helper
