@@ -440,7 +440,8 @@ def _scale_offset(s_x: np.ndarray, zp_x: np.ndarray, s_w: np.ndarray, wsum: np.n
 def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     """Relax rewrite (``graphslim.kernels.REWRITES["int8-dense"]``, run on the module as imported,
     before constants fold): ``matmul(dequantize(q), [permute_dims](dequantize(W_int8)))`` ->
-    :func:`qdense_func`. Targets with an int8 instruction set (:func:`isa_for`): x86 with AVX2 or
+    :func:`qdense_func`; ``q`` [..., K] of any rank >= 2 (N-D layers through a ``reshape`` to
+    [M, K] and back). Targets with an int8 instruction set (:func:`isa_for`): x86 with AVX2 or
     VNNI, AArch64 with the dot product."""
     from tvm import relax
 
@@ -448,8 +449,10 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
         self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool
     ) -> Any:
         xs = [int(d) for d in q.ty.shape]
-        if w.ndim != 2 or len(xs) != 2:
+        if w.ndim != 2 or len(xs) < 2:
             return None
+        # an N-D layer ([B, S, K] x [K, N] in a transformer) is a 2-D product over B*S rows
+        lead, xs = xs[:-1], [int(np.prod(xs[:-1])), xs[-1]]
         # W as [N, K] (outputs x inputs) and the weight scale per output
         if transposed:  # Gemm transB: W is [N, K], per-channel on axis 0
             wn, per_out = w, axis == 0
@@ -464,10 +467,11 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
         scale, offset = _scale_offset(s_x, zp, s_w, wn.astype(np.int64).sum(axis=1))
         args = {"op": "dense", "m": xs[0], "k": k, "n": n, "qdtype": qdtype, "isa": isa.name}
         gv = self.builder_.add_func(_tagged(qdense_func(xs[0], k, n, qdtype, isa), args), f"int8_dense_{isa.name}")
-        return relax.call_tir(
+        rows = q if len(lead) == 1 else self.builder_.emit(relax.op.reshape(q, xs))
+        out = relax.call_tir(
             gv,
             [
-                q,
+                rows,
                 relax.const(pack_weights(wn, lanes * g, isa)),
                 relax.const(scale),
                 relax.const(offset),
@@ -475,6 +479,7 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
             ],
             relax.TensorType((xs[0], n), "float32"),
         )
+        return out if len(lead) == 1 else relax.op.reshape(self.builder_.emit(out), (*lead, n))
 
     return _int8_rewrite(mod, spec, "matmul", build)
 
@@ -574,7 +579,8 @@ def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     """Relax rewrite (``graphslim.kernels.REWRITES["int8-requantize"]``, after constants fold):
     the elementwise ops that follow an int8 kernel, up to the next layer's input (a per-channel
     bias ``add``, then per-tensor ``quantize`` / ``dequantize`` and ``relu``, each the only user of
-    the one before), move into the kernel's epilogue, so the kernel writes the requantized uint8 /
+    the one before; for an N-D layer, after the ``reshape`` back from [M, N], which then moves
+    after the kernel), move into the kernel's epilogue, so the kernel writes the requantized uint8 /
     int8 tensor the next int8 layer reads instead of a float32 tensor that a separate kernel
     reads back. The epilogue repeats TVM's legalization of those ops (same float operations in the
     same order: ``clip(round(v / s) + zp)``, ``(int32(q) - zp) * s``), so results are bit-identical
@@ -585,26 +591,42 @@ def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
 
     if spec.get("kind") != "llvm":
         return mod, False
-    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("add", "quantize", "dequantize", "nn.relu", "call_tir")}
+    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("add", "quantize", "dequantize", "nn.relu", "call_tir", "reshape")}
     fused: list[str] = []
 
     def steps_after(var: Any, users: dict[Any, list[Any]], bound: dict[Any, Any], k: int) -> list[tuple[Any, Any]]:
         """(binding var, step) pairs of the chain after ``var``."""
         chain: list[tuple[Any, Any]] = []
-        first = True
+        first = True  # a bias add only right after the kernel (or its reshape back to N-D)
         while True:
             uses = users.get(var, [])
             if len(uses) != 1:
                 return chain
             nxt = uses[0]
             call = bound.get(nxt)
-            if not isinstance(call, relax.Call) or not call.args or not call.args[0].same_as(var):
+            if not isinstance(call, relax.Call) or not call.args:
+                return chain
+            # PyTorch exports add the bias first: Add(bias, x)
+            commuted = call.op == ops["add"] and len(call.args) == 2 and call.args[1].same_as(var)
+            if not call.args[0].same_as(var) and not commuted:
                 return chain
             step = None
-            if call.op == ops["add"] and first:
-                c = _const(call.args[1])
-                if c is not None and c.dtype == np.float32 and c.size == k and c.shape[-1] == k:
+            if call.op == ops["reshape"] and not chain:
+                # an N-D layer's reshape back from [M, N]: elementwise steps commute with it
+                if int(call.ty.shape[-1]) == k:
+                    step = ("reshape", None)
+            elif call.op == ops["add"] and first:
+                c = _const(call.args[0 if commuted else 1])
+                if (
+                    c is not None
+                    and c.dtype == np.float32
+                    and c.size == k
+                    and c.shape[-1] == k
+                    and c.ndim <= len(var.ty.shape)
+                ):  # not broadcasting the result to a higher rank
                     step = ("bias", c.reshape(k))
+            elif commuted:
+                return chain
             elif call.op == ops["quantize"] or call.op == ops["dequantize"]:
                 s_, z_ = _scalar(call.args[1]), _scalar(call.args[2])
                 out = str(call.attrs.out_dtype)
@@ -615,7 +637,7 @@ def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
             if step is None:
                 return chain
             chain.append((nxt, step))
-            var, first = nxt, False
+            var, first = nxt, step[0] == "reshape"
 
     def make_epilogue(steps: list[tuple[str, Any]]) -> Any:
         def epilogue(v: Any) -> Any:
@@ -655,7 +677,7 @@ def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
                     _rebuild(
                         str(mod[call.args[0]].attrs["graphslim.int8_kernel"]),
                         out_dtype,
-                        make_epilogue([st for st in steps if st[0] != "bias"]),
+                        make_epilogue([st for st in steps if st[0] not in ("bias", "reshape")]),
                     ),
                     f"{call.args[0].name_hint}_requant",
                 )
@@ -667,6 +689,8 @@ def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
                     [self.visit_expr(a) for a in args],
                     relax.TensorType(tuple(int(d) for d in call.ty.shape), out_dtype),
                 )
+                if any(kind == "reshape" for kind, _ in steps):  # the N-D shape, after the fused chain
+                    new = relax.op.reshape(self.builder_.emit(new), binding.var.ty.shape)
                 fused.append(kernel.name_hint)
                 self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
 

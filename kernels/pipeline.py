@@ -3,10 +3,12 @@
 TVM's CPU pipeline (``relax.backend.cpu_generic``) legalizes and fuses but leaves every kernel
 unscheduled. This one, for LLVM targets:
 
-1. converts convolutions to NHWC activations with HWIO weights (``relax.transform.ConvertLayout``:
-   the transposes it adds at the edges fold into the constant weights or run once per model),
-   moves transposes down through elementwise ops it does not convert (QDQ quantize/dequantize,
-   activations, residual adds) and removes the pairs that then cancel;
+1. turns the importer's stack-and-reduce form of variadic Max/Min/Sum/Mean back into binary ops
+   (:func:`unstack_reductions`) and bounds the gathers of run-time indices (:func:`bound_gathers`);
+   converts convolutions, where the module has any, to NHWC activations with HWIO weights
+   (:func:`convert_layout`: the transposes it adds at the edges fold into the constant weights or
+   run once per model), moves transposes down through elementwise ops it does not convert (QDQ
+   quantize/dequantize, activations, residual adds) and removes the pairs that then cancel;
    then applies graphslim's Relax rewrites (``graphslim.kernels.REWRITES``: the compression-aware
    kernels see NHWC convolutions with constant HWIO weights);
 2. legalizes and fuses exactly as TVM does (so MetaSchedule task keys match TVM's own);
@@ -18,17 +20,24 @@ unscheduled. This one, for LLVM targets:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "NHWC_LAYOUTS",
     "apply_schedule_rules",
+    "bound_gathers",
     "cancel_transposes",
+    "convert_layout",
     "cpu_pipeline",
+    "has_op",
     "sink_transposes",
+    "unstack_reductions",
     "visit_relax_functions",
 ]
+
+log = logging.getLogger(__name__)
 
 #: ConvertLayout's desired layouts: data NHWC, kernel HWIO (output channel innermost).
 NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -60,8 +69,8 @@ def cpu_pipeline(
         with target:
             early = {n: r for n, r in (rewrites or {}).items() if getattr(r, "stage", "") == "import"}
             late = {n: r for n, r in (rewrites or {}).items() if n not in early}
-            mod = _apply_rewrites(mod, early, spec, rewrites_applied)
-            mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
+            mod = _apply_rewrites(bound_gathers(unstack_reductions(mod)), early, spec, rewrites_applied)
+            mod = convert_layout(mod)
             mod = relax.transform.DeadCodeElimination()(cancel_transposes(sink_transposes(mod)))
             mod = relax.transform.FoldConstant()(mod)  # the weights' layout transforms
             mod = _apply_rewrites(mod, late, spec, rewrites_applied)
@@ -79,6 +88,44 @@ def cpu_pipeline(
         return mod
 
     return _pipeline
+
+
+def has_op(mod: Any, name: str) -> bool:
+    """Whether a Relax function of ``mod`` calls the operator ``name`` (e.g. ``relax.nn.conv2d``)."""
+    import tvm
+    from tvm import relax
+
+    op = tvm.ir.Op.get(name)
+    found = [False]
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and expr.op == op:
+            found[0] = True
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function) and not found[0]:
+            relax.analysis.post_order_visit(func, visit)
+    return found[0]
+
+
+def convert_layout(mod: Any) -> Any:
+    """Convolutions to NHWC / HWIO (:data:`NHWC_LAYOUTS`), where the module has any: the conversion
+    only pays for convolutions, and ``ConvertLayout`` fails on modules it has nothing to do with
+    (a ``match_cast`` of a data-dependent shape: "Cannot convert when exactly one of the layouts is
+    unknown"). Where it fails on a module with convolutions, they stay NCHW (correct, slower) and a
+    warning says so."""
+    import tvm
+    from tvm import relax
+
+    if not has_op(mod, "relax.nn.conv2d"):
+        return mod
+    try:
+        return relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
+    except tvm.error.InternalError as e:  # a TVM check failed on some binding: keep NCHW
+        log.warning(
+            "layout conversion to NHWC failed, convolutions stay NCHW (slower): %s", str(e).strip().splitlines()[-1]
+        )
+        return mod
 
 
 def _apply_rewrites(mod: Any, rewrites: dict[str, Any], spec: dict[str, Any] | None, applied: list[str] | None) -> Any:
@@ -159,6 +206,84 @@ def cancel_transposes(mod: Any) -> Any:
             return call
 
     return visit_relax_functions(Cancel(mod), mod)
+
+
+def unstack_reductions(mod: Any) -> Any:
+    """``max(stack([broadcast_to(a), broadcast_to(b), ...]), axis=0)`` -> ``maximum(maximum(a, b), ...)``,
+    likewise ``min`` / ``sum`` / ``mean`` (-> ``minimum`` / ``add`` / ``add`` then divide). TVM's ONNX
+    importer turns variadic Max/Min/Sum/Mean into that stack-and-reduce form: a copy of every
+    input, and a tensor one rank higher that ``ConvertLayout`` cannot map (a 4-D residual sum
+    becomes 5-D: "Invalid SLayout: can't find S in source layout ABCDE"). Binary ops broadcast as
+    the ONNX ops do, so the result is the same up to float summation order."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+
+    stack, broadcast = tvm.ir.Op.get("relax.stack"), tvm.ir.Op.get("relax.broadcast_to")
+    binary = {
+        tvm.ir.Op.get("relax.max"): relax.op.maximum,
+        tvm.ir.Op.get("relax.min"): relax.op.minimum,
+        tvm.ir.Op.get("relax.sum"): relax.op.add,
+        tvm.ir.Op.get("relax.mean"): relax.op.add,
+    }
+    mean = tvm.ir.Op.get("relax.mean")
+
+    @relax.expr_functor.mutator
+    class Unstack(relax.PyExprMutator):
+        def bound(self, expr: Any) -> Any:
+            return self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if call.op not in binary or call.attrs.axis is None or [int(a) for a in call.attrs.axis] != [0]:
+                return call
+            if bool(call.attrs.keepdims):
+                return call
+            stacked = self.bound(call.args[0])
+            if not isinstance(stacked, relax.Call) or stacked.op != stack or int(stacked.attrs.axis) != 0:
+                return call
+            items = self.bound(stacked.args[0])
+            if not isinstance(items, relax.Tuple) or len(items.fields) < 2:
+                return call
+            xs = []
+            for field in items.fields:
+                inner = self.bound(field)
+                xs.append(inner.args[0] if isinstance(inner, relax.Call) and inner.op == broadcast else field)
+            acc = xs[0]
+            for x in xs[1:]:
+                acc = self.builder_.emit(binary[call.op](acc, x))
+            if call.op == mean:
+                acc = self.builder_.emit(relax.op.divide(acc, relax.const(len(xs), str(call.ty.dtype))))
+            # the pairwise broadcast is the importer's broadcast shape; anything else: leave it
+            return acc if tvm_ffi.structural_equal(acc.ty, call.ty) else call
+
+    return relax.transform.DeadCodeElimination()(visit_relax_functions(Unstack(mod), mod))
+
+
+def bound_gathers(mod: Any) -> Any:
+    """``take(x, i, mode="fast")`` with indices computed at run time -> ``mode="nan"`` for float ``x``
+    (an out-of-range index gives NaN rows), ``"clip"`` otherwise. The ONNX importer makes every
+    Gather a fast take, which reads out of bounds, and can crash the process, on an index past the
+    table (a token id past an embedding's vocabulary, where ONNX Runtime reports an error).
+    Negative indices are already wrapped by the importer; the bound check is one compare per
+    index."""
+    import tvm
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    take = tvm.ir.Op.get("relax.take")
+
+    @relax.expr_functor.mutator
+    class Bound(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if call.op != take or str(call.attrs.mode) != "fast" or isinstance(call.args[1], Constant):
+                return call
+            axis = None if call.attrs.axis is None else int(call.attrs.axis)
+            mode = "nan" if str(call.args[0].ty.dtype).startswith(("float", "bfloat")) else "clip"
+            return relax.op.take(call.args[0], call.args[1], axis, mode)
+
+    return visit_relax_functions(Bound(mod), mod)
 
 
 #: Elementwise ops a transpose moves through unchanged (``f(permute(x)) = permute(f(x))``).

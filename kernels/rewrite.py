@@ -3,15 +3,19 @@
 Every compression-aware kernel that keys on the *values* of a weight (block-sparse, binary)
 replaces the same two patterns, after the CPU pipeline's layout conversion and constant folding:
 
-* ``relax.matmul(x, W)`` with ``x`` [M, K] float32 and a constant ``W`` [K, N];
+* ``relax.matmul(x, W)`` with ``x`` [..., K] float32 (static shape) and a constant ``W`` [K, N]:
+  a 2-D product over the ``M`` = prod(...) flattened rows. A transformer's linear layers are 3-D
+  MatMuls ([B, S, K] x [K, N]); they become ``reshape`` to [M, K] -> kernel -> ``reshape`` back,
+  and the reshapes lower to views (``RewriteDataflowReshape``) or fuse into their neighbours;
 * ``relax.nn.conv2d`` on NHWC data with a constant HWIO weight (groups 1, no dilation); the
   padding becomes a ``relax.op.nn.pad`` in front of the kernel, which reads padded input.
 
 A kernel family supplies one function per pattern that looks at the weight and returns a
 :class:`KernelCall` (or None: the layer stays on the dense path) and this module emits the
-``call_tir``, then fuses a following constant bias ``add`` and ``relu`` into the kernel (its
-``bias`` argument, last before the output, and its ``relu=True`` variant), as TVM's own fusion does
-for dense kernels. Kernels take ``(x, *consts, bias, y)``.
+``call_tir``, then fuses a following constant bias ``add`` (either operand order: PyTorch exports
+write ``Add(bias, MatMul)``) and ``relu`` into the kernel (its ``bias`` argument, last before the
+output, and its ``relu=True`` variant), also through the ``reshape`` back of an N-D layer, as
+TVM's own fusion does for dense kernels. Kernels take ``(x, *consts, bias, y)``.
 """
 
 from __future__ import annotations
@@ -102,13 +106,20 @@ def rewrite_contractions(mod: Any, dense: DenseChooser | None, conv: ConvChooser
                 return call
             x = call.args[0]
             xs, ws = _static_shape(x), _static_shape(call.args[1])
-            if xs is None or ws is None or len(xs) != 2 or len(ws) != 2 or str(x.ty.dtype) != "float32":
+            if xs is None or ws is None or len(xs) < 2 or len(ws) != 2 or str(x.ty.dtype) != "float32":
                 return call
             w = call.args[1].value.numpy()
-            if w.dtype != np.float32:
+            if w.dtype != np.float32 or xs[-1] != w.shape[0]:
                 return call
-            kc = dense(xs[0], np.ascontiguousarray(w.T))  # [N, K]: outputs x inputs
-            return call if kc is None else self._emit(kc, x, (xs[0], w.shape[1]))
+            m = int(np.prod(xs[:-1]))
+            kc = dense(m, np.ascontiguousarray(w.T))  # [N, K]: outputs x inputs
+            if kc is None:
+                return call
+            if len(xs) == 2:
+                return self._emit(kc, x, (m, w.shape[1]))
+            rows = self.builder_.emit(relax.op.reshape(x, (m, xs[-1])))
+            out = self.builder_.emit(self._emit(kc, rows, (m, w.shape[1])))
+            return relax.op.reshape(out, (*xs[:-1], w.shape[1]))
 
         def _conv2d(self, call: Any) -> Any:
             a = call.attrs
@@ -143,44 +154,73 @@ def rewrite_contractions(mod: Any, dense: DenseChooser | None, conv: ConvChooser
 
 
 def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
-    """``add(kernel(...), constant bias)`` and ``relu(kernel(...))`` -> one kernel call that applies
-    them to each finished tile (the kernels' bias argument and ReLU variant). The unfused calls are
+    """``add(kernel(...), constant bias)`` (either operand order) and ``relu(kernel(...))`` -> one
+    kernel call that applies them to each finished tile (the kernels' bias argument and ReLU
+    variant), also where a ``reshape`` that keeps the last (output) axis sits between the kernel
+    and the op (N-D layers): the reshape then moves after the fused kernel. The unfused calls are
     left for dead-code elimination."""
     import tvm
     from tvm import relax
     from tvm.ir.expr import Constant
 
-    add, relu, call_tir = (tvm.ir.Op.get(n) for n in ("relax.add", "relax.nn.relu", "relax.call_tir"))
+    add, relu, call_tir, reshape = (
+        tvm.ir.Op.get(n) for n in ("relax.add", "relax.nn.relu", "relax.call_tir", "relax.reshape")
+    )
     with_relu: dict[str, Any] = {}
 
     @relax.expr_functor.mutator
     class Epilogue(relax.PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if call.op not in (add, relu) or not isinstance(call.args[0], relax.Var):
-                return call
-            inner = self.lookup_binding(call.args[0])
+        def kernel_call(self, expr: Any) -> tuple[Any, Any] | None:
+            """(the kernel's call_tir, the reshape after it or None) behind ``expr``."""
+            if not isinstance(expr, relax.Var):
+                return None
+            inner = self.lookup_binding(expr)
+            after = None
+            if isinstance(inner, relax.Call) and inner.op == reshape and isinstance(inner.args[0], relax.Var):
+                after = inner
+                inner = self.lookup_binding(inner.args[0])
+                shapes = [_static_shape(after), _static_shape(after.args[0])]
+                if None in shapes or shapes[0][-1] != shapes[1][-1]:
+                    return None
             if not isinstance(inner, relax.Call) or inner.op != call_tir:
-                return call
+                return None
             name = inner.args[0].name_hint
             base = name[: -len("_relu")] if name.endswith("_relu") else name
-            if base not in kernels:
+            return (inner, after) if base in kernels else None
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if call.op not in (add, relu):
                 return call
+            found, bias_arg = self.kernel_call(call.args[0]), call.args[1] if call.op == add else None
+            if found is None and call.op == add:
+                found, bias_arg = self.kernel_call(call.args[1]), call.args[0]
+            if found is None:
+                return call
+            inner, after = found
+            name = inner.args[0].name_hint
+            base = name[: -len("_relu")] if name.endswith("_relu") else name
             args = list(inner.args[1].fields)
             out_ty = inner.ty
             if call.op == add:
-                if name.endswith("_relu") or not isinstance(call.args[1], Constant):
+                if name.endswith("_relu") or not isinstance(bias_arg, Constant):
                     return call
-                b = call.args[1].value.numpy()
+                b = bias_arg.value.numpy()
                 k = int(out_ty.shape[-1])
                 if b.size != k or b.shape[-1] != k or b.dtype != np.float32 or np.any(args[-1].value.numpy()):
                     return call
+                if b.ndim > len((after if after is not None else inner).ty.shape):
+                    return call  # the bias would broadcast the result to a higher rank
                 args[-1] = relax.const(b.reshape(k))
-                return relax.call_tir(inner.args[0], args, out_ty)
-            if name.endswith("_relu"):
-                return call
-            if base not in with_relu:
-                with_relu[base] = self.builder_.add_func(kernels[base](relu=True), f"{base}_relu")
-            return relax.call_tir(with_relu[base], args, out_ty)
+                fused = relax.call_tir(inner.args[0], args, out_ty)
+            else:
+                if name.endswith("_relu"):
+                    return call
+                if base not in with_relu:
+                    with_relu[base] = self.builder_.add_func(kernels[base](relu=True), f"{base}_relu")
+                fused = relax.call_tir(with_relu[base], args, out_ty)
+            if after is None:
+                return fused
+            return relax.op.reshape(self.builder_.emit(fused), after.args[1])
 
     return visit_relax_functions(Epilogue(mod), mod)

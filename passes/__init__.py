@@ -11,6 +11,8 @@ from graphslim.passes import (  # noqa: F401 - imported to register
     fold_constants,
     fuse_matmul_add,
     prune_channels,
+    prune_heads,
+    prune_hidden,
     quantize_binary,
     quantize_int8,
     sparsify_blocks,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphslim.core.ir import Graph, Node
+from graphslim.core.ops import weight_matrix
 from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 _OPS = ("Gemm", "MatMul", "Conv")
@@ -95,20 +96,23 @@ class FactorizeSVD(Pass):
         w = graph.constant(node.inputs[1])
         if w is None or w.dtype.kind != "f":
             return "the weight is not a constant float tensor"
-        if node.op == "Conv":
-            if int(node.attrs.get("group", 1)) != 1:
-                return "grouped convolution"
-            if len(node.inputs) > 2 and node.inputs[2].name and graph.constant(node.inputs[2]) is None:
-                return "the bias is not constant"
-            mat = w.reshape(w.shape[0], -1).T  # (in*kh*kw) x out, as a K x N matmul weight
-        elif node.op == "Gemm":
-            if node.attrs.get("transA", 0):
-                return "Gemm with transA"
-            mat = w.T if node.attrs.get("transB", 0) else w
-        else:
-            if w.ndim < 2 or graph.constant(node.inputs[0]) is not None:
-                return "MatMul without a constant weight as second input"
-            mat = w
+        if node.op == "Conv" and int(node.attrs.get("group", 1)) != 1:
+            return "grouped convolution"
+        if (
+            node.op == "Conv"
+            and len(node.inputs) > 2
+            and node.inputs[2].name
+            and graph.constant(node.inputs[2]) is None
+        ):
+            return "the bias is not constant"
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            return "Gemm with transA"
+        if node.op == "MatMul" and (w.ndim < 2 or graph.constant(node.inputs[0]) is not None):
+            return "MatMul without a constant weight as second input"
+        # (inputs x outputs): the op table's (outputs x inputs) matrix, transposed; batched MatMul
+        # weights (rank > 2, one matrix per batch entry) are factorized per matrix at one rank.
+        outs_ins = weight_matrix(graph, node)
+        mat = outs_ins.T if outs_ins is not None else w
         m, n = mat.shape[-2], mat.shape[-1]
         u, s, vt = np.linalg.svd(mat.astype(np.float64), full_matrices=False)
         k = _choose_rank(s, self.options)

@@ -14,19 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphslim.core.ir import Graph, Node
+from graphslim.core.ops import out_channels, scale_out_channels
 from graphslim.core.patterns import channel_vector, only_consumer, weight_producer
 from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 _AFFINE = ("Mul", "Div", "Add", "Sub")
-
-
-def _out_channels(graph: Graph, prod: Node) -> int:
-    w = graph.constant(prod.inputs[1])
-    if prod.op == "Conv":
-        return w.shape[0]
-    if prod.op == "ConvTranspose":
-        return w.shape[1] * int(prod.attrs.get("group", 1))
-    return w.shape[0] if prod.attrs.get("transB", 0) else w.shape[1]  # Gemm
 
 
 def _current_bias(graph: Graph, prod: Node, channels: int, dtype: np.dtype) -> np.ndarray | None:
@@ -48,16 +40,7 @@ def _apply(graph: Graph, prod: Node, scale: np.ndarray, shift: np.ndarray) -> No
     """y' = y * scale + shift, folded into the producer's weight and bias."""
     w = graph.constant(prod.inputs[1])
     c = len(scale)
-    if prod.op == "Conv":
-        w2 = w * scale.reshape((c,) + (1,) * (w.ndim - 1))
-    elif prod.op == "ConvTranspose":
-        g = int(prod.attrs.get("group", 1))
-        wg = w.reshape((g, w.shape[0] // g) + w.shape[1:])
-        w2 = (wg * scale.reshape((g, 1, c // g) + (1,) * (w.ndim - 2))).reshape(w.shape)
-    elif prod.attrs.get("transB", 0):
-        w2 = w * scale[:, None]
-    else:
-        w2 = w * scale[None, :]
+    w2 = scale_out_channels(prod, w, scale)
     bias = _current_bias(graph, prod, c, w.dtype)
     new_bias = (bias * scale + shift).astype(w.dtype)
     graph.set_constant(prod, 1, w2.astype(w.dtype))
@@ -79,6 +62,8 @@ class FoldBatchNorm(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         folded_bn = folded_affine = 0
+        # A scale reaching its Mul through an Unsqueeze of an initializer is a constant too.
+        folded_const = graph.fold_constant_subexpressions()
         reasons: dict[str, str] = {}
         changed = True
         while changed:
@@ -97,8 +82,13 @@ class FoldBatchNorm(Pass):
                     changed = True
         skipped = [Skip(name, why) for name, why in reasons.items()]
         return PassResult(
-            changed=bool(folded_bn or folded_affine),
-            stats={"batchnorm_folded": folded_bn, "affine_folded": folded_affine, "batchnorm_left": len(skipped)},
+            changed=bool(folded_bn or folded_affine or folded_const),
+            stats={
+                "batchnorm_folded": folded_bn,
+                "affine_folded": folded_affine,
+                "batchnorm_left": len(skipped),
+                "constants_folded": folded_const,
+            },
             skipped=skipped,
         )
 
@@ -111,13 +101,13 @@ class FoldBatchNorm(Pass):
         params = [graph.constant(t) for t in bn.inputs[1:5]]
         if any(p is None for p in params):
             return "scale, bias, mean or variance is not a constant"
-        prod = weight_producer(graph, bn.inputs[0])
-        if prod is None or prod.op == "MatMul":
+        prod = weight_producer(graph, bn.inputs[0], "bn_foldable")
+        if prod is None:
             return "not fed by a Conv, ConvTranspose or Gemm with constant weights"
         if only_consumer(graph, bn.inputs[0]) is not bn:
             return "the producer's output has other readers"
         gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
-        c = _out_channels(graph, prod)
+        c = out_channels(prod, graph.constant(prod.inputs[1]))
         if gamma.size != c:
             return f"{gamma.size} BatchNorm channels but the producer has {c} output channels"
         w = graph.constant(prod.inputs[1])
@@ -136,14 +126,14 @@ class FoldBatchNorm(Pass):
         kval = graph.constant(k)
         if kval is None or graph.constant(x) is not None:
             return False
-        prod = weight_producer(graph, x)
-        if prod is None or prod.op == "MatMul" or only_consumer(graph, x) is not node:
+        prod = weight_producer(graph, x, "bn_foldable")
+        if prod is None or only_consumer(graph, x) is not node:
             return False
         rank = graph.rank(x)
         w = graph.constant(prod.inputs[1])
         if rank is None or kval.dtype != w.dtype:
             return False
-        c = _out_channels(graph, prod)
+        c = out_channels(prod, graph.constant(prod.inputs[1]))
         vec = channel_vector(kval, rank, 1, c)
         if vec is None or _current_bias(graph, prod, c, w.dtype) is None:
             return False

@@ -1,20 +1,27 @@
 """prune-channels: structured channel pruning with dependency groups; channels are physically removed.
 
 Groups of coupled channels come from the channel analysis (residual Add, Concat, grouped and
-depthwise Conv, Flatten/Reshape into Gemm, MatMul chains). Each prunable group loses channels
-by importance (``criterion``): ``l1`` / ``l2`` norms of the weights of every member, summed after
-normalization; ``bn-gamma`` (Network Slimming) the |gamma| of the BatchNormalizations on the group
-(run it before fold-batchnorm; groups without one fall back to l1); ``random`` (seeded).
+depthwise Conv, channel shuffles, Flatten/Reshape into Gemm, MatMul chains, the FFN inner
+dimension of a transformer with Gelu written out or as one op, SwiGLU's gate and up projections
+together). Each prunable group loses channels by importance (``criterion``): ``l1`` / ``l2`` norms
+of the weights of every member, summed after normalization; ``bn-gamma`` (Network Slimming) the
+|gamma| of the BatchNormalizations on the group (run it before fold-batchnorm; groups without one
+fall back to l1); ``activation`` (data-driven, Wanda style: input activation norm on ``--data``
+times the weights that read it); ``random`` (seeded).
 
 ``scope=local`` removes ``ratio`` of each group; ``scope=global`` ranks all channels on one scale.
 ``target_macs`` / ``target_params`` (fraction of the current model to keep) search the global
 ratio that meets the target. ``round_to`` keeps channel counts at multiples of N, and every group
 keeps at least ``min_channels``.
 
-Refuses (leaves unpruned, with the reason in the report): groups that reach a graph output or a
-graph input, groups touching an op the analysis does not understand (channel shuffle, LRN, Softmax
-over channels, Split through a channel set...), and groups whose producer is in ``exclude``.
-Input and output shapes of the model never change.
+Constant subexpressions (a BatchNorm scale reaching a Mul through an Unsqueeze of an initializer)
+are folded first, so what ran before does not matter.
+
+Refuses (leaves unpruned, with the reason in the report): groups that reach a graph output,
+groups touching an op the analysis does not understand (LRN, Softmax over channels, a Split
+through a channel set...), groups whose producer is in ``exclude``, attention heads (prune-heads
+takes them) and the hidden dimension of a transformer (prune-hidden). Input and output shapes of
+the model never change.
 """
 
 from __future__ import annotations
@@ -22,18 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from graphslim.analysis.channels import ChannelAnalysis, Group, channel_groups
+from graphslim.analysis.channels import channel_groups
 from graphslim.analysis.cost import cost_model
 from graphslim.core.ir import Graph
 from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
-from graphslim.transforms.pruning import (
-    Rounding,
-    apply_pruning,
-    estimate_cost,
-    group_scores,
-    keep_counts,
-    select_channels,
-)
+from graphslim.transforms.pruning import PruneRequest, prune
 
 
 @register_pass
@@ -44,7 +44,7 @@ class PruneChannels(Pass):
     @dataclass(frozen=True)
     class Options:
         ratio: float = 0.5
-        criterion: Literal["l1", "l2", "bn-gamma", "random"] = "l1"
+        criterion: Literal["l1", "l2", "bn-gamma", "activation", "random"] = "l1"
         scope: Literal["local", "global"] = "local"
         round_to: int = 1
         min_channels: int = 1
@@ -53,94 +53,51 @@ class PruneChannels(Pass):
         target_params: float | None = None
 
         def __post_init__(self) -> None:
-            if not 0.0 <= self.ratio < 1.0:
-                raise ValueError("ratio must be in [0, 1)")
-            if self.round_to < 1 or self.min_channels < 1:
-                raise ValueError("round_to and min_channels must be >= 1")
-            if self.target_macs is not None and self.target_params is not None:
-                raise ValueError("give target_macs or target_params, not both")
-            for t in (self.target_macs, self.target_params):
-                if t is not None and not 0.0 < t <= 1.0:
-                    raise ValueError("targets are fractions of the model to keep, in (0, 1]")
+            check_prune_options(self.ratio, self.round_to, self.min_channels, self.target_macs, self.target_params)
+
+    kinds = frozenset({"channels"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        o = self.options
-        an: ChannelAnalysis = ctx.analysis(channel_groups, graph)
-        skipped: list[Skip] = []
-        groups: list[Group] = []
-        excluded = set(o.exclude)
-        for g in an.groups:
-            names = [an.roots[r].origin for r in g.roots]
-            if g.size <= 1:
-                continue
-            if g.frozen:
-                reasons = sorted(set(g.frozen))
-                skipped.append(Skip(f"group {g.id} ({', '.join(names[:4])})", "; ".join(reasons[:3])))
-            elif excluded & set(names):
-                skipped.append(Skip(f"group {g.id} ({', '.join(names[:4])})", "excluded by the exclude option"))
-            else:
-                groups.append(g)
-        rounding = Rounding(o.round_to, o.min_channels)
-        scores, fallbacks = group_scores(graph, an, groups, o.criterion, ctx.rng(self.name))
-        stats: dict = {"groups": len(an.groups), "prunable_groups": len(groups), "criterion": o.criterion}
-        if fallbacks:
-            stats["criterion_fallbacks_to_l1"] = fallbacks
-        if o.target_macs is not None or o.target_params is not None:
-            ratio, reached = self._search(graph, ctx, an, groups, scores, rounding)
-            stats["searched_ratio"] = round(ratio, 6)
-            stats["target_reached"] = reached
-            if not reached:
-                skipped.append(Skip("model", "the target cannot be met: every prunable group is at its minimum"))
-            counts = keep_counts(groups, scores, ratio, "global", rounding)
-        else:
-            counts = keep_counts(groups, scores, o.ratio, o.scope, rounding)
-        kept = {g.id: select_channels(g, scores[g.id], counts[g.id]) for g in groups}
-        before = sum(g.size for g in groups)
-        after = sum(len(kept[g.id]) for g in groups)
-        removed = apply_pruning(graph, an, kept) if after < before else 0
-        stats.update(
-            {
-                "channels_before": before,
-                "channels_after": after,
-                "channels_removed": before - after,
-                "pruned_groups": [
-                    {
-                        "group": g.id,
-                        "members": [an.roots[r].origin for r in g.roots],
-                        "channels": [g.size, len(kept[g.id])],
-                    }
-                    for g in groups
-                    if len(kept[g.id]) < g.size
-                ],
-            }
-        )
-        return PassResult(changed=removed > 0, stats=stats, skipped=skipped)
+        return run_prune(self, graph, ctx, self.kinds)
 
-    def _search(
-        self, graph: Graph, ctx: PassContext, an: ChannelAnalysis, groups: list[Group], scores, rounding: Rounding
-    ) -> tuple[float, bool]:
-        """Smallest global ratio whose pruned model meets the target (bisection on exact estimates)."""
-        base = ctx.analysis(cost_model, graph)
-        use_macs = self.options.target_macs is not None
-        target = self.options.target_macs if use_macs else self.options.target_params
-        goal = target * (base.macs if use_macs else base.params)
 
-        def meets(ratio: float) -> bool:
-            params, macs = estimate_cost(
-                graph, an, keep_counts(groups, scores, ratio, "global", rounding), (base.params, base.macs)
-            )
-            return (macs if use_macs else params) <= goal
+def check_prune_options(
+    ratio: float, round_to: int, min_channels: int, target_macs: float | None, target_params: float | None
+) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError("ratio must be in [0, 1)")
+    if round_to < 1 or min_channels < 1:
+        raise ValueError("round_to and min_channels must be >= 1")
+    if target_macs is not None and target_params is not None:
+        raise ValueError("give target_macs or target_params, not both")
+    for t in (target_macs, target_params):
+        if t is not None and not 0.0 < t <= 1.0:
+            raise ValueError("targets are fractions of the model to keep, in (0, 1]")
 
-        hi = 0.999
-        if not meets(hi):
-            return hi, False
-        lo = 0.0
-        if meets(lo):
-            return lo, True
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if meets(mid):
-                hi = mid
-            else:
-                lo = mid
-        return hi, True
+
+def run_prune(
+    p: Pass, graph: Graph, ctx: PassContext, kinds: frozenset[str], unit_name: str = "channels"
+) -> PassResult:
+    """The body the pruning passes share: fold constant subexpressions, analyze, prune."""
+    o = p.options
+    folded = graph.fold_constant_subexpressions()
+    an = ctx.analysis(channel_groups, graph)
+    base = ctx.analysis(cost_model, graph)
+    req = PruneRequest(
+        kinds=kinds,
+        ratio=o.ratio,
+        criterion=o.criterion,
+        scope=o.scope,
+        round_to=o.round_to,
+        min_channels=o.min_channels,
+        exclude=tuple(o.exclude),
+        target_macs=o.target_macs,
+        target_params=o.target_params,
+        unit_name=unit_name,
+    )
+    if req.criterion == "activation" and ctx.data is None:
+        raise ValueError(f"{p.name}{{criterion=activation}} ranks by activations: give --data")
+    removed, stats, skipped = prune(graph, an, req, data=ctx.data, rng=ctx.rng(p.name), base=(base.params, base.macs))
+    if folded:
+        stats["constants_folded"] = folded
+    return PassResult(changed=removed > 0 or folded > 0, stats=stats, skipped=[Skip(w, r) for w, r in skipped])

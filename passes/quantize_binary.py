@@ -19,15 +19,12 @@ from typing import Literal
 import numpy as np
 
 from graphslim.core.ir import Graph, Node
+from graphslim.core.ops import weight_axes
 from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 
 def _out_axis(node: Node, ndim: int) -> int:
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return ndim - 1  # MatMul: [K, N]
+    return weight_axes(node, ndim)[0]  # type: ignore[index]
 
 
 def binarize(w: np.ndarray, axis: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:

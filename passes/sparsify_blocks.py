@@ -20,7 +20,7 @@ import numpy as np
 
 from graphslim.analysis.sparsity import block_norms, block_sparsity, expand_block_mask
 from graphslim.core.ir import Graph
-from graphslim.core.patterns import matrix_to_weight, weight_matrix
+from graphslim.core.ops import matrix_to_weight, weight_matrix
 from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 

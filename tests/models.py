@@ -85,6 +85,26 @@ class ModelBuilder:
             epsilon=1e-5,
         )
 
+    def bn_unsqueezed(self, x: str) -> str:
+        """BatchNorm as some zoo exports (Caffe2 converters) write it: Mul and Add by per-channel
+        vectors reaching them through an Unsqueeze of a 1-D initializer."""
+        c = self.shapes[x][1]
+        axes = self.const(np.array([1, 2], np.int64), "axes")
+        scale = self.node(
+            "Unsqueeze", [self.const(self.rng.uniform(0.5, 1.5, c).astype(np.float32), "g"), axes], (c, 1, 1)
+        )
+        shift = self.node(
+            "Unsqueeze", [self.const((self.rng.standard_normal(c) * 0.1).astype(np.float32), "beta"), axes], (c, 1, 1)
+        )
+        return self.node("Add", [self.node("Mul", [x, scale], self.shapes[x]), shift], self.shapes[x])
+
+    def shuffle(self, x: str, groups: int) -> str:
+        n, c, h, w = self.shapes[x]
+        s1 = self.const(np.array([n, groups, c // groups, h, w], np.int64), "shape")
+        y = self.node("Reshape", [x, s1], (n, groups, c // groups, h, w))
+        y = self.node("Transpose", [y], (n, c // groups, groups, h, w), perm=[0, 2, 1, 3, 4])
+        return self.node("Reshape", [y, self.const(np.array([n, c, h, w], np.int64), "shape")], (n, c, h, w))
+
     def unary(self, op: str, x: str, **attrs) -> str:
         return self.node(op, [x], self.shapes[x], **attrs)
 
@@ -251,6 +271,99 @@ def mlp(seed: int = 0) -> onnx.ModelProto:
     for width in (64, 48):
         x = b.relu(b.bias_add(b.matmul(x, width)))
     return b.build(b.bias_add(b.matmul(x, 10)))
+
+
+def densenet_zoo(seed: int = 0) -> onnx.ModelProto:
+    """DenseNet as zoo exports write it: BN-ReLU-Conv pre-activation layers whose BatchNorm is a
+    Mul/Add by Unsqueezed initializers, dense concatenations, a transition."""
+    b = ModelBuilder("densenet_zoo", (1, 3, 16, 16), seed, batch=1)
+    x = b.conv("input", 16)
+    for block in range(2):
+        for _ in range(3):
+            y = b.conv(b.relu(b.bn_unsqueezed(x)), 16, k=1, pad=0)  # bottleneck
+            y = b.conv(b.relu(b.bn_unsqueezed(y)), 8)
+            x = b.concat([x, y])
+        if block == 0:
+            x = b.node(
+                "AveragePool",
+                [b.conv(b.relu(b.bn_unsqueezed(x)), 24, k=1, pad=0)],
+                (1, 24, 8, 8),
+                kernel_shape=[2, 2],
+                strides=[2, 2],
+            )
+    x = b.relu(b.bn_unsqueezed(x))
+    return b.build(b.gemm(b.flatten(b.gap(x)), 10))
+
+
+def inception_zoo(seed: int = 0) -> onnx.ModelProto:
+    """Inception v2 as zoo exports write it: Conv then BatchNorm as Mul/Add by Unsqueezed
+    initializers, four branches concatenated."""
+    b = ModelBuilder("inception_zoo", (1, 3, 16, 16), seed, batch=1)
+
+    def cbr(x: str, c: int, k: int = 1) -> str:
+        return b.relu(b.bn_unsqueezed(b.conv(x, c, k=k, pad=k // 2, bias=False)))
+
+    x = cbr("input", 16, 3)
+    for width in (8, 12):
+        b1 = cbr(x, width)
+        b2 = cbr(cbr(x, width), width, 3)
+        b3 = cbr(cbr(cbr(x, width // 2), width, 3), width, 3)
+        pooled = b.node("AveragePool", [x], b.shapes[x], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+        b4 = cbr(pooled, width)
+        x = b.concat([b1, b2, b3, b4])
+    return b.build(b.gemm(b.flatten(b.gap(x)), 10))
+
+
+def shufflenet_v1(seed: int = 0) -> onnx.ModelProto:
+    """ShuffleNet v1 units: grouped 1x1, channel shuffle, 3x3 depthwise, grouped 1x1, residual Add
+    (and a strided unit concatenating an average-pooled shortcut)."""
+    b = ModelBuilder("shufflenet_v1", (1, 3, 16, 16), seed, batch=1)
+    g = 2
+    x = b.relu(b.bn(b.conv("input", 24)))
+    for stride in (1, 2, 1):
+        cin = b.shapes[x][1]
+        mid = 16
+        y = b.relu(b.bn(b.conv(x, mid, k=1, pad=0, group=g, bias=False)))
+        y = b.shuffle(y, g)
+        y = b.bn(b.conv(y, mid, k=3, stride=stride, group=mid, bias=False))
+        if stride == 1:
+            y = b.bn(b.conv(y, cin, k=1, pad=0, group=g, bias=False))
+            x = b.relu(b.add(y, x))
+        else:
+            y = b.bn(b.conv(y, cin, k=1, pad=0, group=g, bias=False))
+            n, c, h, w = b.shapes[x]
+            sc = b.node(
+                "AveragePool", [x], (n, c, h // 2, w // 2), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]
+            )
+            x = b.relu(b.concat([sc, y]))
+    return b.build(b.gemm(b.flatten(b.gap(x)), 10))
+
+
+def shufflenet_v2(seed: int = 0) -> onnx.ModelProto:
+    """ShuffleNet v2 units: split the channels in half, 1x1-dw3x3-1x1 on one half, concatenate,
+    channel shuffle."""
+    b = ModelBuilder("shufflenet_v2", (1, 3, 16, 16), seed, batch=1)
+    x = b.relu(b.bn(b.conv("input", 32)))
+    for _ in range(3):
+        n, c, h, w = b.shapes[x]
+        half = (n, c // 2, h, w)
+        split = b._name("split")
+        sizes = b.const(np.array([c // 2, c // 2], np.int64), "sizes")
+        b.nodes.append(helper.make_node("Split", [x, sizes], [split + "_a", split + "_b"], name=split, axis=1))
+        b.shapes[split + "_a"] = b.shapes[split + "_b"] = half
+        y = b.relu(b.bn(b.conv(split + "_b", 24, k=1, pad=0, bias=False)))
+        y = b.bn(b.conv(y, 24, k=3, group=24, bias=False))
+        y = b.relu(b.bn(b.conv(y, c // 2, k=1, pad=0, bias=False)))
+        x = b.shuffle(b.concat([split + "_a", y]), 2)
+    return b.build(b.gemm(b.flatten(b.gap(b.relu(b.conv(x, 48, k=1, pad=0)))), 10))
+
+
+ZOO_STYLE: dict[str, Callable[..., onnx.ModelProto]] = {
+    "densenet_zoo": densenet_zoo,
+    "inception_zoo": inception_zoo,
+    "shufflenet_v1": shufflenet_v1,
+    "shufflenet_v2": shufflenet_v2,
+}
 
 
 ARCHITECTURES: dict[str, Callable[..., onnx.ModelProto]] = {

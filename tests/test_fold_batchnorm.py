@@ -31,7 +31,7 @@ def test_gemm_and_conv_transpose_and_affine_chain():
     model = b.build(y)
     out, recs = apply(model, "fold-batchnorm")
     assert op_types(out) == ["Conv", "ConvTranspose", "MaxPool", "MaxPool", "Flatten", "Gemm"]
-    assert recs[0].stats == {"batchnorm_folded": 2, "affine_folded": 2, "batchnorm_left": 0}
+    assert recs[0].stats == {"batchnorm_folded": 2, "affine_folded": 2, "batchnorm_left": 0, "constants_folded": 0}
     assert out.graph.output[0].name == model.graph.output[0].name  # graph output kept its name
     assert_same_outputs(model, out)
 
@@ -57,4 +57,18 @@ def test_weight_shared_between_two_convs_is_not_corrupted():
     model = b.build(b.add(b.bn(c1), c2))
     out, _ = apply(model, "fold-batchnorm")
     assert "BatchNormalization" not in op_types(out)
+    assert_same_outputs(model, out)
+
+
+def test_batchnorm_through_unsqueezed_initializers_folds():
+    """Zoo exports write BatchNorm as Mul/Add by per-channel vectors that reach the Mul through an
+    Unsqueeze of an initializer: a constant subexpression, folded first, then into the conv."""
+    from models import inception_zoo
+
+    model = inception_zoo()
+    out, recs = apply(model, "fold-batchnorm")
+    assert not {"Mul", "Add", "Unsqueeze"} & set(op_types(out))
+    assert (
+        recs[0].stats["constants_folded"] > 0 and recs[0].stats["affine_folded"] == 2 * 15
+    )  # Mul and Add of 15 BatchNorms
     assert_same_outputs(model, out)

@@ -208,6 +208,7 @@ def test_qdq_convolutions_run_on_the_int8_kernel_and_match_onnx_runtime(target, 
     assert np.mean(np.abs(got - ref) <= 1.01 * float(out_scale)) >= 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_fn, batch", [(qdq_mlp, 4), (qdq_cnn, 2)])
 def test_qdq_layers_on_the_arm_dot_product_run_under_qemu(model_fn, batch, tmp_path):
     """``arm64-dot`` puts QDQ MatMul/Gemm and Conv layers on the sdot kernels; the AArch64 library,

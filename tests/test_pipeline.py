@@ -179,3 +179,88 @@ def test_verify_catches_a_pass_that_breaks_exactness():
 def test_crashing_pass_is_named():
     with pytest.raises(PassError, match="pass 'test-breaker{crash=true}' failed: RuntimeError: boom"):
         apply(plain_cnn(), "test-breaker{crash=true}")
+
+
+@register_pass
+class _Liar(Pass):
+    """liar: changes the graph and says it did not (through the facade, or behind its back)."""
+
+    name = "test-liar"
+    exact = False
+
+    @dataclass(frozen=True)
+    class Options:
+        behind: bool = False
+
+    def run(self, graph, ctx):
+        conv = next(n for n in graph.nodes if n.op == "Conv")
+        if self.options.behind:
+            conv.inputs[1].values = graph.constant(conv.inputs[1]) * 0.5  # not through the facade
+        else:
+            graph.set_constant(conv, 1, graph.constant(conv.inputs[1]) * 0.5)
+        return PassResult(changed=False)
+
+
+def test_changed_is_checked_against_the_graph():
+    # Through the facade: the manager sees the version move and treats the pass as a change.
+    _, recs = apply(plain_cnn(), "test-liar", verify=True)
+    assert recs[0].changed is True
+    # Behind the facade's back: the fingerprint under --verify catches the lie.
+    with pytest.raises(VerificationError, match="reported no change but the graph changed"):
+        apply(plain_cnn(), "test-liar{behind=true}", verify=True)
+
+
+def test_analyses_are_cached_and_only_preserved_ones_survive_a_change():
+    from graphslim.core.ir import Graph
+    from graphslim.pipeline import PassContext, PassManager
+
+    calls = {"a": 0, "b": 0}
+
+    def analysis_a(graph, ctx):
+        calls["a"] += 1
+        return len(graph.nodes)
+
+    def analysis_b(graph, ctx):
+        calls["b"] += 1
+        return len(graph.nodes)
+
+    @register_pass
+    class _Keeper(Pass):
+        name = "test-keeper"
+
+        @dataclass(frozen=True)
+        class Options:
+            pass
+
+        def run(self, graph, ctx):
+            ctx.analysis(analysis_a, graph)
+            ctx.analysis(analysis_b, graph)
+            graph.set_attr(next(n for n in graph.nodes if n.op == "Conv"), "dilations", [1, 1])
+            return PassResult(changed=True, preserves=(analysis_a,))
+
+    g = Graph.from_model(plain_cnn())
+    g.infer_shapes()
+    ctx = PassContext()
+    PassManager("test-keeper").run(g, ctx)
+    assert calls == {"a": 1, "b": 1}
+    ctx.analysis(analysis_a, g)  # preserved across the change: not recomputed
+    ctx.analysis(analysis_b, g)  # dropped: recomputed
+    assert calls == {"a": 1, "b": 2}
+
+
+def test_passes_listing_pastes_back_as_pipelines(capsys):
+    from graphslim.cli import main
+    from graphslim.pipeline import Pipeline
+
+    assert main(["passes"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln and not ln.startswith(" ")]
+    assert len(lines) == len(registered_passes())
+    for line in lines:
+        pipe = Pipeline.parse(line)  # every option printed with its default, in pipeline syntax
+        assert str(pipe) == line.split("{")[0]  # defaults print back as the bare name
+
+
+def test_pipeline_errors_are_one_line():
+    with pytest.raises(PipelineError) as e:
+        Pipeline.parse("fold-batchnorm,prune-channels{ratio=0.5")
+    assert "\n" not in str(e.value) and "column" in str(e.value)

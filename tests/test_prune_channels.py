@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import apply, assert_same_outputs, op_types
-from models import ARCHITECTURES, ModelBuilder, run, sample_inputs
+from models import ARCHITECTURES, ZOO_STYLE, ModelBuilder, run, sample_inputs
 
 from graphslim.analysis.channels import channel_groups
 from graphslim.core.ir import Graph
@@ -35,24 +35,29 @@ def zero_channels(model: onnx.ModelProto, ratio: float, seed: int = 0) -> tuple[
     BatchNorm shifts zero (so the channel is exactly 0 everywhere), consumer columns zero too (so
     any magnitude criterion ranks them last). Returns the model and how many channels died."""
     g = _graph(model)
+    g.fold_constant_subexpressions()  # zoo-style BatchNorm scales reach their Mul via an Unsqueeze
     an = channel_groups(g)
     rng = np.random.default_rng(seed)
     dead_total = 0
     for grp in an.groups:
-        if not grp.prunable:
+        if not grp.prunable or grp.kind != "channels":
             continue
-        per = grp.size // grp.slices
-        k = int(np.floor(ratio * grp.size + 1e-9)) // grp.slices
+        classes = sorted(set(grp.classes))
+        members = [[i for i, c in enumerate(grp.classes) if c == k] for k in classes]
+        k = int(np.floor(ratio * grp.size + 1e-9)) // len(classes)
         if k == 0:
             continue
-        dead = np.concatenate([rng.choice(per, k, replace=False) + s * per for s in range(grp.slices)])
+        dead = np.concatenate([rng.choice(m, k, replace=False) for m in members])
         dead_total += len(dead)
+        dead_chans = {r: np.concatenate([grp.units[i][r] for i in dead if r in grp.units[i]]) for r in grp.roots}
         for _, u in an.group_uses(grp):
             w = g.constant(u.node.inputs[u.index]).copy()
+            hit = np.isin(u.chans, dead_chans[u.root])
+            idx = (u.starts[hit][:, None] + np.arange(u.rep)[None, :]).reshape(-1)
             if u.kind == "group_in":
                 groups = int(u.node.attrs["group"])
                 cpg, opg = w.shape[1], w.shape[0] // groups
-                for d in dead:
+                for d in idx:
                     gi = d // cpg
                     w[gi * opg : (gi + 1) * opg, d % cpg] = 0
             else:
@@ -62,17 +67,19 @@ def zero_channels(model: onnx.ModelProto, ratio: float, seed: int = 0) -> tuple[
                     and not (u.node.op == "Conv" and u.index == 1)
                 ):
                     continue
-                idx = (u.offset + dead[:, None] * u.rep + np.arange(u.rep)[None, :]).reshape(-1)
                 view = np.moveaxis(w, u.axis, 0)
                 view[idx] = 0
             g.set_constant(u.node, u.index, w)
     return g.to_model(), dead_total
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+ALL = {**ARCHITECTURES, **ZOO_STYLE}
+
+
+@pytest.mark.parametrize("arch", sorted(ALL))
 @pytest.mark.parametrize("criterion", ["l1", "l2"])
 def test_dead_channels_are_removed_exactly(arch, criterion):
-    model, dead = zero_channels(ARCHITECTURES[arch](), 0.5)
+    model, dead = zero_channels(ALL[arch](), 0.5)
     assert dead > 0
     out, recs = apply(model, f"prune-channels{{ratio=0.5,criterion={criterion}}}")
     st = recs[0].stats
@@ -214,7 +221,7 @@ def test_misc_ops_prune_exactly():
     assert_same_outputs(model, out, rtol=1e-5, atol=1e-5)
 
 
-def test_channel_shuffle_and_lrn_are_left_alone_with_reasons():
+def _shuffle_model() -> onnx.ModelProto:
     b = ModelBuilder("shuffle", (1, 3, 8, 8), batch=1)
     x = b.relu(b.conv("input", 8))
     s1 = b.const(np.array([1, 2, 4, 8, 8], np.int64), "s")
@@ -224,13 +231,25 @@ def test_channel_shuffle_and_lrn_are_left_alone_with_reasons():
     x = b.node("Reshape", [x, s2], (1, 8, 8, 8))
     x = b.relu(b.conv(x, 8))
     y = b.node("LRN", [x], b.shapes[x], size=3)
-    model = b.build(b.gemm(b.flatten(b.gap(b.conv(y, 6))), 4))
-    out, recs = apply(model, "prune-channels{ratio=0.5}")
+    return b.build(b.gemm(b.flatten(b.gap(b.conv(y, 6))), 4))
+
+
+def test_channel_shuffle_prunes_as_a_permutation_and_lrn_is_left_alone():
+    model = _shuffle_model()
+    g = _graph(model)
+    an = channel_groups(g)
+    shuffled = next(grp for grp in an.groups if an.roots[grp.roots[0]].origin == "conv3")
+    # One unit is channel i of each shuffle group: deleting it keeps the permutation a shuffle.
+    assert shuffled.prunable and {len(u[shuffled.roots[0]]) for u in shuffled.units} == {2}
+    dead_model, dead = zero_channels(model, 0.5)
+    out, recs = apply(dead_model, "prune-channels{ratio=0.5}")
     reasons = " | ".join(s.reason for s in recs[0].skipped)
-    assert "reorders channels" in reasons and "LRN" in reasons
-    assert recs[0].stats["channels_removed"] == 3  # only the conv between LRN and the Gemm's group
-    feeds = sample_inputs(model)  # lossy, so no numeric bound: it runs and keeps the output shapes
-    assert [a.shape for a in run(model, feeds)] == [b.shape for b in run(out, feeds)]
+    assert "LRN" in reasons
+    # conv3 (through the shuffle: 2 units of 2) and the conv after the LRN; not the conv the LRN reads
+    assert recs[0].stats["channels_removed"] == dead == 2 + 3
+    shapes = [onnx.numpy_helper.to_array(i).tolist() for i in out.graph.initializer if i.name.startswith("s")]
+    assert [1, 2, 2, 8, 8] in shapes and [1, 4, 8, 8] in shapes  # the shuffle's reshapes follow
+    assert_same_outputs(dead_model, out, rtol=1e-5, atol=1e-5)
 
 
 def test_pipeline_fold_then_prune_on_example(example_model):
@@ -260,3 +279,37 @@ def test_slice_on_space_keeps_channels_and_slice_on_channels_freezes():
     out, recs = apply(model(1), "prune-channels{ratio=0.5}")
     assert any("cuts the channel axis" in s.reason for s in recs[0].skipped)
     assert recs[0].stats["channels_removed"] == 3  # only the conv after the slice
+
+
+@pytest.mark.parametrize("arch", sorted(ZOO_STYLE))
+def test_zoo_style_graphs_prune_at_least_30_percent(arch):
+    """DenseNet and Inception v2 whose BatchNorm is a Mul/Add by Unsqueezed initializers (the
+    constant subexpressions are folded first), ShuffleNet v1 (grouped 1x1 + channel shuffle) and v2
+    (split, concat, shuffle): the fold-batchnorm,prune-channels pipeline removes >= 30%."""
+    model = ZOO_STYLE[arch]()
+    out, recs = apply(model, "fold-batchnorm,prune-channels{ratio=0.5}", verify=True)
+    assert _n_params(out) <= 0.7 * _n_params(model)
+    assert recs[-1].verification["runs"] is True
+    assert not [s for s in recs[-1].skipped if "reaches graph output" not in s.reason]  # nothing else left alone
+
+
+def test_grouped_conv_reading_a_concat_prunes_where_groups_line_up():
+    """A grouped Conv reading Concat(a, c): with 2 groups each group reads one conv; with 3 groups
+    over 8 + 10 channels the middle group reads the end of a and the start of c. Either way the
+    convs prune in one group whose parts keep equal counts, and dead channels go exactly."""
+
+    def model(groups: int) -> onnx.ModelProto:
+        b = ModelBuilder("gconcat", (1, 3, 8, 8))
+        x = b.relu(b.conv("input", 12))
+        a, c = b.relu(b.conv(x, 8)), b.relu(b.conv(x, 8 if groups == 2 else 10))
+        y = b.relu(b.conv(b.concat([a, c]), 12 if groups == 2 else 18, group=groups))
+        return b.build(b.gemm(b.flatten(b.gap(y)), 4))
+
+    for groups in (2, 3):
+        an = channel_groups(_graph(model(groups)))
+        cat = [grp for grp in an.groups if len(grp.roots) == 2]
+        assert len(cat) == 1 and cat[0].prunable and cat[0].slices == groups
+        dead_model, dead = zero_channels(model(groups), 0.5)
+        out, recs = apply(dead_model, "prune-channels{ratio=0.5}")
+        assert recs[0].stats["channels_removed"] == dead > 0
+        assert_same_outputs(dead_model, out, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ from models import ARCHITECTURES, run, sample_inputs
 
 from graphslim.analysis.sparsity import block_norms, block_sparsity
 from graphslim.core.ir import Graph
-from graphslim.core.patterns import weight_matrix
+from graphslim.core.ops import weight_matrix
 
 
 def _matrices(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -1,10 +1,12 @@
 """Cost model: parameters, MACs, bytes and weight sparsity per layer and in total.
 
-Counts are for one sample (symbolic leading dims are taken as 1). MACs cover the multiply-add ops
-(Conv incl. groups and strides, ConvTranspose, Gemm, MatMul with batch dims); pooling and
-elementwise work is counted separately as ``other_ops`` (one op per output element, times the
-window for pooling). Weight layers with zeros also report their block sparsity for the block
-shapes the backend's sparse kernels use.
+Counts are for the shapes the graph's symbolic dims take under ``bindings`` (from ``--shape
+input_ids=1x128``; every unbound dim is 1, and the report lists the binding used). MACs come from
+the op table (:func:`graphslim.core.ops.node_macs`): Conv incl. groups and strides, ConvTranspose,
+Gemm, MatMul with any leading dims (the attention matmuls QK^T and scores x V included); pooling
+and elementwise work is counted separately as ``other_ops``. Parameters are the elements of the
+constants the nodes read, except int64 and bool ones (shapes and indices). Weight layers with zeros
+also report their block sparsity for the block shapes the backend's sparse kernels use.
 """
 
 from __future__ import annotations
@@ -17,30 +19,45 @@ import numpy as np
 
 from graphslim.analysis.sparsity import STANDARD_BLOCKS, block_sparsity
 from graphslim.core.ir import Graph, Node
-from graphslim.core.patterns import weight_matrix
+from graphslim.core.ops import node_macs, op_info, weight_matrix
 
-__all__ = ["CostReport", "LayerCost", "cost_model", "layer_macs"]
+__all__ = ["CostReport", "LayerCost", "bind_dims", "cost_by_type", "cost_model", "layer_name"]
 
-_POOL = {"MaxPool", "AveragePool", "LpPool"}
-_GLOBAL_POOL = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
-_NO_COMPUTE = {
-    "Reshape",
-    "Flatten",
-    "Squeeze",
-    "Unsqueeze",
-    "Identity",
-    "Shape",
-    "Constant",
-    "Transpose",
-    "Concat",
-    "Split",
-    "Slice",
-    "Gather",
-    "Dropout",
-    "Cast",
-    "QuantizeLinear",
-    "DequantizeLinear",
-}
+_NOT_PARAMS = ("int64", "bool")
+
+
+def layer_name(node: Node) -> str:
+    """A node's name, or its first output's name for unnamed nodes (common in hand-built and older
+    exports)."""
+    if node.name:
+        return node.name
+    return next((o.name for o in node.outputs if o.name), node.op)
+
+
+def bind_dims(graph: Graph, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, int]:
+    """Values for the symbolic dims of the graph's inputs: from ``shapes`` (input name -> dims,
+    e.g. ``{"input_ids": (1, 128)}``), else 1. Raises ValueError for a shape that does not fit."""
+    out: dict[str, int] = {}
+    by_name = {t.name: t for t in graph.inputs}
+    for name, dims in (shapes or {}).items():
+        t = by_name.get(name)
+        if t is None:
+            raise ValueError(f"--shape names '{name}', which is not a model input (inputs: {', '.join(by_name)})")
+        shp = graph.shape(t) or ()
+        if len(shp) != len(dims):
+            raise ValueError(f"--shape {name}: {len(dims)} dims given, the input has {len(shp)} ({list(shp)})")
+        for d, v in zip(shp, dims, strict=True):
+            if isinstance(d, int) and d >= 0 and d != v:
+                raise ValueError(f"--shape {name}: dim {d} is fixed in the model, {v} given")
+            if isinstance(d, str) and d != "?":
+                if out.get(d, v) != v:
+                    raise ValueError(f"--shape: dim '{d}' bound to both {out[d]} and {v}")
+                out[d] = int(v)
+    for t in graph.inputs:
+        for d in graph.shape(t) or ():
+            if isinstance(d, str) and d != "?" and d not in out:
+                out[d] = 1
+    return out
 
 
 @dataclass
@@ -87,6 +104,7 @@ class CostReport:
     layers: list[LayerCost]
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+    bindings: dict[str, int] = field(default_factory=dict)  # symbolic dim -> value the counts use
 
     def to_dict(self, *, layers: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -101,51 +119,11 @@ class CostReport:
             "op_counts": self.op_counts,
             "inputs": self.inputs,
             "outputs": self.outputs,
+            "bindings": self.bindings,
         }
         if layers:
             d["layers"] = [lc.to_dict() for lc in self.layers]
         return d
-
-
-def _prod(xs: Any) -> int:
-    return int(np.prod([int(x) for x in xs], dtype=np.int64)) if len(xs) else 1
-
-
-def layer_macs(graph: Graph, node: Node) -> tuple[int, int]:
-    """(MACs, other element ops) of one node, for batch 1; (0, 0) where shapes are unknown."""
-    op = node.op
-    out = graph.int_shape(node.outputs[0]) if node.outputs else None
-    if op in ("Conv", "ConvInteger", "QLinearConv"):
-        w = node.inputs[3 if op == "QLinearConv" else 1]
-        wshape = graph.int_shape(w)
-        if out is None or wshape is None:
-            return 0, 0
-        return out[0] * out[1] * _prod(out[2:]) * _prod(wshape[1:]), 0
-    if op == "ConvTranspose":
-        x = graph.int_shape(node.inputs[0])
-        wshape = graph.int_shape(node.inputs[1])
-        if x is None or wshape is None:
-            return 0, 0
-        return x[0] * x[1] * _prod(x[2:]) * _prod(wshape[1:]), 0
-    if op == "Gemm":
-        a = graph.int_shape(node.inputs[0])
-        if out is None or a is None:
-            return 0, 0
-        k = a[0] if node.attrs.get("transA", 0) else a[1]
-        return _prod(out) * k, 0
-    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
-        a = graph.int_shape(node.inputs[0])
-        if out is None or a is None:
-            return 0, 0
-        return _prod(out) * a[-1], 0
-    if out is None or op in _NO_COMPUTE:
-        return 0, 0
-    if op in _POOL:
-        return 0, _prod(out) * _prod(node.attrs.get("kernel_shape", [1]))
-    if op in _GLOBAL_POOL:
-        x = graph.int_shape(node.inputs[0])
-        return 0, _prod(x) if x else 0
-    return 0, _prod(out)
 
 
 def _weight_info(graph: Graph, node: Node) -> dict[str, Any]:
@@ -164,8 +142,11 @@ def _weight_info(graph: Graph, node: Node) -> dict[str, Any]:
     return {"precision": "dynamic", "weight_params": 0}
 
 
-def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
-    """The analysis: usable as ``ctx.analysis(cost_model, graph)``."""
+def cost_model(graph: Graph, ctx: Any = None, *, bindings: dict[str, int] | None = None) -> CostReport:
+    """The analysis: usable as ``ctx.analysis(cost_model, graph)`` (the context's
+    ``shape_bindings`` bind symbolic dims; default 1)."""
+    if bindings is None:
+        bindings = bind_dims(graph, getattr(ctx, "shapes", None) or None) if ctx is not None else bind_dims(graph)
     layers: list[LayerCost] = []
     seen: set[int] = set()
     total_params = total_bytes = total_zeros = total_float = 0
@@ -174,7 +155,7 @@ def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
         params = nbytes = zeros = nfloat = 0
         for t in node.inputs:
             val = graph.constant(t)
-            if val is None:
+            if val is None or val.dtype.name in _NOT_PARAMS:
                 continue
             params += val.size
             nbytes += val.nbytes
@@ -190,12 +171,20 @@ def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
                     total_zeros += int(val.size - np.count_nonzero(val))
         if node.op == "Constant":
             continue  # its value is counted where it is used
-        macs, other = layer_macs(graph, node)
+        macs, other = node_macs(graph, node, bindings)
         total_macs += macs
         total_other += other
         shp = graph.shape(node.outputs[0]) if node.outputs else None
         layer = LayerCost(
-            node.name, node.op, params, macs, other, nbytes, zeros, nfloat, list(shp) if shp is not None else None
+            layer_name(node),
+            node.op,
+            params,
+            macs,
+            other,
+            nbytes,
+            zeros,
+            nfloat,
+            list(shp) if shp is not None else None,
         )
         if node.op in ("Conv", "Gemm", "MatMul") and zeros:
             m = weight_matrix(graph, node)
@@ -203,7 +192,8 @@ def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
                 layer.extra["block_sparsity"] = {
                     f"{b[0]}x{b[1]}": round(block_sparsity(m, b), 6) for b in STANDARD_BLOCKS
                 }
-        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
+        info = op_info(node.op, node.domain)
+        if info is not None and info.weight is not None and node.op != "Gather" and len(node.inputs) > 1:
             layer.extra.update(_weight_info(graph, node))
         layers.append(layer)
     io = []
@@ -230,4 +220,19 @@ def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
         layers=layers,
         inputs=io[0],
         outputs=io[1],
+        bindings=dict(sorted(bindings.items())),
     )
+
+
+def cost_by_type(graph: Graph, report: CostReport, types: dict[int, str]) -> dict[str, dict[str, int]]:
+    """Parameters, MACs and weight bytes per layer type (``types``: id(node) -> "attention",
+    "ffn", "embeddings", from :meth:`ChannelAnalysis.layer_types`; the rest is "other")."""
+    nodes = [n for n in graph.nodes if n.op != "Constant"]  # the order cost_model lists layers in
+    out: dict[str, dict[str, int]] = {}
+    for node, layer in zip(nodes, report.layers, strict=True):
+        row = out.setdefault(types.get(id(node), "other"), {"params": 0, "macs": 0, "bytes": 0})
+        row["params"] += layer.params
+        row["macs"] += layer.macs
+        row["bytes"] += layer.bytes
+    order = ["embeddings", "attention", "ffn", "other"]
+    return {k: out[k] for k in order if k in out}

@@ -1,7 +1,7 @@
 """Block structure of weight matrices: block norms and block sparsity.
 
 Blocks tile a weight seen as an ``(outputs, inputs)`` matrix (see
-:func:`graphslim.core.patterns.weight_matrix`); ``[1, 4]`` is one output row by four inputs. Edge blocks
+:func:`graphslim.core.ops.weight_matrix`); ``[1, 4]`` is one output row by four inputs. Edge blocks
 of a matrix whose size is not a multiple of the block are partial (padded with zeros).
 """
 

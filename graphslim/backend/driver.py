@@ -12,7 +12,9 @@ refused when loaded); ``arm`` / ``arm64-neon`` (and ``arm64-dot``, with the int8
 cross-compile for aarch64-linux-gnu with
 NEON, linked by Debian's ``aarch64-linux-gnu-gcc`` when it is installed; ``cuda`` generates CUDA
 with TVM's GPU schedules. Shapes are static: symbolic leading (batch) dimensions are fixed to
-``batch``. apache-tvm is the optional extra ``tvm``.
+``batch``, other symbolic dimensions to the values ``shapes`` gives, before the model is
+canonicalized and imported (:mod:`graphslim.kernels.prepare`). apache-tvm is the optional extra
+``tvm``.
 
 CPU targets compile through :func:`graphslim.kernels.pipeline.cpu_pipeline` (NHWC layout,
 graphslim's default schedules, optional MetaSchedule tuning with a reusable database, local or
@@ -103,28 +105,12 @@ def _target_spec(name: str) -> dict[str, Any]:
     raise InputError(f"unknown target '{name}' (targets: {', '.join(TARGETS)})")
 
 
-def _static_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """A copy whose symbolic leading input dims are ``batch``; other symbolic dims are refused."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inits = {i.name for i in m.graph.initializer}
-    for vi in m.graph.input:
-        if vi.name in inits:
-            continue
-        for i, d in enumerate(vi.type.tensor_type.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                continue
-            if i != 0:
-                raise InputError(
-                    f"input '{vi.name}' has a symbolic dimension {i} ('{d.dim_param}'): only the "
-                    "batch dimension may be symbolic; give a model with static shapes"
-                )
-            d.Clear()
-            d.dim_value = batch
-    del m.graph.value_info[:]
-    for o in m.graph.output:
-        o.type.tensor_type.ClearField("shape")
-    return onnx.shape_inference.infer_shapes(m)
+def _static_batch(model: onnx.ModelProto, batch: int, shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """A copy with static input shapes (see :func:`graphslim.kernels.prepare.fix_shapes`: symbolic
+    leading dims are ``batch``, others come from ``shapes`` or are refused), shapes inferred."""
+    from graphslim.kernels.prepare import fix_shapes
+
+    return onnx.shape_inference.infer_shapes(fix_shapes(model, shapes, batch)[0])
 
 
 @dataclass
@@ -138,14 +124,16 @@ def compile_model(
     target: str,
     out_dir: Path,
     *,
-    batch: int = 1,
+    batch: int | None = None,
+    shapes: dict[str, list[int]] | None = None,
     model_sha256: str = "",
     tune: int = 0,
     tuning_db: str | Path | None = None,
     rpc: tuple[str, str] | None = None,
     progress: bool = False,
 ) -> Artifact:
-    """Compile ``model`` for ``target`` into ``out_dir`` (replaced whole, atomically).
+    """Compile ``model`` for ``target`` into ``out_dir`` (replaced whole, atomically). ``batch``
+    and ``shapes`` fix the symbolic input dimensions as in :func:`build`.
 
     With ``tune`` trials, the tuning records end up in ``out_dir/tuning/`` (and in ``tuning_db``
     when given, which later builds reuse)."""
@@ -154,7 +142,15 @@ def compile_model(
     with scratch_dir("tuning") as scratch:
         db = tuning_db if tuning_db is not None else (Path(scratch) if tune > 0 else None)
         export, meta = build(
-            model, target, batch=batch, model_sha256=model_sha256, tune=tune, tuning_db=db, rpc=rpc, progress=progress
+            model,
+            target,
+            batch=batch,
+            shapes=shapes,
+            model_sha256=model_sha256,
+            tune=tune,
+            tuning_db=db,
+            rpc=rpc,
+            progress=progress,
         )
         if tuning_db is None and "tuning" in meta:
             meta["tuning"]["database"] = "tuning"  # the scratch folder is copied there
@@ -164,22 +160,19 @@ def compile_model(
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """The exact canonicalization passes (fold constants and BatchNorm, fuse MatMul+Add, drop
-    identities and dead nodes) before import, so TVM sees one conv+bias per layer."""
-    from graphslim.core.ir import Graph
-    from graphslim.passes import DEFAULT_PIPELINE
-    from graphslim.pipeline import PassContext, PassManager
+    identities and dead nodes), repeated to a fixed point, so TVM sees one conv+bias per layer
+    (:func:`graphslim.kernels.prepare.canonicalize`). :func:`build` fixes the shapes first."""
+    from graphslim.kernels.prepare import canonicalize as fixed_point
 
-    graph = Graph.from_model(model)
-    graph.infer_shapes()
-    PassManager(DEFAULT_PIPELINE).run(graph, PassContext())
-    return graph.to_model()
+    return fixed_point(model)
 
 
 def build(
     model: onnx.ModelProto,
     target: str,
     *,
-    batch: int = 1,
+    batch: int | None = None,
+    shapes: dict[str, list[int]] | None = None,
     model_sha256: str = "",
     tune: int = 0,
     tuning_db: str | Path | None = None,
@@ -187,6 +180,13 @@ def build(
     progress: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Compile; returns (a function that writes the library and artifact.json into a folder, meta).
+
+    Shapes are static. ``shapes`` maps input names to whole shapes (``--shape input_ids=1x128``);
+    a named symbolic dimension given in one input has that value in every input using the name;
+    leading dimensions left symbolic are ``batch`` (default: as ``shapes`` gives them, else 1);
+    any other symbolic dimension is an :class:`InputError` naming them. The shapes are fixed
+    first, then the model is canonicalized to a fixed point (which folds the shape subgraphs
+    that exports compute at run time), then imported (:mod:`graphslim.kernels.prepare`).
 
     ``tune`` > 0 runs MetaSchedule with that many trials in total over the model's kernels (CPU
     targets), keeping the records in ``tuning_db`` (a folder, created if missing); records
@@ -207,7 +207,9 @@ def build(
         raise InputError(f"tuning for '{target}' measures on the device: give --rpc-tracker HOST:PORT --rpc-key KEY")
     if tune > 0 and tuning_db is None:
         raise InputError("tuning needs a database folder (--tuning-db, or compile into an output folder)")
-    static = _static_batch(canonicalize(model), batch)
+    from graphslim.kernels.prepare import prepare
+
+    static, batch = prepare(model, shapes, batch)
     try:
         mod = from_onnx(static, keep_params_in_input=False)
     except Exception as e:  # noqa: BLE001 - the frontend raises many types for unsupported ops
@@ -250,7 +252,7 @@ def build(
         for vi in static.graph.input
         if vi.name not in inits
     ]
-    options = {"target": target, "batch": batch, "tune": tune}
+    options = {"target": target, "batch": batch, "tune": tune, **({"shapes": shapes} if shapes else {})}
     meta: dict[str, Any] = {
         "schema_version": 1,
         "target": target,

@@ -16,14 +16,14 @@ class CompileOptions:
 
     target: str | None = None
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # symbolic dims bound per input, e.g. input_ids=1x128
-    batch: int = 1
+    batch: int | None = None  # leading symbolic dims; default: what shapes give, else 1
     tune: int = 0
     tuning_db: str | None = None
     rpc: tuple[str, str] | None = None  # (tracker host:port, device key)
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.batch < 1:
+        if self.batch is not None and self.batch < 1:
             raise InputError("--batch must be >= 1")
         if self.tune < 0:
             raise InputError("--tune must be >= 0")
@@ -37,17 +37,13 @@ class CompileOptions:
 
 def parse_shapes(items: list[str] | None) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """``["input_ids=1x128", "pixel_values=1x3x224x224"]`` -> ((name, dims), ...); one clear error
-    for anything else."""
+    for anything else (the syntax is :func:`graphslim.kernels.prepare.parse_shape`'s)."""
+    from graphslim.kernels.prepare import parse_shape
+
     out: dict[str, tuple[int, ...]] = {}
     for item in items or []:
-        name, sep, dims = item.partition("=")
-        try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or min(shape) < 1:
-            raise InputError(f"--shape: expected NAME=DIMS such as input_ids=1x128, got {item!r}")
-        if name in out:
-            raise InputError(f"--shape: input '{name}' given twice")
-        out[name] = shape
+        name, dims = parse_shape(item)
+        if name in out and out[name] != tuple(dims):
+            raise InputError(f"--shape {name} given twice with different shapes")
+        out[name] = tuple(dims)
     return tuple(out.items())

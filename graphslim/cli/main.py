@@ -38,6 +38,15 @@ EPILOG = """exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 bud
 TARGET_CHOICES = ("x86", "x86-avx2", "x86-avx512", "x86-avx512-vnni", "arm", "arm64-neon", "arm64-dot", "cuda")
 
 
+def _add_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=DIMS",
+        help="bind an input's symbolic dims, e.g. input_ids=1x128 (repeatable; unbound symbolic dims count as 1)",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
     # Also accepted after the command; SUPPRESS keeps the global value when not given here.
@@ -127,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--target", choices=TARGET_CHOICES, help="also compile the result with TVM into OUT_DIR/compiled/ (extra: tvm)"
     )
+    _add_shape(o)
     _add_tuning(o)
     o.add_argument(
         "--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact"
@@ -146,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--layers", action="store_true", help="print the per-layer table")
     i.add_argument("--groups", action="store_true", help="print the channel dependency groups (what prunes together)")
+    _add_shape(i)
     _add_common(i)
 
     p = sub.add_parser("passes", help="list the registered passes with their options")
@@ -164,9 +175,14 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("compile", help="compile a model with TVM for x86, ARM or CUDA (extra: tvm)")
     k.add_argument("model")
     k.add_argument("--target", required=True, choices=TARGET_CHOICES)
-    k.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    k.add_argument(
+        "--batch",
+        type=int,
+        help="static batch size: symbolic leading dimensions (default: as --shape gives them, else 1)",
+    )
     k.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model.so (or .tar) and artifact.json")
     k.add_argument("--force", action="store_true", help=FORCE_HELP)
+    _add_shape(k)
     _add_tuning(k)
     _add_common(k)
 
@@ -223,7 +239,7 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
         cache_dir=args.cache_dir,
         force=args.force,
         budgets=Budgets(args.max_accuracy_drop, args.min_compression, args.max_latency_ms),
-        compile=_compile_options(args, target=args.target),
+        compile=_compile_options(args, target=args.target, batch=None),
     )
     res = optimize(args.model, args.output, opts)
     rep = res.report
@@ -246,13 +262,36 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
     ]
     if rep.get("accuracy"):
         acc = rep["accuracy"]
-        lines.append(f"  accuracy {acc['before']:.4f} -> {acc['after']:.4f} ({acc['samples']} samples)")
+        held = (rep.get("data") or {}).get("eval_source") or "the data"
+        lines.append(f"  accuracy {acc['before']:.4f} -> {acc['after']:.4f} ({acc['samples']} samples; {held})")
+    lines += _latency_lines(rep)
     for r in rep["passes"]:
         scalars = ", ".join(f"{k}={v}" for k, v in r["stats"].items() if not isinstance(v, list | dict))
         lines.append(f"  {r['pipeline']}: {'changed' if r['changed'] else 'no change'} ({scalars})")
     if rep["skipped"]:
         lines.append(f"  left unchanged: {len(rep['skipped'])} part(s), reasons in report.md")
     return code, "\n".join(lines)
+
+
+def _latency_lines(rep: dict[str, Any]) -> list[str]:
+    """Batch-1 medians: ONNX Runtime on the original and the result, the compiled artifact, each
+    with its speed-up over ONNX Runtime on the original."""
+    lat = rep.get("latency") or {}
+    base = (lat.get("ort_original") or {}).get("median_ms")
+    rows = [
+        ("ONNX Runtime, original", lat.get("ort_original")),
+        ("ONNX Runtime, result", lat.get("ort_compressed")),
+        (f"TVM {rep.get('target')}, compiled result", lat.get("tvm_compiled")),
+    ]
+    out = []
+    for label, row in rows:
+        if row and row.get("median_ms"):
+            speed = f" ({base / row['median_ms']:.2f}x)" if base else ""
+            out.append(f"  latency {label}: {row['median_ms']:.4f} ms{speed}")
+    not_timed = (rep.get("compiled") or {}).get("not_timed")
+    if not_timed:
+        out.append(f"  compiled result not timed: {not_timed}")
+    return out
 
 
 def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
@@ -291,19 +330,27 @@ def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
-    from graphslim.analysis import cost_model
+    from graphslim.analysis.channels import channel_groups
+    from graphslim.analysis.cost import bind_dims, cost_by_type, cost_model
+    from graphslim.backend.options import parse_shapes
     from graphslim.core.ir import Graph, load_model
 
+    shapes = dict(parse_shapes(args.shape))
     graph = Graph.from_model(load_model(args.model))
     graph.infer_shapes()
-    rep = cost_model(graph)
-    groups = None
-    if args.groups:
-        from graphslim.analysis.channels import channel_groups
-
-        groups = channel_groups(graph).describe()
+    try:
+        bindings = bind_dims(graph, shapes)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    rep = cost_model(graph, bindings=bindings)
+    analysis = channel_groups(graph)
+    types = analysis.layer_types(graph)
+    by_type = cost_by_type(graph, rep, types) if types else None
+    groups = analysis.describe() if args.groups else None
     if args.json:
         d = rep.to_dict()
+        if by_type is not None:
+            d["by_type"] = by_type
         if groups is not None:
             d["groups"] = groups
         return EXIT_OK, d
@@ -314,6 +361,16 @@ def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
         "  outputs: " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in rep.outputs),
         "  ops:     " + ", ".join(f"{k} {v}" for k, v in rep.op_counts.items()),
     ]
+    if rep.bindings:
+        given = {d for t in graph.inputs if t.name in shapes for d in graph.shape(t) or () if isinstance(d, str)}
+        lines.append(
+            "  counted for: "
+            + ", ".join(f"{k}={v}" + ("" if k in given else " (default)") for k, v in rep.bindings.items())
+        )
+    if by_type:
+        lines.append(f"  {'by type':<12} {'params':>12} {'MACs':>16} {'bytes':>14}")
+        for kind, row in by_type.items():
+            lines.append(f"  {kind:<12} {row['params']:>12,} {row['macs']:>16,} {row['bytes']:>14,}")
     if args.layers:
         lines.append(f"  {'layer':<32} {'op':<20} {'params':>10} {'MACs':>14} {'sparsity':>9}  block sparsity")
         for lc in rep.layers:
@@ -355,6 +412,7 @@ def _describe_options(cls: type) -> list[dict[str, Any]]:
 
 def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.pipeline import registered_passes
+    from graphslim.pipeline.options import format_value
 
     items = []
     for name, cls in registered_passes().items():
@@ -364,7 +422,8 @@ def _cmd_passes(args: argparse.Namespace) -> tuple[int, Any]:
         return EXIT_OK, {"passes": items}
     lines = []
     for it in items:
-        opts = ", ".join(f"{o['name']}={o['default']}" for o in it["options"])
+        # Pipeline syntax (true, none, [a,b], quoted strings): a line pastes back as a pass.
+        opts = ",".join(f"{o['name']}={format_value(o['default'])}" for o in it["options"])
         lines.append(f"{it['name']}{{{opts}}}" if opts else it["name"])
         lines.append("    " + it["doc"].splitlines()[0] if it["doc"] else "")
     return EXIT_OK, "\n".join(lines)
@@ -395,9 +454,10 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rpc-key", metavar="KEY", help="device key at the RPC tracker")
 
 
-def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int = 1) -> Any:
-    """The CompileOptions of a command's tuning flags (validated here: usage errors before work)."""
-    from graphslim.backend.options import CompileOptions
+def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int | None = None) -> Any:
+    """The CompileOptions of a command's --shape and tuning flags (validated here: usage errors
+    before work)."""
+    from graphslim.backend.options import CompileOptions, parse_shapes
 
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise InputError("--rpc-tracker and --rpc-key go together")
@@ -405,6 +465,7 @@ def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int
         raise InputError(f"--rpc-tracker: expected HOST:PORT, got {args.rpc_tracker!r}")
     return CompileOptions(
         target=target,
+        shapes=parse_shapes(getattr(args, "shape", None)),
         batch=batch,
         tune=args.tune,
         tuning_db=args.tuning_db,
@@ -419,19 +480,20 @@ def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.core.runtime import check_memory
 
     c = _compile_options(args, target=args.target, batch=args.batch)
-    if not 1 <= args.batch <= 2**20:
+    if args.batch is not None and not 1 <= args.batch <= 2**20:
         raise InputError(f"--batch must be from 1 to 1048576, got {args.batch}")
     src = Path(args.model)
     inputs = [src, *(external_data_files(src) if src.is_file() else []), c.tuning_db]
     # Reserved before the work: a folder graphslim must not replace, or cannot write, fails now.
     with OutputDir(args.output, "compile", inputs=inputs, force=args.force):
         model = load_model(src)
-        check_memory(model, batch=args.batch, what=args.model)  # TVM folds constants too
+        check_memory(model, batch=args.batch or 1, what=args.model)  # TVM folds constants too
         art = compile_model(
             model,
             c.target,
             Path(args.output),
             batch=c.batch,
+            shapes={k: list(v) for k, v in c.shapes} or None,
             model_sha256=model_file_sha256(src),
             tune=c.tune,
             tuning_db=c.tuning_db,
@@ -442,7 +504,7 @@ def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
         return EXIT_OK, art.meta
     return (
         EXIT_OK,
-        f"compiled {args.model} for {args.target} (batch {args.batch}) -> {art.folder / art.meta['library']}",
+        f"compiled {args.model} for {args.target} (batch {art.meta['batch']}) -> {art.folder / art.meta['library']}",
     )
 
 

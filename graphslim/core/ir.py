@@ -16,12 +16,15 @@ Invariants the facade keeps:
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import logging
+import math
 import os
+import re
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ __all__ = [
     "Node",
     "Tensor",
     "Variable",
+    "eval_dim",
     "external_data_files",
     "is_large",
     "model_size",
@@ -297,8 +301,12 @@ def _convert_opset(model: onnx.ModelProto, opset: int, *, what: str) -> onnx.Mod
         onnx.checker.check_model(converted)
         return onnx.shape_inference.infer_shapes(converted)
     except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors and more
-        log.warning("%s: kept opset %d, conversion to %d failed: %s", what, _default_opset(model), opset, e)
-        return model
+        # Passes assume opset-13 forms of Split, Squeeze, Slice and the reductions: going on with
+        # the old opset would make them misread the graph.
+        raise InputError(
+            f"{what}: cannot convert opset {_default_opset(model)} to {opset} "
+            f"({_first_line(e)}); re-export the model at opset {opset} or newer"
+        ) from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -479,19 +487,21 @@ class Graph:
             return None
         return tuple(d if isinstance(d, int | str) and d != -1 else "?" for d in t.shape)
 
-    def int_shape(self, t: Tensor, *, batch: int = 1) -> tuple[int, ...] | None:
-        """Shape with symbolic leading dims set to ``batch``; None if any other dim is unknown."""
+    def int_shape(self, t: Tensor, bindings: dict[str, int] | None = None) -> tuple[int, ...] | None:
+        """Shape with symbolic dims evaluated: names (and expressions of them, such as ``B*S``)
+        take their value from ``bindings``, unbound names are 1. None if a dim is unknown."""
         shp = self.shape(t)
         if shp is None:
             return None
         out: list[int] = []
-        for i, d in enumerate(shp):
+        for d in shp:
             if isinstance(d, int) and d >= 0:
                 out.append(d)
-            elif i == 0:
-                out.append(batch)
-            else:
+                continue
+            v = eval_dim(d, bindings or {}) if isinstance(d, str) else None
+            if v is None:
                 return None
+            out.append(v)
         return tuple(out)
 
     def rank(self, t: Tensor) -> int | None:
@@ -670,7 +680,8 @@ class Graph:
         self._g.toposort()
 
     def fold_constants(self, size_threshold: int | None = 16 * 2**20) -> None:
-        """Evaluate constant subgraphs (onnx-graphsurgeon's folder, which runs ONNX Runtime).
+        """Evaluate constant subgraphs (onnx-graphsurgeon's folder, which runs ONNX Runtime). The
+        version moves only if something folded (the pass manager reads it as "changed").
 
         With ``size_threshold`` (bytes), no node whose result is larger, or of a size the shapes
         do not tell, is evaluated, nor anything after it: the bound holds for every intermediate
@@ -690,13 +701,60 @@ class Graph:
                     return True
             return False
 
+        def state() -> tuple[int, int]:
+            tensors = self._g.tensors().values()
+            return len(self._g.nodes), sum(isinstance(t, gs.Constant) for t in tensors)
+
         from graphslim.core.runtime import require_onnxruntime
 
         require_onnxruntime()  # the folder's sessions log through ONNX Runtime's default logger
+        before = state()
         self._g.fold_constants(
             size_threshold=size_threshold, should_exclude_node=too_big if size_threshold is not None else None
         )
-        self._touch()
+        if state() != before:
+            self._touch()
+
+    def fingerprint(self) -> str:
+        """A hash of everything a pass can change: nodes (op, domain, name, attributes, inputs,
+        outputs, in order), graph inputs and outputs, and every constant's name, type, shape and
+        bytes. The pass manager checks a pass's ``changed`` flag against it under --verify."""
+        h = hashlib.sha256()
+        for t in [*self._g.inputs, *self._g.outputs]:
+            h.update(f"io:{t.name}:{t.dtype}:{t.shape}".encode())
+        seen: set[int] = set()
+        for n in self._g.nodes:
+            attrs = sorted(
+                (k, repr(v) if not isinstance(v, gs.Tensor) else f"tensor:{v.name}") for k, v in n.attrs.items()
+            )
+            h.update(f"node:{n.op}:{n.domain}:{n.name}:{attrs}".encode())
+            for t in [*n.inputs, *n.outputs]:
+                h.update(f"|{t.name}".encode())
+                if isinstance(t, gs.Constant) and id(t) not in seen:
+                    seen.add(id(t))
+                    val = self.constant(t)
+                    h.update(f"{val.dtype}{val.shape}".encode())
+                    h.update(np.ascontiguousarray(val).tobytes())
+        return h.hexdigest()
+
+    def fold_constant_subexpressions(self) -> int:
+        """Fold float constant subexpressions (an Unsqueeze or Reshape of an initializer feeding a
+        Mul, as zoo exports write BatchNorm scales) so analyses see the constants they are,
+        whatever ran before. Returns how many nodes went away."""
+        foldable = any(
+            n.op != "Constant"
+            and n.inputs
+            and all(self.constant(t) is not None for t in n.inputs if t.name)
+            and any(o.dtype is not None and np.dtype(o.dtype).kind == "f" for o in n.outputs)
+            for n in self._g.nodes
+        )
+        if not foldable:
+            return 0
+        before = len(self._g.nodes)
+        self.fold_constants()
+        self.cleanup()
+        self.infer_shapes()
+        return before - len(self._g.nodes)
 
     @contextlib.contextmanager
     def _without_weights(self, limit: int = 4096) -> Iterator[onnx.ModelProto]:
@@ -734,16 +792,26 @@ class Graph:
             return light.ByteSize() + weights
 
     def infer_shapes(self) -> None:
-        """Recompute the shapes and dtypes of every intermediate tensor (after rewrites)."""
+        """Recompute the shapes and dtypes of every intermediate tensor (after rewrites).
+
+        ONNX's shape inference first; where it leaves dims unknown (a Reshape whose target is
+        computed at run time from Shape/Gather/Concat, as every transformer export writes them),
+        ONNX Runtime's symbolic shape inference (``onnxruntime.tools.symbolic_shape_infer``, the
+        tool ORT's own transformer optimizer uses) fills them in as expressions of the input dims
+        (``B``, ``S``, ``B*S``)."""
         keep = {id(t) for t in list(self._g.inputs) + list(self._g.outputs)}
         for t in self._g.tensors().values():
             if isinstance(t, gs.Variable) and id(t) not in keep:
                 t.shape = None
         with self._without_weights() as light:
             inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
-        known: dict[str, onnx.ValueInfoProto] = {}
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-            known[vi.name] = vi
+            known = {vi.name: vi for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+            if any(
+                _has_unknown_dims(known.get(t.name))
+                for t in self._g.tensors().values()
+                if isinstance(t, gs.Variable) and id(t) not in keep
+            ):
+                known.update(_symbolic_shapes(light))
         for name, t in self._g.tensors().items():
             if not isinstance(t, gs.Variable) or id(t) in keep or name not in known:
                 continue
@@ -752,6 +820,90 @@ class Graph:
                 t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
             if tt.HasField("shape"):
                 t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+
+
+def _has_unknown_dims(vi: onnx.ValueInfoProto | None) -> bool:
+    if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return vi is not None
+    return any(
+        not d.HasField("dim_value") and (not d.dim_param or d.dim_param.startswith("unk__"))
+        for d in vi.type.tensor_type.shape.dim
+    )
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Value infos from ONNX Runtime's symbolic shape inference; {} where it cannot run."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        out = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as e:  # noqa: BLE001 - an optional refinement: any failure keeps ONNX's shapes
+        log.debug("symbolic shape inference failed: %s", _first_line(e))
+        return {}
+    if out is None:
+        return {}
+    return {vi.name: vi for vi in out.graph.value_info if not _has_unknown_dims(vi)}
+
+
+_DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def eval_dim(expr: str, bindings: dict[str, int]) -> int | None:
+    """The value of a symbolic dim (``S``, ``B*S``, ``floor(S/2) + 1``) with names bound by
+    ``bindings`` and unbound names 1; None for unknown dims (``?``, ``unk__3``) or anything that is
+    not plain arithmetic."""
+    if not expr or expr == "?" or expr.startswith("unk__"):
+        return None
+    if _DIM_NAME.match(expr):
+        return int(bindings.get(expr, 1))
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        return None
+
+    def ev(n: ast.AST) -> float:
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, int | float):
+            return n.value
+        if isinstance(n, ast.Name):
+            if n.id.startswith("unk__"):
+                raise ValueError(n.id)
+            return bindings.get(n.id, 1)
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
+            return -ev(n.operand)
+        if isinstance(n, ast.BinOp):
+            a, b = ev(n.left), ev(n.right)
+            ops = {
+                ast.Add: lambda: a + b,
+                ast.Sub: lambda: a - b,
+                ast.Mult: lambda: a * b,
+                ast.Div: lambda: a / b,
+                ast.FloorDiv: lambda: a // b,
+                ast.Mod: lambda: a % b,
+            }
+            fn = ops.get(type(n.op))
+            if fn is not None:
+                return fn()
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _DIM_FUNCS:
+            return _DIM_FUNCS[n.func.id](*(ev(a) for a in n.args))
+        raise ValueError(ast.dump(n))
+
+    try:
+        v = ev(tree)
+    except (ValueError, ZeroDivisionError, TypeError):
+        return None
+    return int(v) if v >= 0 and float(v).is_integer() else None
+
+
+_DIM_FUNCS: dict[str, Callable[..., float]] = {
+    "floor": math.floor,
+    "ceil": math.ceil,
+    "Max": max,
+    "Min": min,
+    "max": max,
+    "min": min,
+}
 
 
 def strip_large_initializers(model: onnx.ModelProto, limit: int = 4096) -> onnx.ModelProto:

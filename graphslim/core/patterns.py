@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from graphslim.core.ir import Graph, Node, Tensor
+from graphslim.core.ops import op_info, weight_node
 
-__all__ = ["channel_vector", "matrix_to_weight", "only_consumer", "weight_matrix", "weight_producer"]
+__all__ = ["channel_vector", "only_consumer", "weight_producer"]
 
 
 def only_consumer(graph: Graph, t: Tensor) -> Node | None:
@@ -30,38 +31,13 @@ def channel_vector(value: np.ndarray, rank: int, axis: int, channels: int) -> np
     return value.reshape(channels)
 
 
-def weight_producer(graph: Graph, t: Tensor) -> Node | None:
-    """The Conv/ConvTranspose/Gemm/MatMul with constant weights that produces ``t``, if any."""
+def weight_producer(graph: Graph, t: Tensor, role: str | None = None) -> Node | None:
+    """The weight op of the op table (with a constant weight, and ``role`` if given) that
+    produces ``t``, if any."""
     node = graph.producer(t)
-    if node is None or node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+    if node is None:
         return None
-    if graph.constant(node.inputs[1]) is None:
+    info = op_info(node.op, node.domain)
+    if info is None or info.weight is None or (role is not None and role not in info.roles):
         return None
-    return node
-
-
-def weight_matrix(graph: Graph, node: Node) -> np.ndarray | None:
-    """The constant weight of a Conv (groups=1 not required), Gemm or MatMul as an
-    ``(outputs, inputs)`` matrix (a Conv's inputs are in*kh*kw); None if not constant or not 2-D-able.
-    Batched MatMul weights (rank > 2) are not matrices: None."""
-    w = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None or w.dtype.kind != "f":
-        return None
-    if node.op == "Conv":
-        return w.reshape(w.shape[0], -1)
-    if node.op == "Gemm":
-        if node.attrs.get("transA", 0):
-            return None
-        return w if node.attrs.get("transB", 0) else w.T
-    if node.op == "MatMul" and w.ndim == 2:
-        return w.T
-    return None
-
-
-def matrix_to_weight(node: Node, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Inverse of :func:`weight_matrix`: the ``(outputs, inputs)`` matrix back in the node's layout."""
-    if node.op == "Conv":
-        return matrix.reshape(shape)
-    if node.op == "Gemm" and node.attrs.get("transB", 0):
-        return matrix
-    return np.ascontiguousarray(matrix.T)
+    return node if weight_node(graph, node) is not None else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Iterator
 from importlib import metadata
 from types import ModuleType
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "require_onnxruntime",
     "require_training",
     "run_model",
+    "run_with_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -207,3 +209,28 @@ def _nbytes(tt: onnx.TypeProto.Tensor, batch: int) -> int | None:
         else:
             return None
     return n * itemsize
+
+
+def run_with_outputs(
+    model: onnx.ModelProto, data: Dataset, names: list[str], *, batch: int = 8
+) -> Iterator[dict[str, np.ndarray]]:
+    """Intermediate tensors ``names`` of ``model`` on ``data``, one dict per batch (so a caller can
+    reduce big activations batch by batch). The tensors become extra graph outputs of a copy."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inferred = {vi.name: vi for vi in m.graph.value_info}
+    present = {o.name for o in m.graph.output}
+    for name in names:
+        if name in present:
+            continue
+        vi = onnx.ValueInfoProto()
+        if name in inferred:
+            vi.CopyFrom(inferred[name])
+            vi.type.tensor_type.ClearField("shape")
+        else:
+            vi.name = name
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        m.graph.output.append(vi)
+    sess = ort_session(m)
+    for b in data.batches(batch):
+        yield dict(zip(names, sess.run(names, b.inputs), strict=True))

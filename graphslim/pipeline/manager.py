@@ -48,9 +48,12 @@ class PassContext:
     rtol: float = 1e-4
     teacher: onnx.ModelProto | None = None  # the model as it was before the pipeline
     progress: bool = False
+    shapes: dict[str, tuple[int, ...]] | None = None  # --shape bindings of symbolic input dims
     _cache: dict[tuple[Any, int], tuple[int, Any]] = field(default_factory=dict, repr=False)
 
     def analysis(self, fn: Callable[[Graph, PassContext], T], graph: Graph) -> T:
+        """``fn(graph, self)``, computed once per graph version and reused until the graph changes
+        (or, for analyses a pass preserved, beyond)."""
         key = (fn, id(graph))
         hit = self._cache.get(key)
         if hit is not None and hit[0] == graph.version:
@@ -58,6 +61,15 @@ class PassContext:
         result = fn(graph, self)
         self._cache[key] = (graph.version, result)
         return result
+
+    def invalidate(self, graph: Graph, preserved: tuple[Any, ...] = ()) -> None:
+        """After a change to ``graph``: drop its cached analyses except ``preserved`` ones, which
+        stay valid for the graph as it is now."""
+        for key in [k for k in self._cache if k[1] == id(graph)]:
+            if key[0] in preserved:
+                self._cache[key] = (graph.version, self._cache[key][1])
+            else:
+                del self._cache[key]
 
     def train_eval_split(self, eval_fraction: float = 0.2) -> tuple[Dataset, Dataset]:
         """(train, eval): ``eval_data`` if given, else a seeded split of ``data``."""
@@ -178,11 +190,16 @@ class PassManager:
             text = str(p)
             log.info("running %s", text)
             t0 = time.perf_counter()
+            version = graph.version
+            fingerprint = graph.fingerprint() if verifier is not None else None
             try:
                 result = p.run(graph, ctx)
-                if result.changed:
+                # A pass that edited the graph through the facade changed it, whatever it says.
+                changed = result.changed or graph.version != version
+                if changed:
                     graph.version += 1
                     graph.infer_shapes()
+                    ctx.invalidate(graph, tuple(result.preserves))
             except GraphslimError as e:
                 if isinstance(e, PassError):
                     raise
@@ -191,6 +208,8 @@ class PassManager:
                 raise PassError(text, ran, f"the pass called sys.exit({e.code!r})") from None
             except Exception as e:  # noqa: BLE001 - an internal bug: name the pass
                 raise PassError(text, ran, f"{type(e).__name__}: {e}") from e
+            if fingerprint is not None and not changed and graph.fingerprint() != fingerprint:
+                raise VerificationError(text, ran, "the pass reported no change but the graph changed")
             seconds = time.perf_counter() - t0
             verification = None
             if verifier is not None:
@@ -198,8 +217,6 @@ class PassManager:
                     verification = verifier.check(p, graph)
                 except GraphslimError as e:
                     raise VerificationError(text, ran, e) from e
-            records.append(
-                PassRecord(p.name, text, result.changed, seconds, result.stats, result.skipped, verification)
-            )
+            records.append(PassRecord(p.name, text, changed, seconds, result.stats, result.skipped, verification))
             ran.append(text)
         return records

@@ -44,12 +44,8 @@ class _Lexer:
         self.i = 0
 
     def error(self, msg: str) -> PipelineError:
-        start = max(0, self.i - 60)  # a window around the column: the text may be long
-        window = self.s[start : self.i + 60]
-        prefix = "..." if start else ""
-        return PipelineError(
-            f"bad pipeline text at column {self.i + 1}: {msg}\n  {prefix}{window}\n  {' ' * (len(prefix) + self.i - start)}^"
-        )
+        near = self.s[max(0, self.i - 20) : self.i + 20]
+        return PipelineError(f"bad pipeline text at column {self.i + 1}: {msg} (near '{near}')")
 
     def skip_ws(self) -> None:
         while self.i < len(self.s) and self.s[self.i].isspace():

@@ -42,11 +42,14 @@ class Skip:
 
 @dataclass
 class PassResult:
-    """What a pass returns: whether it changed the graph, its stats, and what it left alone."""
+    """What a pass returns: whether it changed the graph, its stats, what it left alone, and the
+    analyses its changes did not invalidate (``preserves``: analysis functions, as LLVM's
+    PreservedAnalyses; everything else cached for the graph is dropped when it changed)."""
 
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
+    preserves: tuple[Any, ...] = ()
 
 
 class Pass:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from graphslim.analysis import cost_model
@@ -139,6 +140,10 @@ def _optimize(src: Path, dest: OutputDir | None, opts: RunOptions, stack: contex
     out = dest.path if dest is not None else None
     pipe = _pipeline(opts.pipeline)
     original = load_model(src)
+    if opts.compile.target:  # unbound symbolic dims: the error now, not after the pipeline ran
+        from graphslim.kernels.prepare import fix_shapes
+
+        fix_shapes(original, opts.compile.shape_map or None, opts.compile.batch)
     model_hash = model_file_sha256(src)
     roles = data_roles(original, opts)
     # Before any pass runs it (folding constants, verifying, calibrating): a model that would not
@@ -291,7 +296,7 @@ def _compile(
             except InputError as e:  # e.g. an AVX-512 build on an AVX2 host
                 report["compiled"]["not_timed"] = str(e)
             else:
-                sample = data if data is not None else random_inputs(model, 1, opts.seed)
+                sample = data if data is not None else random_inputs(_static_inputs(meta), 1, opts.seed)
                 report.setdefault("latency", None)
                 report["latency"] = {**(report["latency"] or {}), "tvm_compiled": measure_tvm(runner, sample)}
 
@@ -300,6 +305,17 @@ def _compile(
         export(folder / "compiled")
 
     return write
+
+
+def _static_inputs(meta: dict[str, Any]) -> onnx.ModelProto:
+    """A model stub declaring the compiled inputs (static shapes), to sample timing inputs from."""
+    inputs = [
+        onnx.helper.make_tensor_value_info(
+            i["name"], onnx.helper.np_dtype_to_tensor_dtype(np.dtype(i["dtype"])), i["shape"]
+        )
+        for i in meta["inputs"]
+    ]
+    return onnx.helper.make_model(onnx.helper.make_graph([], "inputs", inputs, []))
 
 
 def model_digest(model: onnx.ModelProto) -> str:

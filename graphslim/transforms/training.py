@@ -32,6 +32,7 @@ from onnx import TensorProto, helper
 from graphslim.core.data import Dataset
 from graphslim.core.fs import scratch_dir
 from graphslim.core.ir import MAX_IR_VERSION, Graph
+from graphslim.core.ops import op_info, trainable_inputs
 from graphslim.core.runtime import require_training
 
 __all__ = ["DistillOptions", "DistillResult", "distill_graph", "softmax", "trainable_parameters"]
@@ -40,25 +41,6 @@ log = logging.getLogger(__name__)
 
 TEACHER_INPUT = "graphslim_teacher_probs"
 LABELS_INPUT = "graphslim_labels"
-
-# (op, input index) pairs whose constant is a trainable parameter.
-_TRAINABLE = {
-    ("Conv", 1),
-    ("Conv", 2),
-    ("ConvTranspose", 1),
-    ("ConvTranspose", 2),
-    ("Gemm", 1),
-    ("Gemm", 2),
-    ("MatMul", 1),
-    ("BatchNormalization", 1),
-    ("BatchNormalization", 2),
-    ("InstanceNormalization", 1),
-    ("InstanceNormalization", 2),
-    ("PRelu", 1),
-    ("Add", 0),
-    ("Add", 1),
-}
-_WEIGHT = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("MatMul", 1)}
 
 
 class DistillOptions(Protocol):
@@ -106,9 +88,11 @@ def trainable_parameters(graph: Graph) -> tuple[list[str], list[str], dict[str, 
             if not isinstance(t, Constant) or not t.name:
                 continue
             val = np.asarray(t.values)
-            if val.dtype.kind == "f" and (node.op, i) in _TRAINABLE and val.ndim >= 1:
+            if val.dtype.kind == "f" and i in trainable_inputs(node) and val.ndim >= 1:
                 trainable[t.name] = None
-                if (node.op, i) in _WEIGHT and not np.all(val):
+                info = op_info(node.op, node.domain)
+                is_weight = info is not None and info.weight is not None and info.weight.index == i
+                if is_weight and not np.all(val):
                     masks[t.name] = (val != 0).astype(val.dtype)
             else:
                 frozen[t.name] = None
