@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,7 +32,9 @@ import onnx
 
 from graphslim.core.data import Dataset
 from graphslim.core.errors import InputError
+from graphslim.core.fs import scratch_dir
 from graphslim.core.ir import Graph, model_bytes
+from graphslim.core.runtime import require_onnxruntime
 from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,13 @@ class _Reader:
     """onnxruntime.quantization's CalibrationDataReader over a Dataset."""
 
     def __init__(self, data: Dataset, batch: int):
-        self._it = iter(list(data.batches(batch)))
+        # ONNX Runtime returns a graph input that is also an output (the calibrators add the
+        # inputs as outputs) as a view of the caller's array, without a reference to it, and its
+        # histogram calibrators (entropy, percentile) read those views after the last batch. So
+        # every batch stays alive as long as the reader: an exhausted list iterator drops its list,
+        # which freed the arrays and made the histograms read freed memory (NaN, at random).
+        self._batches = list(data.batches(batch))
+        self._it = iter(self._batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         b = next(self._it, None)
@@ -97,8 +104,8 @@ class QuantizeInt8(Pass):
         skipped = [Skip(name, "excluded by the exclude option") for name in o.exclude]
         if not candidates:
             return PassResult(changed=False, stats={"quantized": 0}, skipped=skipped)
-        with tempfile.TemporaryDirectory(prefix="graphslim-q-") as tmp:
-            work = _Quantizer(model, ctx.data, o, Path(tmp))
+        with scratch_dir("q") as tmp:
+            work = _Quantizer(model, ctx.data, o, tmp)
             quantized = work.quantize(exclude=list(o.exclude))
             stats: dict = {
                 "mode": o.mode,
@@ -174,6 +181,7 @@ class _Quantizer:
         self.batch = dim0.dim_value if dim0 is not None and dim0.HasField("dim_value") and dim0.dim_value > 0 else 32
 
     def quantize(self, *, exclude: list[str] | None = None, only: list[str] | None = None) -> onnx.ModelProto:
+        require_onnxruntime()  # its calibration sessions log through ONNX Runtime's default logger
         from onnxruntime.quantization import (
             CalibrationMethod,
             QuantFormat,
@@ -195,7 +203,8 @@ class _Quantizer:
             extra_options=extra,
         )
         prev = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING through root
+        if not log.isEnabledFor(logging.INFO):  # shown with -v
+            logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING through root
         try:
             if o.mode == "dynamic":
                 # ConvInteger exists in ONNX Runtime for uint8 weights only (1.19 has no int8 kernel).

@@ -46,7 +46,7 @@ def test_compile_and_run_commands_on_the_example(tmp_path, capsys):
         )
         == 0
     )
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["artifact.json", "model.so"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".graphslim.json", "artifact.json", "model.so"]
     assert (
         main(
             [

@@ -26,6 +26,7 @@ def test_optimize_example_writes_model_and_report(tmp_path, example_model, examp
     )
     rep = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == [
+        ".graphslim.json",  # the marker: graphslim wrote this folder (and may replace it)
         "accuracy.png",
         "latency.png",
         "layers.png",
@@ -83,15 +84,22 @@ def test_output_folder_containing_input_is_refused(tmp_path, example_model):
     d.mkdir()
     (d / "model.onnx").write_bytes(example_model.read_bytes())
     r = _run("optimize", str(d / "model.onnx"), "-o", str(d))
-    assert r.returncode == 2 and "contains the input model" in r.stderr
+    assert r.returncode == 2 and "contains the input" in r.stderr
     assert (d / "model.onnx").read_bytes() == example_model.read_bytes()
 
 
 def test_existing_output_is_replaced_whole(tmp_path, example_model):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     assert main(["optimize", str(example_model), "-o", str(out), "--no-latency", "-q"]) == 0
+    (out / "report.md").write_text("stale")  # a file graphslim wrote, edited: replaced with the rest
+    assert (
+        main(["optimize", str(example_model), "-o", str(out), "--no-latency", "-q", "--passes", "fold-batchnorm"]) == 0
+    )
+    assert json.loads((out / "report.json").read_text())["pipeline"] == "fold-batchnorm"
+    assert (out / "report.md").read_text() != "stale"
+    (out / "stale.txt").write_text("old")  # a file graphslim did not write: only --force replaces it
+    assert main(["optimize", str(example_model), "-o", str(out), "--no-latency", "-q"]) == 2
+    assert main(["optimize", str(example_model), "-o", str(out), "--no-latency", "-q", "--force"]) == 0
     names = {p.name for p in out.iterdir()}
     assert "stale.txt" not in names and {"model.onnx", "report.json", "report.md", "report.html"} <= names
 

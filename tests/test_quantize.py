@@ -96,3 +96,21 @@ def test_binary_on_networks(arch, opts):
         assert "accuracy_drop_points_alone" in lay
     assert op_types(out).count("DequantizeLinear") == recs[0].stats["binarized"]
     assert recs[0].verification["runs"]
+
+
+def test_calibration_reader_keeps_its_batches_alive():
+    """ONNX Runtime hands back graph inputs that are also outputs as views of the caller's arrays,
+    without holding them; the entropy and percentile calibrators read those views after the last
+    batch. The reader must keep every batch alive until it is dropped (it once let them go when its
+    iterator ran out, and percentile calibration failed at random on NaN read from freed memory)."""
+    import gc
+    import weakref
+
+    from graphslim.passes.quantize_int8 import _Reader
+
+    reader = _Reader(Dataset({"x": np.arange(40, dtype=np.float32).reshape(10, 4)}), 4)
+    first = weakref.ref(reader.get_next()["x"])
+    while reader.get_next() is not None:
+        pass
+    gc.collect()
+    assert first() is not None and first()[0, 0] == 0.0

@@ -89,7 +89,12 @@ def test_compare_command(runs, tmp_path, capsys):
     assert main(["compare", str(runs / "prune"), str(runs / "mixed"), "-o", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out
     assert "| prune |" in table and "| mixed |" in table
-    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.html", "compare.md", "compare.png"]
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
+        ".graphslim.json",
+        "compare.html",
+        "compare.md",
+        "compare.png",
+    ]
     assert main(["compare", str(tmp_path / "nothing-here")]) == 2
 
 

@@ -137,11 +137,9 @@ def compile_model(
 
     With ``tune`` trials, the tuning records end up in ``out_dir/tuning/`` (and in ``tuning_db``
     when given, which later builds reuse)."""
-    import tempfile
+    from graphslim.core.fs import scratch_dir, write_output_dir
 
-    from graphslim.core.fs import write_output_dir
-
-    with tempfile.TemporaryDirectory(prefix="graphslim-tuning-") as scratch:
+    with scratch_dir("tuning") as scratch:
         db = tuning_db if tuning_db is not None else (Path(scratch) if tune > 0 else None)
         export, meta = build(
             model,
@@ -156,7 +154,7 @@ def compile_model(
         )
         if tuning_db is None and "tuning" in meta:
             meta["tuning"]["database"] = "tuning"  # the scratch folder is copied there
-        write_output_dir(Path(out_dir), {"model.so": export})
+        write_output_dir(Path(out_dir), {"model.so": export}, kind="compile")
     return Artifact(Path(out_dir), meta)
 
 
@@ -292,6 +290,8 @@ def build(
             if source:
                 (folder / "model.cu").write_text(source)
                 meta["cuda_source"] = "model.cu"
+        # load_artifact loads only this file, and only while its hash matches.
+        meta["library_sha256"] = hashlib.sha256((folder / meta["library"]).read_bytes()).hexdigest()
         if tuning_db is not None and Path(tuning_db).is_dir():
             shutil.copytree(tuning_db, folder / "tuning", ignore=shutil.ignore_patterns("logs", "*.log"))
             meta["tuning_records"] = "tuning"
@@ -325,12 +325,18 @@ class _Runner:
     copy (made once), and outputs are read through DLPack: creating TVM tensors per call cost
     60 us here, as much as a small model's whole inference."""
 
-    def __init__(self, folder: Path, meta: dict[str, Any]):
+    def __init__(self, folder: Path, meta: dict[str, Any], library: bytes):
         tvm = require_tvm()
         from tvm import relax
 
+        from graphslim.core.fs import scratch_dir
+
         self.meta = meta
-        lib = tvm.runtime.load_module(str(folder / meta["library"]))
+        # Loaded from a private copy of the bytes whose hash was checked, so the file cannot be
+        # swapped between the check and the load; the mapping outlives the copy.
+        with scratch_dir("artifact") as tmp:
+            (tmp / meta["library"]).write_bytes(library)
+            lib = tvm.runtime.load_module(str(tmp / meta["library"]))
         self.vm = relax.VirtualMachine(lib, tvm.cpu())
         self._main = self.vm["main"]
         self._buffers = [_aligned(i["shape"], i["dtype"]) for i in meta["inputs"]]
@@ -351,25 +357,94 @@ class _Runner:
 
 
 def load_artifact(folder: str | Path) -> _Runner:
-    """Load an artifact compiled for this host; a clear error where it cannot run here."""
+    """Load an artifact compiled for this host; a clear error where it cannot run here.
+
+    Only the library named in ``artifact.json`` inside the artifact folder is loaded (a plain file
+    name, no path), and only while its sha256 matches the one recorded when it was compiled: a
+    truncated, changed or foreign library is refused, never executed."""
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / "artifact.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{folder}: not a graphslim artifact ({e})") from None
-    target = meta.get("target")
+    meta = _artifact_meta(folder)
+    target = meta["target"]
     if target in ARM_TARGETS:
         raise InputError(f"{folder}: compiled for aarch64; run it on an ARM device (or under qemu-aarch64)")
     if target == "cuda":
         raise InputError(f"{folder}: compiled for CUDA; no CUDA device is available here")
-    missing = _missing_cpu_features(meta.get("tvm_target", {}))
+    try:
+        missing = _missing_cpu_features(meta.get("tvm_target", {}))
+    except Exception as e:  # noqa: BLE001 - TVM refuses a target it cannot parse with many types
+        raise InputError(f"{folder}/artifact.json: bad field 'tvm_target' ({type(e).__name__})") from None
     if missing:
         mcpu = meta.get("tvm_target", {}).get("mcpu", "")
         raise InputError(
             f"{folder}: compiled for {mcpu}, but this CPU has no {', '.join(missing)}; "
             "compile with --target x86 on this machine"
         )
-    return _Runner(folder, meta)
+    library = folder / meta["library"]
+    if library.is_symlink() or not library.is_file():
+        raise InputError(f"{folder}: the library '{meta['library']}' is missing or not a regular file")
+    data = library.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta["library_sha256"]:
+        raise InputError(
+            f"{folder}: '{meta['library']}' does not match the sha256 recorded when it was compiled "
+            "(truncated or changed); compile it again"
+        )
+    return _Runner(folder, meta, data)
+
+
+_MAX_ELEMENTS = 2**31
+
+
+def _artifact_meta(folder: Path) -> dict[str, Any]:
+    """artifact.json, with every field load_artifact and the CLI use checked."""
+    path = folder / "artifact.json"
+    try:
+        if path.stat().st_size > 16 * 2**20:
+            raise InputError(f"{folder}: artifact.json is too large to be graphslim's")
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: not a graphslim artifact ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{folder}: artifact.json is not a JSON object")
+
+    def bad(key: str, why: str) -> InputError:
+        return InputError(f"{folder}/artifact.json: bad field '{key}': {why}")
+
+    if meta.get("target") not in TARGETS:
+        raise bad("target", f"expected one of {', '.join(TARGETS)}")
+    lib = meta.get("library")
+    if not isinstance(lib, str) or not lib or lib != Path(lib).name or lib in (".", "..") or "\\" in lib:
+        raise bad("library", "expected the file name of a library inside the artifact folder")
+    digest = meta.get("library_sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise bad("library_sha256", "missing or not a sha256 (compiled by an older graphslim? compile it again)")
+    batch = meta.get("batch")
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 2**20:
+        raise bad("batch", "expected an integer from 1 to 1048576")
+    inputs = meta.get("inputs")
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= 4096:
+        raise bad("inputs", "expected a list of inputs")
+    for i, item in enumerate(inputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise bad("inputs", f"item {i} has no name")
+        shape = item.get("shape")
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in shape)
+            or int(np.prod(shape, dtype=np.float64)) > _MAX_ELEMENTS
+        ):
+            raise bad("inputs", f"input {item['name'][:64]!r} has shape {str(shape)[:80]}")
+        try:
+            dtype = np.dtype(item.get("dtype"))
+        except (TypeError, ValueError):
+            dtype = np.dtype(object)
+        if dtype.kind not in "fiub":
+            raise bad("inputs", f"input {item['name'][:64]!r} has dtype {str(item.get('dtype'))[:40]!r}")
+    if not isinstance(meta.get("outputs"), list) or not all(isinstance(o, str) for o in meta["outputs"]):
+        raise bad("outputs", "expected a list of output names")
+    if not isinstance(meta.get("tvm_target", {}), dict):
+        raise bad("tvm_target", "expected an object")
+    return meta
 
 
 #: LLVM feature -> /proc/cpuinfo flag, for the instruction sets graphslim's kernels use.

@@ -8,21 +8,26 @@ Errors print one line on stderr; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
+import io
 import json
 import logging
+import os
 import re
 import signal
 import sys
 import threading
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from graphslim.core.errors import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK, GraphslimError, InputError
+from graphslim.core.fs import private_tmpdir, remove_scratch
 from graphslim.core.version import __version__
 
 __all__ = ["main"]
@@ -52,7 +57,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="print nothing but errors (and --json output)",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also show progress logs and the raw warnings of ONNX Runtime and TVM",
+    )
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+
+
+FORCE_HELP = (
+    "replace OUT_DIR even if graphslim did not write it (or wrote another kind of output there); "
+    "never an input's folder, a link or the current folder"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"graphslim {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     ap.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and --json output)")
+    ap.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show progress logs and the raw warnings of ONNX Runtime and TVM",
+    )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     o = sub.add_parser("optimize", help="run a pass pipeline on a model and write OUT_DIR", epilog=EPILOG)
@@ -74,8 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         required=True,
         metavar="OUT_DIR",
-        help="output folder: model.onnx, report.json, report.md (replaced whole, atomically)",
+        help="output folder: model.onnx, report.json, report.md (replaced whole, atomically; only a folder "
+        "graphslim wrote, unless --force)",
     )
+    o.add_argument("--force", action="store_true", help=FORCE_HELP)
     g = o.add_mutually_exclusive_group()
     g.add_argument(
         "--passes", metavar="PIPELINE", help="pipeline text, e.g. 'fold-batchnorm,prune-channels{ratio=0.5}'"
@@ -143,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="several runs in one table and one accuracy-vs-r plot")
     c.add_argument("folders", nargs="+", metavar="OUT_DIR")
     c.add_argument("-o", "--output", metavar="DIR", help="also write compare.md, compare.html and compare.png here")
+    c.add_argument("--force", action="store_true", help=FORCE_HELP.replace("OUT_DIR", "DIR"))
     _add_common(c)
 
     k = sub.add_parser("compile", help="compile a model with TVM for x86, ARM or CUDA (extra: tvm)")
@@ -154,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
         help="static batch size: symbolic leading dimensions (default: as --shape gives them, else 1)",
     )
     k.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model.so (or .tar) and artifact.json")
+    k.add_argument("--force", action="store_true", help=FORCE_HELP)
     _add_shape(k)
     _add_tuning(k)
     _add_common(k)
@@ -209,6 +237,7 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
         measure_latency=not args.no_latency,
         progress=not (args.quiet or args.json),
         cache_dir=args.cache_dir,
+        force=args.force,
         budgets=Budgets(args.max_accuracy_drop, args.min_compression, args.max_latency_ms),
         compile=_compile_options(args, target=args.target, batch=None),
     )
@@ -269,13 +298,15 @@ def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.core.data import load_data
     from graphslim.core.ir import load_model
     from graphslim.core.metrics import accuracy, compare_outputs
-    from graphslim.core.runtime import ort_session, run_model
+    from graphslim.core.runtime import check_memory, ort_session, run_model
 
     model = load_model(args.model)
     data = load_data(args.data, model)
+    check_memory(model, batch=min(256, len(data)), what=args.model)
     out: dict[str, Any] = {"model": args.model, "samples": len(data), "accuracy": accuracy(model, data)}
     if args.reference:
         ref = load_model(args.reference)
+        check_memory(ref, batch=min(256, len(data)), what=args.reference)
         try:
             fid = compare_outputs(run_model(ort_session(ref), data), run_model(ort_session(model), data))
         except ValueError as e:
@@ -444,24 +475,31 @@ def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int
 
 def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.backend import compile_model
-    from graphslim.core.fs import check_out_dir
-    from graphslim.core.ir import load_model, model_file_sha256
+    from graphslim.core.fs import OutputDir
+    from graphslim.core.ir import external_data_files, load_model, model_file_sha256
+    from graphslim.core.runtime import check_memory
 
     c = _compile_options(args, target=args.target, batch=args.batch)
-    check_out_dir(Path(args.model), Path(args.output))
-    model = load_model(args.model)
-    art = compile_model(
-        model,
-        c.target,
-        Path(args.output),
-        batch=c.batch,
-        shapes={k: list(v) for k, v in c.shapes} or None,
-        model_sha256=model_file_sha256(Path(args.model)),
-        tune=c.tune,
-        tuning_db=c.tuning_db,
-        rpc=c.rpc,
-        progress=not (args.quiet or args.json),
-    )
+    if args.batch is not None and not 1 <= args.batch <= 2**20:
+        raise InputError(f"--batch must be from 1 to 1048576, got {args.batch}")
+    src = Path(args.model)
+    inputs = [src, *(external_data_files(src) if src.is_file() else []), c.tuning_db]
+    # Reserved before the work: a folder graphslim must not replace, or cannot write, fails now.
+    with OutputDir(args.output, "compile", inputs=inputs, force=args.force):
+        model = load_model(src)
+        check_memory(model, batch=args.batch or 1, what=args.model)  # TVM folds constants too
+        art = compile_model(
+            model,
+            c.target,
+            Path(args.output),
+            batch=c.batch,
+            shapes={k: list(v) for k, v in c.shapes} or None,
+            model_sha256=model_file_sha256(src),
+            tune=c.tune,
+            tuning_db=c.tuning_db,
+            rpc=c.rpc,
+            progress=not (args.quiet or args.json),
+        )
     if args.json:
         return EXIT_OK, art.meta
     return (
@@ -475,12 +513,14 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.core.data import load_data
     from graphslim.core.ir import load_model
     from graphslim.core.metrics import compare_outputs
-    from graphslim.core.runtime import run_model
+    from graphslim.core.runtime import check_memory, run_model
 
     runner = load_artifact(args.artifact)
     batch = runner.meta["batch"]
     names = [i["name"] for i in runner.meta["inputs"]]
     ref_model = load_model(args.reference) if args.reference else None
+    if ref_model is not None:
+        check_memory(ref_model, batch=256, what=args.reference)
     # The artifact has a static batch: feed it whole batches (the tail is padded, then cut).
     template = ref_model or _model_for_inputs(runner.meta)
     data = load_data(args.data, template)
@@ -517,25 +557,27 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.backend.bench import measure_ort, measure_tvm
     from graphslim.core.data import load_data, random_inputs
     from graphslim.core.ir import load_model
+    from graphslim.core.runtime import check_memory
 
     try:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
     except ValueError:
-        raise InputError(f"--batch: expected sizes like 1,32, got {args.batch!r}") from None
-    if not batches or min(batches) < 1 or args.repeat < 1 or args.warmup < 0:
-        raise InputError("--batch sizes and --repeat must be >= 1, --warmup >= 0")
+        raise InputError(f"--batch: expected sizes like 1,32, got {args.batch[:80]!r}") from None
+    if not batches or min(batches) < 1 or max(batches) > 2**20 or args.repeat < 1 or args.warmup < 0:
+        raise InputError("--batch sizes must be from 1 to 1048576, --repeat >= 1, --warmup >= 0")
     rows: list[dict[str, Any]] = []
-
-    def data_for(model: Any) -> Any:
-        return load_data(args.data, model) if args.data else random_inputs(model, max(batches), 0)
+    skipped: list[dict[str, Any]] = []
 
     # ONNX Runtime first: TVM's thread pool slows other runtimes in the same process afterwards.
     for label, path in (("baseline", args.baseline), ("model", None if Path(args.model).is_dir() else args.model)):
         if path is None:
             continue
         model = load_model(path)
-        data = data_for(model)
-        for b in batches:
+        sizes, why = _batch_sizes(model, batches)
+        check_memory(model, batch=max(sizes), what=path)
+        skipped += [{"what": label, "batch": b, "reason": why} for b in batches if b not in sizes]
+        data = load_data(args.data, model) if args.data else random_inputs(model, max(sizes), 0)
+        for b in sizes:
             rows.append(
                 {
                     "what": label,
@@ -569,7 +611,7 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
     for r in rows:
         r["vs_baseline"] = round(r["median_ms"] / base[r["batch"]], 4) if r["batch"] in base else None
     if args.json:
-        return EXIT_OK, {"results": rows}
+        return EXIT_OK, {"results": rows, "skipped": skipped}
     lines = [
         f"{'what':<9} {'runtime':<18} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'per s':>10} "
         f"{'vs base':>8} {'+MB peak':>9}"
@@ -582,7 +624,26 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
             f"{r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8} "
             f"{'-' if extra is None else format(extra, '.1f'):>9}"
         )
+    lines += [f"skipped: {s['what']} at batch {s['batch']} ({s['reason']})" for s in skipped]
     return EXIT_OK, "\n".join(lines)
+
+
+def _batch_sizes(model: Any, wanted: list[int]) -> tuple[list[int], str]:
+    """The batch sizes of ``wanted`` the model accepts, and why the others are not: a model
+    whose inputs fix the first dimension runs at that batch only (benched at it when none of
+    ``wanted`` is allowed)."""
+    inits = {i.name for i in model.graph.initializer}
+    fixed = set()
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            fixed.add(dims[0].dim_value)
+    if not fixed:
+        return wanted, ""
+    if len(fixed) > 1:
+        raise InputError(f"the model's inputs fix different batch sizes {sorted(fixed)}; cannot bench it")
+    b = fixed.pop()
+    return [b], f"the model's batch is fixed at {b}"
 
 
 def _model_for_inputs(meta: dict[str, Any]) -> Any:
@@ -601,29 +662,39 @@ def _model_for_inputs(meta: dict[str, Any]) -> Any:
 
 
 def _cmd_report(args: argparse.Namespace) -> tuple[int, Any]:
-    from graphslim.core.fs import atomic_write
+    from graphslim.core.fs import update_output_files
     from graphslim.report import load_report, render_files
 
     rep = load_report(args.folder)
     files = render_files(rep)
     files.pop("report.json")  # the source stays as it is
-    for name, data in files.items():
-        atomic_write(Path(args.folder) / name, data)
+    update_output_files(args.folder, "optimize", files)
     return EXIT_OK, {
         "written": sorted(files)
     } if args.json else f"re-rendered {', '.join(sorted(files))} in {args.folder}"
 
 
 def _cmd_compare(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.core.fs import OutputDir
+
+    with contextlib.ExitStack() as stack:
+        dest = (
+            stack.enter_context(OutputDir(args.output, "compare", inputs=args.folders, force=args.force))
+            if args.output
+            else None
+        )
+        return _compare(args, dest)
+
+
+def _compare(args: argparse.Namespace, dest: Any) -> tuple[int, Any]:
     import base64
     import html
 
-    from graphslim.core.fs import write_output_dir
     from graphslim.report import compare_markdown, compare_plot, load_report
 
     runs = [(Path(f).name or str(f), load_report(f)) for f in args.folders]
     table = compare_markdown(runs)
-    if args.output:
+    if dest is not None:
         png = compare_plot(runs)
         files = {"compare.md": (table + ("\n![accuracy vs r](compare.png)\n" if png else "")).encode()}
         body = "<pre>" + html.escape(table) + "</pre>"
@@ -631,7 +702,7 @@ def _cmd_compare(args: argparse.Namespace) -> tuple[int, Any]:
             files["compare.png"] = png
             body += f"<img alt='accuracy vs r' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         files["compare.html"] = f"<!doctype html><meta charset='utf-8'><title>graphslim compare</title>{body}".encode()
-        write_output_dir(Path(args.output), files)
+        dest.write(files)
     if args.json:
         return EXIT_OK, {
             "runs": [
@@ -669,26 +740,111 @@ def _terminate(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+_MAX_MESSAGE = 1000  # characters of an error message echoed (a value in it may be huge)
+
+
+def _one_message(e: BaseException) -> str:
+    text = str(e)
+    if len(text) > _MAX_MESSAGE:
+        text = f"{text[:_MAX_MESSAGE]}... ({len(text):,} characters, cut)"
+    return text
+
+
+def _flush_c_stdio() -> None:
+    """Flush what native code printed through C stdio, before its file descriptors move."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
+
+
+class _LogStream(io.TextIOBase):
+    """A text stream whose lines become log records (what libraries print() while graphslim
+    runs them: ONNX Runtime's calibrators print progress, for instance)."""
+
+    def __init__(self, logger: logging.Logger, level: int):
+        self._log, self._level, self._part = logger, level, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        lines = (self._part + s).split("\n")
+        self._part = lines.pop()
+        for line in lines:
+            if line.strip():
+                self._log.log(self._level, "%s", line.rstrip())
+        return len(s)
+
+    def flush(self) -> None:
+        if self._part.strip():
+            self._log.log(self._level, "%s", self._part.rstrip())
+        self._part = ""
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[Any]:
+    """While a command runs, stdout carries nothing but graphslim's own output (with --json: one
+    JSON document). What libraries print() goes through logging (shown with -v); what native code
+    writes to file descriptor 1 goes to stderr. Yields the real stdout."""
+    real = sys.stdout
+    real.flush()
+    saved = None
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        fd = real.fileno()
+        err = sys.stderr.fileno()
+        _flush_c_stdio()
+        saved = (fd, os.dup(fd))
+        os.dup2(err, fd)
+    printed = _LogStream(logging.getLogger("graphslim.printed"), logging.INFO)
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield real
+    finally:
+        printed.flush()
+        sys.stderr.flush()
+        if saved is not None:
+            _flush_c_stdio()
+            os.dup2(saved[1], saved[0])
+            os.close(saved[1])
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    verbose = getattr(args, "verbose", False)
+    level = (
+        logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.INFO if verbose else logging.WARNING
+    )
+    logging.basicConfig(level=level, stream=sys.stderr, format="graphslim: %(levelname)s: %(message)s")
+    # Python warnings of the libraries (onnxruntime.quantization, TVM, numpy) go through logging,
+    # shown with -v; ONNX Runtime's native log follows the same level (graphslim.core.runtime).
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose or args.debug else logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
-    level = logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING)
-    logging.basicConfig(level=level, stream=sys.stderr, format="graphslim: %(levelname)s: %(message)s")
+    _configure_logging(args)
     if not args.command:
         ap.print_help(sys.stderr)
         return 2
-    # SIGTERM unwinds like Ctrl-C, so half-written output folders are cleaned up (see write_output_dir).
+    # SIGTERM unwinds like Ctrl-C, so half-written output folders are cleaned up (see graphslim.core.fs).
     previous = (
         signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     )
+    wants_json = getattr(args, "json", False)
     try:
-        code, out = COMMANDS[args.command](args)
+        try:
+            # Temporary files of graphslim and of the libraries it runs go into one scratch
+            # folder under TMPDIR, removed when the command ends, also on Ctrl-C or SIGTERM.
+            with private_tmpdir(), _stdout_to_stderr() as stdout:
+                code, out = COMMANDS[args.command](args)
+        finally:
+            remove_scratch()  # a signal deferred in here is caught below
     except GraphslimError as e:
         if args.debug:
             log.exception("failed")
-        print(f"graphslim: error: {e}", file=sys.stderr)
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+        print(f"graphslim: error: {_one_message(e)}", file=sys.stderr)
+        if wants_json:
+            print(json.dumps({"error": _one_message(e), "exit_code": e.exit_code}))
         return e.exit_code
     except KeyboardInterrupt:
         print("graphslim: interrupted", file=sys.stderr)
@@ -696,20 +852,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Terminated:
         print("graphslim: terminated", file=sys.stderr)
         return 143
+    except SystemExit as e:  # a plugin or a data function called sys.exit: a failure, whatever the code
+        if args.debug:
+            log.exception("failed")
+        print(
+            f"graphslim: internal error: something graphslim called (a plugin?) called sys.exit({e.code!r}) "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     except Exception as e:  # noqa: BLE001 - a bug in graphslim: one line unless --debug
         if args.debug:
             raise
         print(
-            f"graphslim: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr
+            f"graphslim: internal error: {type(e).__name__}: {_one_message(e)} (run with --debug for the traceback)",
+            file=sys.stderr,
         )
         return EXIT_INTERNAL
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if getattr(args, "json", False) and not isinstance(out, str):
-        print(json.dumps(out, indent=2, default=str))
+    if wants_json and not isinstance(out, str):
+        print(json.dumps(out, indent=2, default=str, allow_nan=False), file=stdout)
     elif out and not args.quiet:
-        print(out)
+        print(out, file=stdout)
     return code
 
 

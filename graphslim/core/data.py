@@ -2,7 +2,11 @@
 
 An ``.npz`` holds one array per model input name (first axis = samples) and optionally ``labels``
 (integer class ids). Loading checks names, sample counts and dtypes against the model and fails
-with one clear line.
+with one clear line. What a data set may not hold, also refused with one line: a ``.npy`` or any
+non-zip file given as ``.npz``, arrays of Python objects, NaN or Inf in float arrays (named, with
+how many), labels outside the model's class range, and arrays whose declared size does not fit
+in memory or that expand from a small compressed member far beyond it (a zip bomb); sizes are
+read from the ``.npy`` headers, before any array is.
 """
 
 from __future__ import annotations
@@ -17,11 +21,27 @@ import numpy as np
 import onnx
 
 from graphslim.core.errors import InputError
+from graphslim.core.memory import available_bytes, format_bytes
 
-__all__ = ["Dataset", "ShardedDataset", "load_data", "load_npz", "load_shards", "random_inputs"]
+__all__ = [
+    "Dataset",
+    "ShardedDataset",
+    "check_labels",
+    "load_data",
+    "load_npz",
+    "load_shards",
+    "num_classes",
+    "random_inputs",
+]
 
 LABELS = "labels"
 MAX_SAMPLE_ELEMENTS = 2**26  # random inputs larger than this (per input) are refused, not allocated
+# A compressed member may expand this many times, beyond BOMB_MIN_BYTES: real data (even sparse
+# images) compresses far less; a zip bomb compresses about 1000x (deflate) or more (bzip2).
+BOMB_RATIO = 100
+BOMB_MIN_BYTES = 256 * 2**20
+_ZIP_METHODS = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
+_FINITE_CHUNK = 1 << 22  # elements checked for NaN/Inf at a time (bounds the temporary)
 
 
 @dataclass(frozen=True)
@@ -106,15 +126,19 @@ def load_npz(path: str | Path, model: onnx.ModelProto) -> Dataset:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such data file")
+    members = _npz_headers(p)
+    _check_sizes(p, members)
+    specs = _input_specs(model)
+    _check_names(p, members, specs)  # before reading: only the arrays the model needs are read
     try:
         with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            arrays = {k: z[k] for k in members}
+    except MemoryError:
+        raise InputError(f"{p}: the arrays do not fit in memory; split the data into a folder of shards") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as e:
         raise InputError(
-            f"{p}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            f"{p}: not a readable .npz file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
         ) from None
-    specs = _input_specs(model)
-    _check_names(p, arrays, specs)
     inputs: dict[str, np.ndarray] = {}
     counts = set()
     for name, (dtype, dims) in specs.items():
@@ -129,18 +153,70 @@ def load_npz(path: str | Path, model: onnx.ModelProto) -> Dataset:
                 arr = arr.astype(dtype)
             else:
                 raise InputError(f"{p}: array '{name}' has dtype {arr.dtype}, the model expects {np.dtype(dtype)}")
+        _check_finite(p, name, arr)
         inputs[name] = arr
-        counts.add(arr.shape[0])
+        counts.add(arr.shape[0] if arr.ndim else -1)
     labels = arrays.get(LABELS)
     if labels is not None:
         if labels.dtype.kind not in "iu" or labels.ndim != 1:
             raise InputError(f"{p}: 'labels' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+        check_labels(p, labels, model)
         counts.add(labels.shape[0])
+    if -1 in counts:
+        raise InputError(f"{p}: arrays must have a first (samples) axis; a scalar has none")
     if len(counts) != 1:
         raise InputError(f"{p}: arrays have different sample counts {sorted(counts)}")
     if counts == {0}:
         raise InputError(f"{p}: the data set is empty")
     return Dataset(inputs, labels)
+
+
+def _check_finite(where: Path | str, name: str, arr: np.ndarray) -> None:
+    """NaN or Inf in a float array is a data error (it would surface later as a pass that
+    'broke' the model, or a calibration that fails): name the array, count, first sample."""
+    if arr.dtype.kind not in "fc" or arr.size == 0:
+        return
+    flat = arr.reshape(len(arr), -1) if arr.ndim > 1 else arr.reshape(-1, 1)
+    rows = max(1, _FINITE_CHUNK // max(1, flat.shape[1]))
+    bad, first = 0, None
+    for start in range(0, len(flat), rows):
+        ok = np.isfinite(flat[start : start + rows])
+        if not ok.all():
+            per_row = (~ok).sum(axis=1)
+            bad += int(per_row.sum())
+            if first is None:
+                first = start + int(np.flatnonzero(per_row)[0])
+    if bad:
+        raise InputError(
+            f"{where}: array '{name}' has {bad:,} NaN or Inf values (first in sample {first}); "
+            "graphslim needs finite data"
+        )
+
+
+def num_classes(model: onnx.ModelProto) -> int | None:
+    """Classes of the model's first output when it is (samples, classes) with a static class count."""
+    if not model.graph.output:
+        return None
+    tt = model.graph.output[0].type.tensor_type
+    dims = tt.shape.dim if tt.HasField("shape") else []
+    if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value > 0:
+        return int(dims[1].dim_value)
+    return None
+
+
+def check_labels(where: Path | str, labels: np.ndarray, model: onnx.ModelProto | int | None) -> None:
+    """Labels are class ids: from 0 to the model's classes - 1 (accuracy compares them with the
+    argmax of the first output). Labels outside that range would pass an accuracy budget
+    silently (both models miss them alike), so they are refused."""
+    if labels.size == 0:
+        return
+    classes = model if isinstance(model, int) or model is None else num_classes(model)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (classes is not None and high >= classes):
+        bad = int(np.count_nonzero((labels < 0) | (labels >= (classes if classes is not None else np.inf))))
+        value = low if low < 0 else high
+        scope = f"from 0 to {classes - 1} (the model has {classes} classes)" if classes is not None else ">= 0"
+        raise InputError(f"{where}: labels must be class ids {scope}; {bad:,} are not (e.g. {value})")
 
 
 def random_inputs(model: onnx.ModelProto, n: int = 4, seed: int = 0) -> Dataset:
@@ -183,31 +259,76 @@ def _from_entry_point(spec: str, model: onnx.ModelProto) -> Dataset:
     module_name, _, func_name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"{spec}: cannot load the data function ({e})") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module may raise anything on import
+        raise InputError(f"{spec}: cannot load the data function ({type(e).__name__}: {str(e)[:200]})") from None
     specs = _input_specs(model)
     parts = []
-    for i, batch in enumerate(fn()):
-        if not isinstance(batch, dict):
-            raise InputError(f"{spec}: batch {i} is a {type(batch).__name__}, expected a dict of arrays")
-        missing = [n for n in specs if n not in batch]
-        if missing:
-            raise InputError(f"{spec}: batch {i} has no array for input(s) {', '.join(missing)}")
-        inputs = {n: np.asarray(batch[n]).astype(specs[n][0], copy=False) for n in specs}
-        labels = np.asarray(batch[LABELS]) if LABELS in batch else None
-        parts.append(Dataset(inputs, labels))
-    return _concat(parts, spec)
+    try:
+        for i, batch in enumerate(fn()):
+            if not isinstance(batch, dict):
+                raise InputError(f"{spec}: batch {i} is a {type(batch).__name__}, expected a dict of arrays")
+            missing = [n for n in specs if n not in batch]
+            if missing:
+                raise InputError(f"{spec}: batch {i} has no array for input(s) {', '.join(missing)}")
+            inputs = {}
+            for n in specs:
+                arr = np.asarray(batch[n])
+                if arr.dtype.kind not in "fiub":
+                    raise InputError(f"{spec}: batch {i}: array '{n}' has dtype {arr.dtype}; expected numbers")
+                inputs[n] = arr.astype(specs[n][0], copy=False)
+            labels = np.asarray(batch[LABELS]) if LABELS in batch else None
+            if labels is not None and (labels.dtype.kind not in "iu" or labels.ndim != 1):
+                raise InputError(f"{spec}: batch {i}: 'labels' must be a 1-D integer array, got {labels.dtype}")
+            parts.append(Dataset(inputs, labels))
+    except InputError:
+        raise
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's function may raise anything
+        raise InputError(f"{spec}: the data function failed ({type(e).__name__}: {str(e)[:200]})") from None
+    data = _concat(parts, spec)
+    for name, arr in data.inputs.items():
+        _check_finite(spec, name, arr)
+    if data.labels is not None:
+        check_labels(spec, data.labels, model)
+    return data
 
 
-def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+@dataclass(frozen=True)
+class _Member:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stored: int  # bytes in the archive (compressed)
+    size: int  # bytes once decompressed, as the archive records it
+
+
+def _npz_headers(path: Path) -> dict[str, _Member]:
     """Shapes and dtypes of the arrays in an .npz, read from the .npy headers without the data."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise InputError(
+            f"{path}: a .npy file (one unnamed array), not an .npz; save the arrays by input name: "
+            "np.savez(path, input=array, labels=labels)"
+        )
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not an .npz file (not a zip archive of .npy arrays)")
     out = {}
     try:
         with zipfile.ZipFile(path) as zf:
-            for member in zf.namelist():
-                if not member.endswith(".npy"):
+            for info in zf.infolist():
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    # numpy writes stored or deflate members. zipfile decompresses bzip2 and LZMA
+                    # without a size limit: even the header of a bzip2 bomb would expand whole.
+                    raise InputError(
+                        f"{path}: member '{info.filename[:80]}' is compressed with "
+                        f"{_ZIP_METHODS.get(info.compress_type, f'method {info.compress_type}')}; "
+                        "graphslim reads .npz files as numpy writes them (np.savez, np.savez_compressed)"
+                    )
+                if not info.filename.endswith(".npy"):  # np.load would hand it back as raw bytes
+                    out[info.filename] = _Member(
+                        (info.file_size,), np.dtype(np.uint8), info.compress_size, info.file_size
+                    )
                     continue
-                with zf.open(member) as f:
+                with zf.open(info) as f:
                     version = np.lib.format.read_magic(f)
                     reader = (
                         np.lib.format.read_array_header_1_0
@@ -215,10 +336,43 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                         else np.lib.format.read_array_header_2_0
                     )
                     shape, _, dtype = reader(f)
-                out[member[:-4]] = (tuple(shape), np.dtype(dtype))
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"{path}: not a readable .npz file ({e})") from None
+                out[info.filename[:-4]] = _Member(tuple(shape), np.dtype(dtype), info.compress_size, info.file_size)
+    except InputError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, TypeError) as e:
+        raise InputError(f"{path}: not a readable .npz file ({str(e)[:200] or type(e).__name__})") from None
     return out
+
+
+def _check_sizes(path: Path, members: dict[str, _Member]) -> None:
+    """Refuse, before reading any array: Python objects, arrays whose data is missing from the
+    archive, members that expand far beyond their stored size (zip bombs), and arrays that would
+    not fit in the memory available."""
+    total = 0
+    for name, m in members.items():
+        if m.dtype.hasobject:
+            raise InputError(
+                f"{path}: array '{name}' holds Python objects (dtype {m.dtype}); graphslim loads numeric arrays only"
+            )
+        declared = int(np.prod(m.shape, dtype=np.float64)) * m.dtype.itemsize
+        if declared > m.size:
+            raise InputError(
+                f"{path}: array '{name}' declares {format_bytes(declared)} but its member holds "
+                f"{format_bytes(m.size)} (truncated or forged)"
+            )
+        if m.size > BOMB_MIN_BYTES and m.size > BOMB_RATIO * max(1, m.stored):
+            raise InputError(
+                f"{path}: array '{name}' expands from {format_bytes(m.stored)} to {format_bytes(m.size)} "
+                f"({m.size // max(1, m.stored):,}x): refused as a likely zip bomb; store it uncompressed "
+                "(np.savez) or as a folder of shards"
+            )
+        total += m.size
+    room = available_bytes()
+    if room is not None and total > room:
+        raise InputError(
+            f"{path}: its arrays take {format_bytes(total)}, more than the {format_bytes(room)} of memory "
+            "available; split the data into a folder of .npz shards"
+        )
 
 
 class ShardedDataset:
@@ -234,7 +388,7 @@ class ShardedDataset:
         self.shards, self.counts, self._model = shards, counts, model
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._labels: np.ndarray | None = None
-        self._has_labels = LABELS in _npz_headers(shards[0])
+        self._has_labels = LABELS in _npz_headers(shards[0])  # checked by load_shards
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -326,12 +480,13 @@ def load_shards(folder: Path, model: onnx.ModelProto) -> ShardedDataset:
     counts, with_labels = [], None
     for p in shards:
         heads = _npz_headers(p)
+        _check_sizes(p, heads)  # one shard is in memory at a time
         _check_names(p, heads, specs)
-        n = {heads[k][0][0] if heads[k][0] else -1 for k in heads}
+        n = {heads[k].shape[0] if heads[k].shape else -1 for k in heads}
         if len(n) != 1 or -1 in n:
             raise InputError(f"{p}: arrays have different sample counts")
         for name, (_, dims) in specs.items():
-            shape, dt = heads[name]
+            shape, dt = heads[name].shape, heads[name].dtype
             if len(shape) != len(dims) or any(
                 i > 0 and isinstance(d, int) and d > 0 and shape[i] != d for i, d in enumerate(dims)
             ):
@@ -342,6 +497,15 @@ def load_shards(folder: Path, model: onnx.ModelProto) -> ShardedDataset:
             with_labels = LABELS in heads
         elif with_labels != (LABELS in heads):
             raise InputError(f"{p}: some shards have labels and some do not")
+        if LABELS in heads:
+            label_dtype = heads[LABELS].dtype
+            if label_dtype.kind not in "iu" or len(heads[LABELS].shape) != 1:
+                raise InputError(f"{p}: 'labels' must be a 1-D integer array, got {label_dtype}")
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    check_labels(p, z[LABELS], model)
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+                raise InputError(f"{p}: not a readable .npz file ({str(e)[:200]})") from None
         counts.append(n.pop())
     return ShardedDataset(shards, counts, model)
 

@@ -47,6 +47,10 @@ class PassError(GraphslimError):
         self.pass_text = pass_text
         self.ran_before = list(ran_before)
         self.cause = cause
+        # Bad input a pass finds while it reads it (a data shard with NaN, labels out of range,
+        # static quantization without data) keeps the input's exit code: 2, not "internal".
+        if isinstance(cause, InputError):
+            self.exit_code = cause.exit_code
         before = ", ".join(ran_before) if ran_before else "none"
         super().__init__(f"pass '{pass_text}' failed: {cause} (passes run before it: {before})")
 

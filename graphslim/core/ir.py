@@ -102,10 +102,40 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             raise InputError(f"tensor '{tensor.name}': external data '{location}' points outside the model's folder")
         if not target.is_file():
             raise InputError(f"tensor '{tensor.name}': external data file '{location}' is missing")
-        offset = int(info.get("offset", "0") or 0)
-        length = int(info.get("length", "0") or 0)
-        if offset < 0 or length < 0 or offset + length > target.stat().st_size:
-            raise InputError(f"tensor '{tensor.name}': external data range runs past the end of '{location}'")
+        try:
+            offset = int(info.get("offset", "0") or 0)
+            length = int(info.get("length", "0") or 0)
+        except ValueError:
+            raise InputError(f"tensor '{tensor.name}': external data offset or length is not an integer") from None
+        size = target.stat().st_size
+        if offset < 0 or length < 0 or offset > size or offset + length > size:
+            raise InputError(
+                f"tensor '{tensor.name}': external data range (offset {offset}, length {length}) runs past the "
+                f"end of '{location}' ({size} bytes)"
+            )
+        needed = _tensor_nbytes(tensor)
+        held = length if "length" in info else size - offset
+        if needed is not None and held < needed:
+            raise InputError(
+                f"tensor '{tensor.name}': shape {list(tensor.dims)} needs {needed} bytes; its external data in "
+                f"'{location}' holds {held} from offset {offset}"
+            )
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of a tensor's data from its dims and type (None for strings and sub-byte types)."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or not itemsize:
+        return None
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    return n * itemsize
 
 
 def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -651,14 +681,37 @@ class Graph:
 
     def fold_constants(self, size_threshold: int | None = 16 * 2**20) -> None:
         """Evaluate constant subgraphs (onnx-graphsurgeon's folder, which runs ONNX Runtime). The
-        version moves only if something folded (the pass manager reads it as "changed")."""
+        version moves only if something folded (the pass manager reads it as "changed").
+
+        With ``size_threshold`` (bytes), no node whose result is larger, or of a size the shapes
+        do not tell, is evaluated, nor anything after it: the bound holds for every intermediate
+        result, not only the constants that end up in the model (a ConstantOfShape of gigabytes
+        feeding a ReduceSum stays unevaluated)."""
+
+        def too_big(node: Node) -> bool:
+            for t in node.outputs:
+                shape = t.shape
+                if shape is None or t.dtype is None or any(not isinstance(d, int) or d < 0 for d in shape):
+                    return True
+                try:
+                    itemsize = np.dtype(t.dtype).itemsize
+                except TypeError:
+                    return True
+                if int(np.prod(shape, dtype=np.float64)) * itemsize > size_threshold:
+                    return True
+            return False
 
         def state() -> tuple[int, int]:
             tensors = self._g.tensors().values()
             return len(self._g.nodes), sum(isinstance(t, gs.Constant) for t in tensors)
 
+        from graphslim.core.runtime import require_onnxruntime
+
+        require_onnxruntime()  # the folder's sessions log through ONNX Runtime's default logger
         before = state()
-        self._g.fold_constants(size_threshold=size_threshold)
+        self._g.fold_constants(
+            size_threshold=size_threshold, should_exclude_node=too_big if size_threshold is not None else None
+        )
         if state() != before:
             self._touch()
 

@@ -12,10 +12,9 @@ module names the problem when both are present.
 from __future__ import annotations
 
 import logging
-import tempfile
+import weakref
 from collections.abc import Iterator
 from importlib import metadata
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -23,10 +22,14 @@ import numpy as np
 import onnx
 
 from graphslim.core.data import Dataset
-from graphslim.core.errors import GraphslimError
-from graphslim.core.ir import is_large, model_bytes, save_model
+from graphslim.core.errors import GraphslimError, InputError
+from graphslim.core.fs import make_scratch_dir, remove_scratch
+from graphslim.core.ir import is_large, model_bytes, save_model, strip_large_initializers
+from graphslim.core.memory import available_bytes, format_bytes
 
 __all__ = [
+    "CONSTANT_TENSOR_LIMIT",
+    "check_memory",
     "installed_flavors",
     "ort_session",
     "require_onnxruntime",
@@ -70,6 +73,9 @@ def require_onnxruntime() -> ModuleType:
             f"ONNX Runtime is not installed or broken ({e}); install it with "
             "pip install 'graphslim[ort]' (or 'graphslim[training]')"
         ) from None
+    # ONNX Runtime's own log writes to stderr: errors only (they surface as exceptions too),
+    # its warnings with -v (when graphslim logs at INFO).
+    onnxruntime.set_default_logger_severity(2 if logging.getLogger("graphslim").isEnabledFor(logging.INFO) else 3)
     return onnxruntime
 
 
@@ -108,11 +114,12 @@ def ort_session(model: onnx.ModelProto | bytes, *, optimize: bool = False, threa
     if threads:
         so.intra_op_num_threads = threads
     if not isinstance(model, bytes) and is_large(model):
-        # Over 2 GB: ORT reads external data from files only. The folder lives as long as the session.
-        tmp = tempfile.TemporaryDirectory(prefix="graphslim-ort-")
-        save_model(model, Path(tmp.name) / "model.onnx")
-        sess = ort.InferenceSession(str(Path(tmp.name) / "model.onnx"), so, providers=["CPUExecutionProvider"])
-        sess._graphslim_tmp = tmp
+        # Over 2 GB: ORT reads external data from files only. The folder lives as long as the
+        # session (and no longer than the process: see graphslim.core.fs.make_scratch_dir).
+        tmp = make_scratch_dir("ort")
+        save_model(model, tmp / "model.onnx")
+        sess = ort.InferenceSession(str(tmp / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        weakref.finalize(sess, remove_scratch, tmp)
         return sess
     data = model if isinstance(model, bytes) else model_bytes(model)
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
@@ -129,6 +136,79 @@ def run_model(model: onnx.ModelProto | Any, data: Dataset, *, batch_size: int = 
     return [
         np.concatenate([c[i] for c in chunks]) if np.ndim(chunks[0][i]) else chunks[0][i] for i in range(len(chunks[0]))
     ]
+
+
+#: A tensor computed from constants alone (no input) may be at most this large, or as large as all
+#: of the model's weights together: more is a model that expands itself (a ConstantOfShape of
+#: gigabytes feeding a ReduceSum), refused before it runs.
+CONSTANT_TENSOR_LIMIT = 256 * 2**20
+
+
+def check_memory(model: onnx.ModelProto, *, batch: int = 1, what: str = "the model") -> None:
+    """Refuse (:class:`InputError`) a model that would run the machine out of memory, before
+    ONNX Runtime runs it: a tensor computed from constants alone larger than
+    :data:`CONSTANT_TENSOR_LIMIT` or the model's weights, or any tensor (first dimension =
+    ``batch`` where symbolic) larger than the memory available. Sizes come from shape inference
+    with data propagation, so shapes computed from constants count; unknown sizes pass."""
+    light = strip_large_initializers(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # noqa: BLE001 - loading checked the model; this is a best effort
+        return
+    sizes: dict[str, int] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        n = _nbytes(vi.type.tensor_type, batch)
+        if n is not None:
+            sizes[vi.name] = n
+    weights, constant = 0, set()
+    for init in model.graph.initializer:
+        constant.add(init.name)
+        try:
+            weights += (
+                int(np.prod(init.dims, dtype=np.float64))
+                * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            )
+        except (KeyError, TypeError, ValueError):
+            pass
+    limit = max(CONSTANT_TENSOR_LIMIT, weights)
+    room = available_bytes()
+    for node in model.graph.node:
+        from_constants = all(not i or i in constant for i in node.input)
+        for o in node.output:
+            if from_constants:
+                constant.add(o)
+            size = sizes.get(o)
+            if size is None:
+                continue
+            where = f"node '{node.name or o}' ({node.op_type})"
+            if from_constants and size > limit:
+                raise InputError(
+                    f"{what}: {where} computes a {format_bytes(size)} tensor from constants, more than "
+                    f"{format_bytes(limit)} (the model's weights, or {format_bytes(CONSTANT_TENSOR_LIMIT)}); refused"
+                )
+            if room is not None and size > room:
+                raise InputError(
+                    f"{what}: {where} makes a {format_bytes(size)} tensor at batch {batch}, more than the "
+                    f"{format_bytes(room)} of memory available; refused"
+                )
+
+
+def _nbytes(tt: onnx.TypeProto.Tensor, batch: int) -> int | None:
+    if not tt.elem_type or not tt.HasField("shape"):
+        return None
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    n = 1
+    for i, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value") and d.dim_value >= 0:
+            n *= d.dim_value
+        elif i == 0:
+            n *= batch
+        else:
+            return None
+    return n * itemsize
 
 
 def run_with_outputs(

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from graphslim.core.data import Dataset
-from graphslim.core.errors import GraphslimError, PassError, VerificationError
+from graphslim.core.errors import GraphslimError, InputError, PassError, VerificationError
 from graphslim.core.ir import Graph
 from graphslim.pipeline.registry import Pass, Skip
 from graphslim.pipeline.text import Pipeline
@@ -114,15 +114,31 @@ class PassRecord:
 
 
 class _Verifier:
-    """Holds sample inputs and the previous model's outputs; checks each step."""
+    """Holds sample inputs and the previous model's outputs; checks each step.
+
+    NaN or Inf in outputs fail loudly: in the input model's outputs it is an input error (the
+    model or the data, not a pass), after a pass it is a verification failure of that pass."""
 
     def __init__(self, graph: Graph, ctx: PassContext):
         from graphslim.core.data import random_inputs
+        from graphslim.core.metrics import nonfinite_outputs
 
         model = graph.to_model()
+        self.on = "the data" if ctx.data is not None else "seeded random inputs"
         self.samples = ctx.data.take(16) if ctx.data is not None else random_inputs(model, 4, ctx.seed)
         self.rtol = ctx.rtol
         self.prev = self._run(model, "the input model")
+        bad = nonfinite_outputs(self.prev)
+        if bad:
+            raise InputError(
+                f"the input model's outputs hold NaN or Inf on {self.on} ({self._describe(model, bad)}): "
+                "--verify has nothing finite to compare against"
+            )
+
+    @staticmethod
+    def _describe(model: onnx.ModelProto, bad: list[tuple[int, int]]) -> str:
+        names = [o.name for o in model.graph.output]
+        return ", ".join(f"output '{names[i] if i < len(names) else i}': {n} values" for i, n in bad)
 
     def _run(self, model: onnx.ModelProto, what: str) -> list[np.ndarray]:
         from graphslim.core.runtime import ort_session, run_model
@@ -133,7 +149,7 @@ class _Verifier:
             raise GraphslimError(f"{what} does not run in ONNX Runtime: {str(e).strip().splitlines()[0]}") from None
 
     def check(self, p: Pass, graph: Graph) -> dict[str, Any]:
-        from graphslim.core.metrics import compare_outputs
+        from graphslim.core.metrics import compare_outputs, nonfinite_outputs
 
         model = graph.to_model()
         try:
@@ -141,6 +157,9 @@ class _Verifier:
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise GraphslimError(f"invalid ONNX model after the pass: {str(e).splitlines()[0]}") from None
         new = self._run(model, "the model after the pass")
+        bad = nonfinite_outputs(new)
+        if bad:
+            raise GraphslimError(f"outputs hold NaN or Inf after the pass on {self.on} ({self._describe(model, bad)})")
         try:
             fid = compare_outputs(self.prev, new)
         except ValueError as e:
@@ -185,6 +204,8 @@ class PassManager:
                 if isinstance(e, PassError):
                     raise
                 raise PassError(text, ran, e) from e
+            except SystemExit as e:  # a plugin pass must not end graphslim (with exit 0, having written nothing)
+                raise PassError(text, ran, f"the pass called sys.exit({e.code!r})") from None
             except Exception as e:  # noqa: BLE001 - an internal bug: name the pass
                 raise PassError(text, ran, f"{type(e).__name__}: {e}") from e
             if fingerprint is not None and not changed and graph.fingerprint() != fingerprint:

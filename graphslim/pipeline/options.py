@@ -8,13 +8,31 @@ Option values are numbers, ``true``/``false``/``none``, bare or quoted strings, 
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from typing import Any, Literal
 
 from graphslim.core.errors import PipelineError
 
-__all__ = ["coerce_options", "format_options", "format_value", "parse_pipeline_text"]
+__all__ = ["MAX_INT", "coerce_options", "format_options", "format_value", "parse_pipeline_text", "show"]
+
+#: Integer options are bounded (ranks, epochs, channel counts...): a bigger value is a typo or an attack.
+MAX_INT = 2**31 - 1
+
+_MAX_DEPTH = 16  # of [lists] in pipeline text
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlong = 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """A value as error messages echo it: its repr, cut short (a recipe value may be a YAML alias
+    bomb whose full repr runs to hundreds of MB)."""
+    return _REPR.repr(value)
 
 
 # --------------------------------------------------------------------------- text parsing
@@ -51,16 +69,18 @@ class _Lexer:
             raise self.error("expected a name")
         return self.s[start : self.i]
 
-    def value(self) -> Any:
+    def value(self, depth: int = 0) -> Any:
         ch = self.peek()
         if ch == "[":
+            if depth >= _MAX_DEPTH:
+                raise self.error(f"lists nested more than {_MAX_DEPTH} deep")
             self.i += 1
             items: list[Any] = []
             if self.peek() == "]":
                 self.i += 1
                 return items
             while True:
-                items.append(self.value())
+                items.append(self.value(depth + 1))
                 if self.peek() == ",":
                     self.i += 1
                     continue
@@ -144,11 +164,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except PipelineError as e:
                 errors.append(str(e))
-        raise PipelineError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise PipelineError(errors[0] if errors else f"{where}: bad value {show(value)}")
     if origin is Literal:
         s = str(value)
         if s not in [str(a) for a in args]:
-            raise PipelineError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+            raise PipelineError(f"{where}: {show(value)} is not one of {', '.join(map(str, args))}")
         return s
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
@@ -163,30 +183,36 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return True
         if s in ("false", "0", "no", "off"):
             return False
-        raise PipelineError(f"{where}: expected true or false, got {value!r}")
+        raise PipelineError(f"{where}: expected true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise PipelineError(f"{where}: expected an integer, got {value!r}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise PipelineError(f"{where}: expected an integer, got {value!r}") from None
-        if not f.is_integer():
-            raise PipelineError(f"{where}: expected an integer, got {value!r}")
-        return int(f)
+            raise PipelineError(f"{where}: expected an integer, got {show(value)}")
+        if isinstance(value, int):
+            n = value
+        else:
+            try:
+                f = float(value)
+            except (TypeError, ValueError, OverflowError):
+                raise PipelineError(f"{where}: expected an integer, got {show(value)}") from None
+            if not f.is_integer():
+                raise PipelineError(f"{where}: expected an integer, got {show(value)}")
+            n = int(f)
+        if abs(n) > MAX_INT:
+            raise PipelineError(f"{where}: {show(value)} is out of range (at most {MAX_INT:,} in size)")
+        return n
     if tp is float:
         if isinstance(value, bool):
-            raise PipelineError(f"{where}: expected a number, got {value!r}")
+            raise PipelineError(f"{where}: expected a number, got {show(value)}")
         try:
             f = float(value)
-        except (TypeError, ValueError):
-            raise PipelineError(f"{where}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise PipelineError(f"{where}: expected a number, got {show(value)}") from None
         if f != f or f in (float("inf"), float("-inf")):
-            raise PipelineError(f"{where}: expected a finite number, got {value!r}")
+            raise PipelineError(f"{where}: expected a finite number, got {show(value)}")
         return f
     if tp is str:
         if isinstance(value, list | tuple | dict):
-            raise PipelineError(f"{where}: expected a string, got {value!r}")
+            raise PipelineError(f"{where}: expected a string, got {show(value)}")
         return str(value)
     raise PipelineError(f"{where}: unsupported option type {tp}")
 
@@ -199,7 +225,7 @@ def coerce_options(pass_name: str, options_cls: type, raw: dict[str, Any]) -> An
     for key, value in raw.items():
         if key not in fields:
             valid = ", ".join(fields) or "(none)"
-            raise PipelineError(f"pass '{pass_name}' has no option '{key}' (options: {valid})")
+            raise PipelineError(f"pass '{pass_name}' has no option {show(key)} (options: {valid})")
         kwargs[key] = _coerce(value, hints[key], f"{pass_name}{{{key}}}")
     try:
         return options_cls(**kwargs)

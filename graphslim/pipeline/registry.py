@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from graphslim.core.errors import PipelineError
 from graphslim.core.ir import Graph
-from graphslim.pipeline.options import coerce_options, format_options
+from graphslim.pipeline.options import coerce_options, format_options, show
 
 if TYPE_CHECKING:
     from graphslim.pipeline.manager import PassContext
@@ -141,4 +141,4 @@ def get_pass(name: str) -> type[Pass]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise PipelineError(f"unknown pass '{name}' (passes: {', '.join(sorted(_REGISTRY))})") from None
+        raise PipelineError(f"unknown pass {show(name)} (passes: {', '.join(sorted(_REGISTRY))})") from None

@@ -14,10 +14,38 @@ from pathlib import Path
 from typing import Any
 
 from graphslim.core.errors import PipelineError
-from graphslim.pipeline.options import coerce_options, parse_pipeline_text
+from graphslim.pipeline.options import MAX_INT, coerce_options, parse_pipeline_text
 from graphslim.pipeline.registry import get_pass
 
-__all__ = ["Pipeline"]
+__all__ = ["MAX_RECIPE_BYTES", "Pipeline"]
+
+#: Limits on a recipe, checked before any of it is used: a real recipe is a few lines.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 10_000  # every value counted each time it is reached (YAML aliases included)
+MAX_RECIPE_DEPTH = 32
+
+
+def _check_size(p: Path, doc: Any) -> None:
+    """Refuse recipes too big or too deep to be real, before anything walks them: YAML aliases
+    let a 1 KB file describe 10^9 values (an 'alias bomb'), and every later step (coercion, error
+    messages) would expand them. Integers must fit options (at most MAX_INT in size)."""
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    seen = 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_RECIPE_VALUES:
+            raise PipelineError(f"{p}: more than {MAX_RECIPE_VALUES:,} values (YAML aliases count each use); refused")
+        if depth > MAX_RECIPE_DEPTH:
+            raise PipelineError(f"{p}: nested more than {MAX_RECIPE_DEPTH} levels deep; refused")
+        if isinstance(value, dict):
+            stack.extend((k, depth + 1) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list | tuple | set):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            digits = len(str(abs(value))) if abs(value) < 10**4000 else "thousands of"
+            raise PipelineError(f"{p}: an integer with {digits} digits; options take at most {MAX_INT:,}")
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -41,9 +69,17 @@ class Pipeline(Sequence):
     def from_recipe(cls, path: str | Path) -> Pipeline:
         p = Path(path)
         try:
-            text = p.read_text()
+            if p.stat().st_size > MAX_RECIPE_BYTES:
+                raise PipelineError(f"{p}: a recipe is at most {MAX_RECIPE_BYTES // 1024} KiB; this one is larger")
+            raw = p.read_bytes()
         except OSError as e:
             raise PipelineError(f"{p}: cannot read recipe ({e.strerror})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PipelineError(
+                f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the recipe as UTF-8"
+            ) from None
         try:
             if p.suffix.lower() in (".yaml", ".yml"):
                 import yaml
@@ -51,8 +87,12 @@ class Pipeline(Sequence):
                 doc = yaml.safe_load(text)
             else:
                 doc = json.loads(text)
+        except RecursionError:
+            raise PipelineError(f"{p}: not a valid recipe (nested too deeply)") from None
         except Exception as e:  # noqa: BLE001 - json and yaml raise their own error types
-            raise PipelineError(f"{p}: not a valid recipe ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            first = str(e).splitlines()[0][:200] if str(e).strip() else ""
+            raise PipelineError(f"{p}: not a valid recipe ({type(e).__name__}: {first})") from None
+        _check_size(p, doc)
         if isinstance(doc, dict):
             doc = doc.get("passes")
         if not isinstance(doc, list):

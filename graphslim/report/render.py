@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "SCHEMA_PATH",
     "compare_markdown",
     "compare_plot",
+    "finite_json",
     "layer_rows",
     "load_report",
     "plots",
@@ -218,6 +220,12 @@ def _metric_name(report: dict[str, Any]) -> str:
 
 
 def _accuracy_points(report: dict[str, Any]) -> list[tuple[float, float, str]]:
+    """The points of the accuracy plot; those whose r is undefined (a model without parameters)
+    or whose metric is unknown are left out."""
+    return [p for p in _all_accuracy_points(report) if p[0] is not None and p[1] is not None]
+
+
+def _all_accuracy_points(report: dict[str, Any]) -> list[tuple[Any, Any, str]]:
     for p in report["passes"]:
         curve = p["stats"].get("curve") if p["name"] == "spiral" else None
         if curve:
@@ -250,6 +258,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, bytes] | None = No
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
+    if report["compression"].get("r_params") is None:
+        lines += ["", "r (parameters after / before) is undefined: the original model has no parameters."]
     fid = report.get("fidelity")
     if fid and "error" not in fid:
         lines += [
@@ -257,6 +267,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, bytes] | None = No
             f"Fidelity to the original on {fid['samples']} samples ({fid['on']}): max abs diff "
             f"{fid['max_abs_diff']:.3g}, cosine {fid['cosine']:.6f}, top-1 agreement {_fmt(fid['top1_agreement'])}.",
         ]
+        if fid.get("nonfinite"):
+            lines.append(f"**{fid['nonfinite']:,} output values are NaN or Inf where the original's are not.**")
     for name, b in (report.get("budgets") or {}).items():
         lines.append(
             f"- budget `{name}`: {b['measure']} = {_fmt(b['value'])}, limit {_fmt(b['limit'])}: "
@@ -407,7 +419,7 @@ def compare_plot(reports: list[tuple[str, dict[str, Any]]]) -> bytes | None:
     except ImportError:  # pragma: no cover
         return None
     pts = [(n, r["compression"]["r_params"], (r.get("accuracy") or {}).get("after")) for n, r in reports]
-    pts = [p for p in pts if p[2] is not None]
+    pts = [p for p in pts if p[1] is not None and p[2] is not None]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -425,11 +437,23 @@ def compare_plot(reports: list[tuple[str, dict[str, Any]]]) -> bytes | None:
     return buf.getvalue()
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with NaN and Inf floats replaced by null: JSON has no such numbers (Python would
+    write them as NaN and Infinity, which JSON readers reject), and null is "undefined"."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def render_files(report: dict[str, Any]) -> dict[str, bytes]:
     """report.json, report.md, report.html and the plots, as they are written into OUT_DIR."""
     images = plots(report)
     files = {
-        "report.json": (json.dumps(report, indent=2) + "\n").encode(),
+        "report.json": (json.dumps(finite_json(report), indent=2, allow_nan=False) + "\n").encode(),
         "report.md": render_markdown(report, images).encode(),
         "report.html": render_html(report, images).encode(),
     }

@@ -9,9 +9,10 @@ from their training data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import tempfile
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ import onnx
 from graphslim.analysis import cost_model
 from graphslim.core.data import Dataset, load_data, random_inputs
 from graphslim.core.errors import InputError
-from graphslim.core.fs import check_out_dir, write_output_dir
+from graphslim.core.fs import FileWriter, OutputBusy, OutputDir, scratch_dir, write_output_dir
 from graphslim.core.ir import (
     Graph,
+    external_data_files,
     is_large,
     load_model,
     model_bytes,
@@ -34,8 +36,9 @@ from graphslim.core.ir import (
     save_model,
     strip_large_initializers,
 )
+from graphslim.core.runtime import check_memory
 from graphslim.pipeline import PassContext, PassManager, PassRecord, Pipeline
-from graphslim.run.cache import cache_key, copy_entry, read_entry, versions
+from graphslim.run.cache import CacheDamaged, cache_key, copy_entry, read_entry, versions
 from graphslim.run.options import DataSource, RunOptions
 
 __all__ = ["OptimizeResult", "model_digest", "optimize"]
@@ -111,8 +114,30 @@ def optimize(
     """
     opts = RunOptions.build(options, **kwargs)
     src, out = Path(model_path), Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        check_out_dir(src, out)
+    with contextlib.ExitStack() as stack:
+        # Reserved first: a folder graphslim must not replace, or cannot write, is an error
+        # before any work, and a second run on the same folder fails at once.
+        dest = (
+            stack.enter_context(OutputDir(out, "optimize", inputs=_inputs(src, opts), force=opts.force))
+            if out is not None
+            else None
+        )
+        return _optimize(src, dest, opts, stack)
+
+
+def _inputs(src: Path, opts: RunOptions) -> list[str | os.PathLike[str]]:
+    """What the run reads: the output folder may not be one of them or hold one."""
+    paths: list[str | os.PathLike[str]] = [src]
+    if src.is_file():
+        paths += external_data_files(src)
+    for d in (opts.data, opts.train_data, opts.eval_data, opts.cache_dir, opts.compile.tuning_db):
+        if isinstance(d, str | os.PathLike):
+            paths.append(d)
+    return paths
+
+
+def _optimize(src: Path, dest: OutputDir | None, opts: RunOptions, stack: contextlib.ExitStack) -> OptimizeResult:
+    out = dest.path if dest is not None else None
     pipe = _pipeline(opts.pipeline)
     original = load_model(src)
     if opts.compile.target:  # unbound symbolic dims: the error now, not after the pipeline ran
@@ -121,9 +146,13 @@ def optimize(
         fix_shapes(original, opts.compile.shape_map or None, opts.compile.batch)
     model_hash = model_file_sha256(src)
     roles = data_roles(original, opts)
+    # Before any pass runs it (folding constants, verifying, calibrating): a model that would not
+    # fit in memory at the batch sizes the run uses is refused now, with one line.
+    sizes = [len(d) for d in (roles.train, roles.report) if d is not None]
+    check_memory(original, batch=min(256, max(sizes, default=8)), what=str(src))
     key = _key(model_hash, pipe, roles, opts)
     if opts.cache_dir is not None:
-        hit = _from_cache(Path(opts.cache_dir) / key, key, out, opts)
+        hit = _from_cache(Path(opts.cache_dir) / key, key, dest, opts)
         if hit is not None:
             return hit
     graph = Graph.from_model(original)
@@ -142,13 +171,17 @@ def optimize(
             original, result, roles.report, opts.seed, opts.measure_latency or opts.budgets.max_latency_ms is not None
         )
     )
-    compiled = _compile(result, report, roles.report, opts) if opts.compile.target else None
+    compiled = _compile(result, report, roles.report, opts, stack) if opts.compile.target else None
     report["budgets"] = _budgets(report, opts)
     report["cache"] = {"key": key, "hit": False}
+    files = _files(result, report, compiled)
     if opts.cache_dir is not None:
-        _write(Path(opts.cache_dir) / key, result, report, compiled)
-    if out is not None:
-        _write(out, result, report, compiled)
+        try:  # entries are named by their key inside the cache folder, which is graphslim's
+            write_output_dir(Path(opts.cache_dir) / key, files, kind="cache", inputs=_inputs(src, opts), force=True)
+        except OutputBusy:
+            log.info("another run is writing cache entry %s; not stored again", key)
+    if dest is not None:
+        dest.write(files)
     return OptimizeResult(result, report, out)
 
 
@@ -171,15 +204,19 @@ def _key(model_hash: str, pipe: Pipeline, roles: DataRoles, opts: RunOptions) ->
     return cache_key(model_hash, str(pipe), roles.given, seed=opts.seed, target=target, verify=opts.verify, extra=extra)
 
 
-def _from_cache(entry: Path, key: str, out: Path | None, opts: RunOptions) -> OptimizeResult | None:
+def _from_cache(entry: Path, key: str, dest: OutputDir | None, opts: RunOptions) -> OptimizeResult | None:
     cached = read_entry(entry)
     if cached is None:
         return None
     cached.report["cache"] = {"key": key, "hit": True}
     cached.report["budgets"] = _budgets(cached.report, opts)
-    if out is not None:
-        copy_entry(cached, out)
-    return OptimizeResult(onnx.load(str(cached.folder / "model.onnx")), cached.report, out)
+    if dest is not None:
+        try:
+            copy_entry(cached, dest)
+        except CacheDamaged as e:
+            log.warning("%s; recomputing", e)
+            return None
+    return OptimizeResult(onnx.load(str(cached.folder / "model.onnx")), cached.report, dest.path if dest else None)
 
 
 def _context(original: onnx.ModelProto, roles: DataRoles, opts: RunOptions) -> PassContext:
@@ -225,7 +262,7 @@ def _report(
 
 
 def _compile(
-    model: onnx.ModelProto, report: dict[str, Any], data: Dataset | None, opts: RunOptions
+    model: onnx.ModelProto, report: dict[str, Any], data: Dataset | None, opts: RunOptions, stack: contextlib.ExitStack
 ) -> Callable[[Path], None]:
     """Compile the result with TVM for ``target``; on the host, also time it. Returns the writer
     of OUT_DIR/compiled/."""
@@ -236,12 +273,8 @@ def _compile(
     c = opts.compile
     target, tune, tuning_db = c.target, c.tune, c.tuning_db
     scratch = tune > 0 and tuning_db is None
-    if scratch:
-        import atexit
-        import shutil
-
-        tuning_db = tempfile.mkdtemp(prefix="graphslim-tuning-")  # copied into compiled/tuning/ by export
-        atexit.register(shutil.rmtree, tuning_db, True)
+    if scratch:  # copied into compiled/tuning/ by export; removed when the run ends
+        tuning_db = str(stack.enter_context(scratch_dir("tuning")))
     export, meta = build(
         model,
         target,
@@ -256,7 +289,7 @@ def _compile(
         meta["tuning"]["database"] = "compiled/tuning"
     report["compiled"] = {"folder": "compiled", **meta}
     if opts.measure_latency and target.startswith("x86"):
-        with tempfile.TemporaryDirectory(prefix="graphslim-tvm-") as tmp:
+        with scratch_dir("tvm") as tmp:
             export(Path(tmp))
             try:
                 runner = load_artifact(tmp)
@@ -296,21 +329,23 @@ def model_digest(model: onnx.ModelProto) -> str:
     return h.hexdigest()
 
 
-def _write(
-    folder: Path, model: onnx.ModelProto | bytes, report: dict[str, Any], compiled: Callable[[Path], None] | None = None
-) -> None:
+def _files(
+    model: onnx.ModelProto | bytes, report: dict[str, Any], compiled: Callable[[Path], None] | None = None
+) -> dict[str, FileWriter]:
+    """The files of an output folder: the model (with its weights file when over 2 GB), the
+    report in all its forms, and the compiled artifact."""
     from graphslim.report import render_files
 
     if isinstance(model, bytes):
-        entry: bytes | Callable[[Path], None] = model
+        entry: FileWriter = model
     elif is_large(model):
         entry = lambda d: save_model(model, d / "model.onnx")  # noqa: E731 - writes model.onnx.data beside it
     else:
         entry = model_bytes(model)
-    files: dict[str, bytes | Callable[[Path], None]] = {"model.onnx": entry, **render_files(report)}
+    files: dict[str, FileWriter] = {"model.onnx": entry, **render_files(report)}
     if compiled is not None:
         files["compiled"] = compiled
-    write_output_dir(folder, files)
+    return files
 
 
 def _budgets(report: dict[str, Any], opts: RunOptions) -> dict[str, Any]:

@@ -68,6 +68,8 @@ class RunOptions:
     measure_latency: bool = True
     progress: bool = False
     cache_dir: str | os.PathLike[str] | None = None
+    # Replace an output folder graphslim did not write (never an input's folder, a link or the current folder).
+    force: bool = False
     budgets: Budgets = field(default_factory=Budgets)
     compile: CompileOptions = field(default_factory=CompileOptions)
 

@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from graphslim.core.data import Dataset
+from graphslim.core.fs import scratch_dir
 from graphslim.core.ir import MAX_IR_VERSION, Graph
 from graphslim.core.ops import op_info, trainable_inputs
 from graphslim.core.runtime import require_training
@@ -236,8 +237,7 @@ def distill_graph(
         id(evalset): float(np.mean(np.sum(p_eval * np.log(np.maximum(p_eval, 1e-30)), axis=1))),
     }
 
-    with tempfile.TemporaryDirectory(prefix="graphslim-distill-") as tmp:
-        tmpd = Path(tmp)
+    with scratch_dir("distill") as tmpd:
         block = _kd_loss_block(ort_training.onnxblock, t, alpha, with_labels)
         optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[cfg.optimizer]
         with _native_info_filtered():
