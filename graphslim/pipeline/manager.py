@@ -48,6 +48,7 @@ class PassContext:
     rtol: float = 1e-4
     teacher: onnx.ModelProto | None = None  # the model as it was before the pipeline
     progress: bool = False
+    metric: str = "auto"  # how passes judge outputs (graphslim.core.metrics.METRICS)
     _cache: dict[tuple[Any, int], tuple[int, Any]] = field(default_factory=dict, repr=False)
 
     def analysis(self, fn: Callable[[Graph, PassContext], T], graph: Graph) -> T:
@@ -88,9 +89,10 @@ class PassRecord:
     stats: dict[str, Any]
     skipped: list[Skip]
     verification: dict[str, Any] | None = None
+    not_run: str | None = None  # why the pass could not run at all
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "name": self.name,
             "pipeline": self.text,
             "changed": self.changed,
@@ -99,6 +101,9 @@ class PassRecord:
             "skipped": [s.to_dict() for s in self.skipped],
             "verification": self.verification,
         }
+        if self.not_run:
+            d["not_run"] = self.not_run
+        return d
 
 
 class _Verifier:
@@ -177,8 +182,12 @@ class PassManager:
                     verification = verifier.check(p, graph)
                 except GraphslimError as e:
                     raise VerificationError(text, ran, e) from e
+            if result.not_run:
+                log.info("%s did not run: %s", text, result.not_run)
             records.append(
-                PassRecord(p.name, text, result.changed, seconds, result.stats, result.skipped, verification)
+                PassRecord(
+                    p.name, text, result.changed, seconds, result.stats, result.skipped, verification, result.not_run
+                )
             )
             ran.append(text)
         return records
