@@ -51,6 +51,8 @@ __all__ = [
     "choose_metric",
     "compare_outputs",
     "find_mask_input",
+    "input_array",
+    "input_names",
     "masked_mean",
     "score_outputs",
 ]
@@ -251,6 +253,21 @@ def score_outputs(
     return Score("cosine", value, details)
 
 
+def input_array(data: Dataset | Any, name: str) -> np.ndarray | None:
+    """One input of a data set as one array (for a sharded data set, read batch by batch in
+    order: only that input is kept), or None when the data set has no such input."""
+    if hasattr(data, "inputs"):
+        return data.inputs.get(name)
+    parts = [b.inputs[name] for b in data.batches(4096) if name in b.inputs]
+    return np.concatenate(parts) if parts else None
+
+
+def input_names(data: Dataset | Any) -> list[str]:
+    if hasattr(data, "inputs"):
+        return list(data.inputs)
+    return list(next(iter(data.batches(1))).inputs)
+
+
 class Evaluator:
     """A reference model and a data set: the reference outputs are computed once, then models
     (or their outputs) are scored against them with the metric chosen for this model.
@@ -274,11 +291,13 @@ class Evaluator:
         self.spec = choose_metric(
             self.ref,
             output_names=names_out,
-            input_names=list(data.inputs) or names_in,
+            input_names=input_names(data) or names_in,
             labels=data.labels,
             requested=metric,
             output=output,
         )
+        mask = input_array(data, self.spec.mask_input) if self.spec.mask_input else None
+        self._inputs = {self.spec.mask_input: mask} if mask is not None else {}
         self.reference_value = self.score_outputs(self.ref).value
 
     def take(self, n: int) -> Evaluator:
@@ -289,11 +308,12 @@ class Evaluator:
         new.data = self.data.take(n)
         new.ref = [r[:n] if np.ndim(r) and len(r) == len(self.data) else r for r in self.ref]
         new.spec = self.spec
+        new._inputs = {k: v[:n] for k, v in self._inputs.items()}
         new.reference_value = new.score_outputs(new.ref).value
         return new
 
     def score_outputs(self, outputs: Sequence[np.ndarray]) -> Score:
-        return score_outputs(self.spec, outputs, self.ref, inputs=self.data.inputs, labels=self.data.labels)
+        return score_outputs(self.spec, outputs, self.ref, inputs=self._inputs, labels=self.data.labels)
 
     def score(self, model: onnx.ModelProto | Any) -> Score:
         return self.score_outputs(run_model(model, self.data))
