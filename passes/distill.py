@@ -5,8 +5,8 @@ Loss (``loss``, see graphslim/transforms/training.py): ``kl`` on (N, classes) lo
 ``alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))``
 (Hinton et al. 2015; without labels alpha = 0); ``cosine`` on hidden states or embeddings
 (between mask-pooled sentence embeddings when the model has an attention-mask input, per sample
-otherwise); ``mse`` (scale-free, mask-aware); ``auto`` picks kl for logits and cosine for anything
-else. ``layers=[...]`` also matches the hidden states of named nodes (or tensors) of student and
+otherwise); ``mse`` (scale-free, over the tokens the mask keeps); ``auto`` picks kl for logits,
+mse for hidden states and cosine for embeddings. ``layers=[...]`` also matches the hidden states of named nodes (or tensors) of student and
 teacher, with a learned projection where pruning made the student narrower, weighted by
 ``layer_weight``. Unlabelled data is enough: ``--data`` with only the model inputs (e.g.
 ``input_ids`` and ``attention_mask``).
