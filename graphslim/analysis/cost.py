@@ -203,7 +203,7 @@ def cost_model(graph: Graph, ctx: Any = None) -> CostReport:
                 layer.extra["block_sparsity"] = {
                     f"{b[0]}x{b[1]}": round(block_sparsity(m, b), 6) for b in STANDARD_BLOCKS
                 }
-        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
+        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger") and len(node.inputs) > 1:
             layer.extra.update(_weight_info(graph, node))
         layers.append(layer)
     io = []

@@ -280,47 +280,58 @@ def quantize_dynamic_matmul(
     x, y = node.inputs[0], node.outputs[0]
     w, alpha = _matmul_weight(graph, node, graph.constant(node.inputs[1]))
     q, ws = quantize_symmetric(w, 1 if per_channel else None, reduce_range=reduce_range)
-    base = node.name
+    # Internal tensors get short names (q<k>/...): ONNX files repeat every name in value_info,
+    # node inputs and outputs, and long export-style names would cost ~0.1% of the bytes.
+    count = shared.setdefault(("count", False), [0])
+    count[0] += 1
+    base = f"q{count[0]}"
     wq = graph.make_constant(q, f"{node.inputs[1].name}_int8")
     w_scale = ws * np.float32(alpha)
     key = (x.name, per_token)
     if per_token:
         tq = shared.get(key)
         if tq is None:
-            tq = shared[key] = _per_token(graph, x, f"{x.name}_tok")
-        acc = _op(graph, "MatMulInteger", [tq.xq, wq], f"{base}_i32", np.int32)
-        accf = _op(graph, "Cast", [acc], f"{base}_f", to=TensorProto.FLOAT)
+            tq = shared[key] = _per_token(graph, x, f"{base}/x")
+        acc = _op(graph, "MatMulInteger", [tq.xq, wq], f"{base}/i32", np.int32)
+        matmul = graph.producer(acc)
+        accf = _op(graph, "Cast", [acc], f"{base}/f", to=TensorProto.FLOAT)
         # sum_k (xq - z) W = xq @ W - z * colsum(W): the zero point per row enters here.
-        colsum = _const(graph, q.astype(np.float32).sum(axis=0), f"{base}_colsum")
-        corr = _op(graph, "Mul", [tq.zero, colsum], f"{base}_zc")
-        centered = _op(graph, "Sub", [accf, corr], f"{base}_c")
-        scale = _op(graph, "Mul", [tq.scale, _const(graph, w_scale, f"{base}_ws")], f"{base}_s")
+        colsum = _const(graph, q.astype(np.float32).sum(axis=0), f"{base}/colsum")
+        corr = _op(graph, "Mul", [tq.zero, colsum], f"{base}/zc")
+        centered = _op(graph, "Sub", [accf, corr], f"{base}/c")
+        scale = _op(graph, "Mul", [tq.scale, _const(graph, w_scale, f"{base}/ws")], f"{base}/s")
         out_in = [centered, scale]
     else:
         dq = shared.get(key)
         if dq is None:
-            xq = _var(graph, f"{x.name}_u8", np.uint8)
-            xs, xz = _var(graph, f"{x.name}_scale"), _var(graph, f"{x.name}_zp", np.uint8)
-            graph.add_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=f"{x.name}_dql")
+            xb = f"{base}/x"
+            xq = _var(graph, f"{xb}/u8", np.uint8)
+            xs, xz = _var(graph, f"{xb}/s"), _var(graph, f"{xb}/z", np.uint8)
+            graph.add_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=f"{xb}/dql")
             dq = shared[key] = (xq, xs, xz)
         xq, xs, xz = dq
-        acc = _op(graph, "MatMulInteger", [xq, wq, xz], f"{base}_i32", np.int32)
-        accf = _op(graph, "Cast", [acc], f"{base}_f", to=TensorProto.FLOAT)
-        scale = _op(graph, "Mul", [xs, _const(graph, w_scale, f"{base}_ws")], f"{base}_s")
+        acc = _op(graph, "MatMulInteger", [xq, wq, xz], f"{base}/i32", np.int32)
+        matmul = graph.producer(acc)
+        accf = _op(graph, "Cast", [acc], f"{base}/f", to=TensorProto.FLOAT)
+        scale = _op(graph, "Mul", [xs, _const(graph, w_scale, f"{base}/ws")], f"{base}/s")
         out_in = [accf, scale]
     bias = None
     if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
         c = graph.constant(node.inputs[2])
         beta = float(node.attrs.get("beta", 1.0))
-        bias = _const(graph, c * beta, f"{base}_bias") if c is not None else None
+        bias = _const(graph, c * beta, f"{base}/bias") if c is not None else None
         if bias is None:  # a run-time C: scale it in the graph
-            bias = _op(graph, "Mul", [node.inputs[2], _const(graph, beta, f"{base}_beta")], f"{base}_cb")
+            bias = _op(graph, "Mul", [node.inputs[2], _const(graph, beta, f"{base}/beta")], f"{base}/cb")
     graph.remove_nodes([node])
+    # The last node keeps the layer's name: the report follows layers by node name.
     if bias is None:
-        graph.add_node("Mul", out_in, [y], name=base)
+        graph.add_node("Mul", out_in, [y], name=f"{base}/out")
     else:
-        prod = _op(graph, "Mul", out_in, f"{base}_mm")
-        graph.add_node("Add", [prod, bias], [y], name=base)
+        prod = _op(graph, "Mul", out_in, f"{base}/mm")
+        graph.add_node("Add", [prod, bias], [y], name=f"{base}/out")
+    # The int8 matmul keeps the layer's name (the report follows layers by name); the removed
+    # node's name is free again, which fresh_name does not know.
+    matmul.name = node.name
 
 
 def quantize_weight_only(
@@ -347,7 +358,7 @@ def quantize_gather(graph: Graph, node: Node, *, per_channel: bool = True, reduc
     table = node.inputs[0]
     q, s = quantize_symmetric(graph.constant(table), 1 if per_channel else None, reduce_range=reduce_range)
     y = node.outputs[0]
-    rows = _var(graph, f"{table.name}_rows", np.int8)
+    rows = _var(graph, f"{table.name}_rows", np.int8)  # a handful per model: keep the readable name
     graph.add_node(
         "Gather",
         [graph.make_constant(q, f"{table.name}_int8"), node.inputs[1]],
@@ -356,13 +367,13 @@ def quantize_gather(graph: Graph, node: Node, *, per_channel: bool = True, reduc
         name=f"{node.name}_q",
     )
     graph.remove_nodes([node])
-    graph.add_node(
+    last = graph.add_node(
         "DequantizeLinear",
         [rows, graph.make_constant(s, f"{table.name}_scale")],
         [y],
         {"axis": -1} if per_channel else {},
-        name=node.name,
     )
+    last.name = node.name
 
 
 # --------------------------------------------------------------------------- calibration
