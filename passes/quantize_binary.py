@@ -13,7 +13,8 @@ weight layer left alone is listed with the reason. With ``--data`` the report gi
 binarized layer's cost when it alone is binarized, in points of the model's metric
 (:mod:`graphslim.core.metrics`), measured in one session with a switch per layer on a fixed
 subset of ``sensitivity_samples`` samples (0: 32 for continuous metrics, 256 for accuracy or
-agreement); ``sensitivity=false`` skips it. ``layers`` restricts the pass to named nodes.
+agreement, down to 8 for large models so that the scan stays near a minute); ``sensitivity=false``
+skips it. ``layers`` restricts the pass to named nodes.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class QuantizeBinary(Pass):
         from tqdm import tqdm
 
         from graphslim.core.metrics import Evaluator
-        from graphslim.transforms.quantization import Layer, Probe, sensitivity_subset
+        from graphslim.transforms.quantization import Layer, Probe, scan_samples, sensitivity_subset
 
         layers, fakes = [], {}
         for node in chosen:
@@ -180,9 +181,11 @@ class QuantizeBinary(Pass):
             layers.append(Layer(node.name, node.op, 1, axis, int(w.size)))
         probe = Probe(graph, layers, {n.name: ["weight"] for n in chosen}, fake_weights=fakes).build()
         subset = sensitivity_subset(ctx.data, 0)
-        ev = Evaluator(graph.to_model(), subset, metric=ctx.metric, reference_outputs=probe.run(subset, {}))
-        n = self.options.sensitivity_samples or (32 if ev.spec.name in ("cosine", "pooled_cosine", "mse") else 256)
-        ev = ev.take(n)
+        model = graph.to_model()
+        pilot = subset.take(2)  # the metric decides the subset's size
+        spec = Evaluator(model, pilot, metric=ctx.metric, reference_outputs=probe.run(pilot, {})).spec
+        subset = subset.take(scan_samples(graph, subset, spec.name, len(chosen), self.options.sensitivity_samples))
+        ev = Evaluator(model, subset, metric=ctx.metric, reference_outputs=probe.run(subset, {}))
         stats.update(
             {"metric": ev.spec.name, "metric_description": ev.spec.describe(), "sensitivity_samples": len(ev.data)}
         )

@@ -21,7 +21,8 @@ onnxruntime.quantization's QDQ quantizer with those ranges.
 
 With data, the budget: the model's metric (:mod:`graphslim.core.metrics`: accuracy with labels,
 agreement for logits, mask-pooled cosine for hidden states, cosine otherwise) on a fixed subset
-of ``sensitivity_samples`` samples. If quantizing every layer costs more than ``max_drop``
+of ``sensitivity_samples`` samples (0: 32 for continuous metrics, 256 for accuracy and agreement,
+down to 8 where the model is large: see ``scan_samples``). If quantizing every layer costs more than ``max_drop``
 points, each layer's cost alone is measured (one session with a switch per layer, see
 ``Probe``), and the most sensitive layers stay in float, worst first, until the budget is met.
 The report lists every layer with its weight and activation form and the layers kept in float
@@ -59,6 +60,7 @@ from graphslim.transforms.quantization import (
     quantize_dynamic_matmul,
     quantize_gather,
     quantize_weight_only,
+    scan_samples,
     sensitivity_subset,
 )
 
@@ -85,7 +87,7 @@ class QuantizeInt8(Pass):
         max_drop: float = 0.5
         calibration_samples: int = 256
         sensitivity: bool = True
-        sensitivity_samples: int = 0  # 0: 32 for continuous metrics (cosine), 256 for discrete ones
+        sensitivity_samples: int = 0  # 0: 32 (cosine...) or 256 (accuracy...), fewer for big models
         symmetric_weights: bool = True  # weights are always symmetric int8; kept for old pipelines
 
         def __post_init__(self) -> None:
@@ -133,20 +135,26 @@ class QuantizeInt8(Pass):
                 stats["seconds_calibration"] = round(time.perf_counter() - t0, 3)
             plan = work.default_plan()
             keep_float: list[str] = []
-            if ctx.data is not None and o.sensitivity:
-                plan, keep_float = work.choose(plan, stats, skipped)
             quantized = work.build(plan)
-            if work.evaluator is not None:
+            if ctx.data is not None and o.sensitivity:
+                # The real int8 model first: when it meets the budget, no scan is needed.
+                ts = time.perf_counter()
+                work.evaluator = work.make_evaluator(stats)
                 drop = work.real_drop(quantized)
+                stats["all_layers_drop_points"] = round(drop, 4)
+                if drop > o.max_drop:
+                    plan, keep_float = work.choose(plan, stats)
+                    quantized = work.build(plan)
+                    drop = work.real_drop(quantized)
                 fixups = 0
-                order = work.order
-                while drop > o.max_drop and fixups < _MAX_FIXUPS and len(keep_float) < len(order):
-                    keep_float.append(order[len(keep_float)])
+                while drop > o.max_drop and fixups < _MAX_FIXUPS and len(keep_float) < len(work.order):
+                    keep_float.append(work.order[len(keep_float)])
                     plan = {k: v for k, v in plan.items() if k not in keep_float}
                     quantized = work.build(plan)
                     drop = work.real_drop(quantized)
                     fixups += 1
                 stats["final_drop_points"] = round(drop, 4)
+                stats["seconds_sensitivity"] = round(time.perf_counter() - ts, 3)
                 if drop > o.max_drop:
                     skipped.append(
                         Skip(
@@ -287,41 +295,25 @@ class _Work:
         node = next(n for n in self.graph.nodes if n.name == layer)
         return node.inputs[0].name
 
-    def choose(
-        self, plan: dict[str, str], stats: dict[str, Any], skipped: list[Skip]
-    ) -> tuple[dict[str, str], list[str]]:
-        """Sensitivity: keep the most sensitive layers in float until the plan is within budget."""
-        from tqdm import tqdm
-
-        o = self.o
-        variants = {n: [v] for n, v in plan.items()}
-        if o.mode == "dynamic" and o.activations == "auto":
+    def variants(self, plan: dict[str, str]) -> dict[str, list[str]]:
+        """The forms the scan tries per layer: per tensor and per token with activations=auto."""
+        out = {n: [v] for n, v in plan.items()}
+        if self.o.mode == "dynamic" and self.o.activations == "auto":
             for n, v in plan.items():
                 if v == "tensor":
-                    variants[n] = ["tensor", "token"]
-        ranges = {}
-        if o.mode == "static":
-            ranges = {
-                self._input_name(n): self.static_range(self._input_name(n)) for n, v in plan.items() if v == "static"
-            }
-        t0 = time.perf_counter()
-        probe = Probe(
-            self.graph,
-            [self.by_name[n] for n in plan],
-            variants,
-            per_channel=self.per_channel,
-            ranges=ranges,
-            reduce_range=o.reduce_range,
-        ).build()
+                    out[n] = ["tensor", "token"]
+        return out
+
+    def make_evaluator(self, stats: dict[str, Any]) -> Evaluator:
+        """The model's metric on a fixed subset, sized for the scan (see scan_samples)."""
+        o = self.o
         subset = sensitivity_subset(self.ctx.data, o.calibration_samples if o.mode == "static" else 0)
-        ref = probe.run(subset, {})
-        ev = Evaluator(self.graph.to_model(), subset, metric=self.ctx.metric, reference_outputs=ref)
-        ev = ev.take(o.sensitivity_samples or (32 if ev.spec.name in ("cosine", "pooled_cosine", "mse") else 256))
-        self.evaluator = ev
-
-        def drop(assign: dict[str, str]) -> float:
-            return ev.drop_points(ev.score_outputs(probe.run(ev.data, assign)))
-
+        model = self.graph.to_model()
+        # The metric decides the subset's size: choose it on two samples, then run the reference once.
+        spec = Evaluator(model, subset.take(2), metric=self.ctx.metric).spec
+        switches = sum(len(v) for v in self.variants(self.default_plan()).values())
+        subset = subset.take(scan_samples(self.graph, subset, spec.name, switches, o.sensitivity_samples))
+        ev = Evaluator(model, subset, metric=self.ctx.metric)
         stats.update(
             {
                 "metric": ev.spec.name,
@@ -330,11 +322,38 @@ class _Work:
                 "float": round(ev.reference_value, 6),
             }
         )
-        all_drop = drop(plan)
-        stats["all_layers_drop_points"] = round(all_drop, 4)
-        if all_drop <= o.max_drop:  # also with activations=auto: the fast per-tensor form is enough
-            stats["seconds_sensitivity"] = round(time.perf_counter() - t0, 3)
-            return plan, []
+        return ev
+
+    def choose(self, plan: dict[str, str], stats: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+        """The scan: every layer's cost alone (in one probe session), then the fewest most
+        sensitive layers kept in float for the plan to meet the budget."""
+        from tqdm import tqdm
+
+        o = self.o
+        variants = self.variants(plan)
+        ranges = {}
+        if o.mode == "static":
+            ranges = {
+                self._input_name(n): self.static_range(self._input_name(n)) for n, v in plan.items() if v == "static"
+            }
+        probe = Probe(
+            self.graph,
+            [self.by_name[n] for n in plan],
+            variants,
+            per_channel=self.per_channel,
+            ranges=ranges,
+            reduce_range=o.reduce_range,
+        ).build()
+        ev = self.evaluator
+        # Scored against the probe's own float outputs (switches off), so that the costs compare
+        # fake quantization with float computed the same way.
+        ref = Evaluator(
+            self.graph.to_model(), ev.data, metric=self.ctx.metric, reference_outputs=probe.run(ev.data, {})
+        )
+
+        def drop(assign: dict[str, str]) -> float:
+            return ref.drop_points(ref.score_outputs(probe.run(ev.data, assign)))
+
         scan = [(n, v) for n in plan for v in variants[n]]
         costs: dict[tuple[str, str], float] = {}
         for n, v in tqdm(
@@ -368,7 +387,6 @@ class _Work:
             else:
                 lo = mid + 1
         keep = self.order[:lo]
-        stats["seconds_sensitivity"] = round(time.perf_counter() - t0, 3)
         return {n: v for n, v in plan.items() if n not in keep}, keep
 
     # ---- the real model

@@ -307,3 +307,47 @@ def test_cli_on_unlabelled_token_data_reports_the_models_metric(encoder, tmp_pat
     )
     out = json.loads(capsys.readouterr().out)
     assert out["metric"]["name"] == "pooled_cosine" and out["metric"]["value"] >= 0.99 and out["accuracy"] is None
+
+
+def test_scan_samples_shrink_for_big_models():
+    from graphslim.core.ir import Graph
+    from graphslim.transforms.quantization import SCAN_MACS, scan_samples
+
+    w = np.zeros((512, 3, 3, 3), np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 512, 224, 224])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    graph = Graph.from_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    graph.infer_shapes()
+    data = Dataset({"x": np.zeros((300, 3, 224, 224), np.float32)})
+    macs = 224 * 224 * 512 * 27
+    n = scan_samples(graph, data, "accuracy", 100)
+    assert 8 <= n < 256 and n * macs * 100 <= SCAN_MACS
+    assert scan_samples(graph, data, "accuracy", 10_000) == 8  # never fewer than 8
+    assert scan_samples(graph, data, "cosine", 1) == 32 and scan_samples(graph, data, "accuracy", 1, requested=5) == 5
+
+
+def test_a_pass_that_cannot_run_exits_4_with_the_reason_in_a_valid_report(encoder, tmp_path, capsys):
+    import json
+    from importlib import resources
+
+    import jsonschema
+
+    from graphslim.cli import main
+    from graphslim.core.ir import save_model
+
+    save_model(encoder, tmp_path / "m.onnx")
+    out = tmp_path / "out"
+    code = main(["optimize", str(tmp_path / "m.onnx"), "--passes", "quantize-binary", "-o", str(out), "--no-latency"])
+    err = capsys.readouterr().err
+    assert code == 4 and "quantize-binary did not run: no layer to binarize" in err
+    rep = json.loads((out / "report.json").read_text())
+    schema = json.loads(resources.files("graphslim.report").joinpath("schema.json").read_text())
+    jsonschema.validate(rep, schema)
+    assert rep["not_run"][0]["pass"] == "quantize-binary" and rep["passes"][0]["not_run"]
+    assert rep["metric"]["on"] == "random inputs" and rep["metric"]["after"] == 1.0
+    assert "did not run" in (out / "report.md").read_text()

@@ -54,6 +54,7 @@ __all__ = [
     "quantize_gather",
     "quantize_symmetric",
     "quantize_weight_only",
+    "scan_samples",
     "sensitivity_subset",
 ]
 
@@ -182,6 +183,32 @@ def sensitivity_subset(data: Dataset, skip: int, n: int = 256) -> Dataset:
     if total - skip >= min(n, 32):
         return data.slice(skip, min(total, skip + n))
     return data.take(n)
+
+
+#: Multiply-accumulates a sensitivity scan may spend (about a minute or two on 2 cores).
+SCAN_MACS = 2e12
+CONTINUOUS_METRICS = ("cosine", "pooled_cosine", "mse")
+
+
+def scan_samples(graph: Graph, data: Dataset, metric: str, switches: int, requested: int = 0) -> int:
+    """How many samples a sensitivity scan of ``switches`` trials uses: ``requested`` if given,
+    else 32 for continuous metrics and 256 for accuracy/agreement, fewer (down to 8) where the
+    model's cost times the trials would exceed :data:`SCAN_MACS`. The cost is the cost model's
+    MACs per sample, or, where shapes are symbolic (a sequence length), the parameters times the
+    data's sequence length: an estimate, but one that depends on nothing but the inputs, so the
+    choice (and the model written) is the same on every machine."""
+    if requested:
+        return requested
+    from graphslim.analysis.cost import cost_model
+
+    default = 32 if metric in CONTINUOUS_METRICS else 256
+    c = cost_model(graph)
+    macs = c.macs
+    if not macs:
+        lengths = [v.shape[1] for v in data.inputs.values() if v.ndim == 2 and v.dtype.kind in "iu"]
+        macs = c.params * max(lengths, default=1)
+    fit = int(SCAN_MACS // max(macs * max(switches, 1), 1))
+    return max(8, min(default, fit))
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
