@@ -437,12 +437,9 @@ class _Work:
                 nodes,
                 [],
                 ops,
-                {
-                    "WeightSymmetric": True,
-                    "ActivationSymmetric": False,
-                    # A float output keeps the next op's input exact; ORT still fuses DQ -> MatMul.
-                    "OpTypesToExcludeOutputQuantization": ops,
-                },
+                # Outputs are quantized too (ORT's default): ONNX Runtime then runs QLinearConv /
+                # QLinearMatMul, and the TVM backend fuses the requantization into its int8 kernels.
+                {"WeightSymmetric": True, "ActivationSymmetric": False},
             )
             out = q.quantize_model()
         out.ir_version = min(out.ir_version, self.graph.to_model().ir_version)
