@@ -13,7 +13,7 @@ weight layer left alone is listed with the reason. With ``--data`` the report gi
 binarized layer's cost when it alone is binarized, in points of the model's metric
 (:mod:`graphslim.core.metrics`), measured in one session with a switch per layer on a fixed
 subset of ``sensitivity_samples`` samples (0: 32 for continuous metrics, 256 for accuracy or
-agreement, down to 8 for large models so that the scan stays near a minute); ``sensitivity=false``
+agreement, down to 4 for large models so that the scan stays near a minute); ``sensitivity=false``
 skips it. ``layers`` restricts the pass to named nodes.
 """
 

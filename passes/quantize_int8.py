@@ -22,7 +22,7 @@ onnxruntime.quantization's QDQ quantizer with those ranges.
 With data, the budget: the model's metric (:mod:`graphslim.core.metrics`: accuracy with labels,
 agreement for logits, mask-pooled cosine for hidden states, cosine otherwise) on a fixed subset
 of ``sensitivity_samples`` samples (0: 32 for continuous metrics, 256 for accuracy and agreement,
-down to 8 where the model is large: see ``scan_samples``). If quantizing every layer costs more than ``max_drop``
+down to 4 where the model is large: see ``scan_samples``). If quantizing every layer costs more than ``max_drop``
 points, each layer's cost alone is measured (one session with a switch per layer, see
 ``Probe``), and the most sensitive layers stay in float, worst first, until the budget is met.
 The report lists every layer with its weight and activation form and the layers kept in float

@@ -326,8 +326,8 @@ def test_scan_samples_shrink_for_big_models():
     data = Dataset({"x": np.zeros((300, 3, 224, 224), np.float32)})
     macs = 224 * 224 * 512 * 27
     n = scan_samples(graph, data, "accuracy", 100)
-    assert 8 <= n < 256 and n * macs * 100 <= SCAN_MACS
-    assert scan_samples(graph, data, "accuracy", 10_000) == 8  # never fewer than 8
+    assert 4 <= n < 256 and n * macs * 100 <= SCAN_MACS
+    assert scan_samples(graph, data, "accuracy", 10_000) == 4  # never fewer than 4
     assert scan_samples(graph, data, "cosine", 1) == 32 and scan_samples(graph, data, "accuracy", 1, requested=5) == 5
 
 

@@ -185,14 +185,15 @@ def sensitivity_subset(data: Dataset, skip: int, n: int = 256) -> Dataset:
     return data.take(n)
 
 
-#: Multiply-accumulates a sensitivity scan may spend (about a minute or two on 2 cores).
-SCAN_MACS = 2e12
+#: Multiply-accumulates a sensitivity scan may spend (about a minute on 2 cores).
+SCAN_MACS = 1e12
+MIN_SCAN_SAMPLES = 4
 CONTINUOUS_METRICS = ("cosine", "pooled_cosine", "mse")
 
 
 def scan_samples(graph: Graph, data: Dataset, metric: str, switches: int, requested: int = 0) -> int:
     """How many samples a sensitivity scan of ``switches`` trials uses: ``requested`` if given,
-    else 32 for continuous metrics and 256 for accuracy/agreement, fewer (down to 8) where the
+    else 32 for continuous metrics and 256 for accuracy/agreement, fewer (down to 4) where the
     model's cost times the trials would exceed :data:`SCAN_MACS`. The cost is the cost model's
     MACs per sample, or, where shapes are symbolic (a sequence length), the parameters times the
     data's sequence length: an estimate, but one that depends on nothing but the inputs, so the
@@ -208,7 +209,7 @@ def scan_samples(graph: Graph, data: Dataset, metric: str, switches: int, reques
         lengths = [v.shape[1] for v in data.inputs.values() if v.ndim == 2 and v.dtype.kind in "iu"]
         macs = c.params * max(lengths, default=1)
     fit = int(SCAN_MACS // max(macs * max(switches, 1), 1))
-    return max(8, min(default, fit))
+    return max(MIN_SCAN_SAMPLES, min(default, fit))
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
