@@ -1,20 +1,31 @@
 """distill: knowledge-distillation fine-tune of the compressed model (the student) against the
 model as it was before the pipeline started (the teacher, or ``teacher=path.onnx``).
 
-Loss: ``alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))``
-(Hinton et al. 2015); without labels, pure distillation (alpha = 0). Runs on onnxruntime-training's
-on-device API (``pip install graphslim[training]``), directly on the ONNX graph: no PyTorch model
-is needed. Trains on ``--data`` (or ``--train-data``), evaluates each epoch on ``--eval-data`` or a
-seeded ``eval_fraction`` held out of the data, stops early after ``patience`` epochs without
-improvement, and keeps the best epoch (never worse than the untrained student on the eval set).
+Loss (``loss``, see graphslim/transforms/training.py): ``kl`` on (N, classes) logits,
+``alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))``
+(Hinton et al. 2015; without labels alpha = 0); ``cosine`` on hidden states or embeddings
+(between mask-pooled sentence embeddings when the model has an attention-mask input, per sample
+otherwise); ``mse`` (scale-free, over the tokens the mask keeps); ``auto`` picks kl for logits,
+mse for hidden states and cosine for embeddings. ``layers=[...]`` also matches the hidden states of named nodes (or tensors) of student and
+teacher, with a learned projection where pruning made the student narrower, weighted by
+``layer_weight``. Unlabelled data is enough: ``--data`` with only the model inputs (e.g.
+``input_ids`` and ``attention_mask``).
+
+Runs on onnxruntime-training's on-device API (``pip install graphslim[training]``), directly on the
+ONNX graph: no PyTorch model is needed. Trains on ``--data`` (or ``--train-data``), evaluates each
+epoch with the model's metric (:mod:`graphslim.core.metrics`) on a seeded ``eval_fraction`` held
+out of that training data (the report's own evaluation set is never seen), stops early after
+``patience`` epochs without improvement, and keeps the best epoch (never worse than the untrained
+student on the eval set).
 
 Only float weights train. The structure is fixed (pruned channels stay pruned), exact zeros in
 weights stay zero (the mask is re-applied after every step, so sparsify-blocks' empty blocks stay
 empty), and BatchNormalization trains gamma and beta with its statistics frozen.
 
-Refuses, leaving the model as it was: quantized graphs (QDQ with per-channel scales do not train
-on this stack: run quantize-int8 / quantize-binary after distill), BatchNormalization in training
-mode, and models whose first output is not (N, classes) logits.
+Cannot run (the model is left as it was, the reason goes to the report and stderr, and the CLI
+exits 4): quantized graphs (QDQ with per-channel scales do not train on this stack: run
+quantize-int8 / quantize-binary after distill), BatchNormalization in training mode, ``loss=kl``
+on an output that is not logits, student and teacher outputs of different shapes.
 """
 
 from __future__ import annotations
@@ -46,6 +57,9 @@ class Distill(Pass):
         patience: int = 2
         teacher: str = ""
         eval_fraction: float = 0.2
+        loss: Literal["auto", "kl", "mse", "cosine"] = "auto"
+        layers: tuple[str, ...] = ()
+        layer_weight: float = 1.0
 
         def __post_init__(self) -> None:
             if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -56,19 +70,26 @@ class Distill(Pass):
                 raise ValueError("alpha must be in [0, 1]")
             if not 0.0 < self.eval_fraction < 1.0:
                 raise ValueError("eval_fraction must be in (0, 1)")
+            if self.layer_weight < 0:
+                raise ValueError("layer_weight must be >= 0")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         why = self._why_not(graph)
         if why:
-            return PassResult(changed=False, stats={}, skipped=[Skip("model", why)])
+            return PassResult(changed=False, stats={}, skipped=[Skip("model", why)], not_run=why)
         teacher = self._teacher(ctx)
+        if ctx.data is None:
+            raise InputError("distill trains on a data set: give --data (the model inputs alone are enough)")
         train, evalset = ctx.train_eval_split(o.eval_fraction)
         try:
-            res = distill_graph(graph, teacher, train, evalset, o, seed=ctx.seed, progress=ctx.progress)
+            res = distill_graph(
+                graph, teacher, train, evalset, o, seed=ctx.seed, progress=ctx.progress, metric=ctx.metric
+            )
         except ValueError as e:
-            return PassResult(changed=False, stats={}, skipped=[Skip("model", str(e))])
+            return PassResult(changed=False, stats={}, skipped=[Skip("model", str(e))], not_run=str(e))
         stats = {
+            "loss": res.loss,
             "metric": res.metric,
             "before": round(res.before, 6),
             "after": round(res.after, 6),
@@ -81,6 +102,8 @@ class Distill(Pass):
             "eval_samples": len(evalset),
             "history": res.history,
         }
+        if res.layers:
+            stats["layers"] = res.layers
         return PassResult(changed=res.best_epoch > 0, stats=stats)
 
     @staticmethod

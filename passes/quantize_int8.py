@@ -1,65 +1,72 @@
-"""quantize-int8: int8 quantization in QDQ format, with calibration and accuracy-driven layer choice.
+"""quantize-int8: int8 weights (and activations) with the right form per op, calibration, and an
+accuracy budget measured with the model's own metric.
 
-Static mode inserts QuantizeLinear/DequantizeLinear pairs (the QDQ format), so the model stays a
-standard ONNX graph that ONNX Runtime runs with int8 kernels and that the TVM backend can map to
-int8 kernels. Weights are stored as int8 initializers (per-channel and symmetric by default:
-about 4x smaller), activations as uint8 with ranges calibrated on the data set (``--data``, its
-first ``calibration_samples`` samples) by ``calibration`` = minmax, entropy or percentile.
-Dynamic mode quantizes weights only and computes activation scales at run time (ONNX Runtime's
-QOperator form: MatMulInteger / ConvInteger with DynamicQuantizeLinear; uint8 weights where Conv
-layers are included, since ConvInteger has no int8-weight kernel); it needs no data.
+Per op, whatever else ``op_types`` lists (see :mod:`graphslim.transforms.quantization`):
+MatMul and Gemm get signed int8 weights and int8 compute; Conv gets signed int8 weights (int8
+compute in static mode, float compute in dynamic mode, where ONNX Runtime's ConvInteger takes
+only uint8 weights); Gather (embedding tables) is weight-only: an int8 table with one scale per
+column. Weights are symmetric; ``per_channel=auto`` gives a layer one scale per output channel
+where that cuts its weight quantization error at least 4x (outlier channels) and one scale per
+tensor otherwise, which is ONNX Runtime's ``quantize_dynamic`` layout: same bytes, same fused
+kernels.
 
-The calibrators and the QDQ quantizer are onnxruntime.quantization's, used as a library rather
-than rewritten. What graphslim adds is the choice of layers: with data, every candidate layer's
-effect is measured when it alone is quantized (top-1 accuracy with labels, otherwise top-1
-agreement with the float model), and the most sensitive layers are left in float, worst first,
-until the whole model is within ``max_drop`` points. The report lists the layers kept in float
-and why.
+``mode=dynamic`` (no data needed) quantizes activations at run time: per tensor
+(``DynamicQuantizeLinear`` + ``MatMulInteger``, which ONNX Runtime fuses into
+``DynamicQuantizeMatMul``), or per token (a scale and zero point per row: more accurate on
+activations with outlier tokens, slower); ``activations=auto`` uses per token only for layers
+where the sensitivity scan shows it helps. ``mode=static`` calibrates activation ranges on the
+data (``calibration`` minmax, entropy or percentile; ``calibration_samples`` samples, batched to
+whatever batch size the model takes, with a progress bar) once, and writes QDQ through
+onnxruntime.quantization's QDQ quantizer with those ranges.
 
-Refuses: static mode without data (an error that says so), and layers in ``exclude``.
+With data, the budget: the model's metric (:mod:`graphslim.core.metrics`: accuracy with labels,
+agreement for logits, mask-pooled cosine for hidden states, cosine otherwise) on a fixed subset
+of ``sensitivity_samples`` samples (0: 32 for continuous metrics, 256 for accuracy and agreement,
+down to 4 where the model is large: see ``scan_samples``). If quantizing every layer costs more than ``max_drop``
+points, each layer's cost alone is measured (one session with a switch per layer, see
+``Probe``), and the most sensitive layers stay in float, worst first, until the budget is met.
+The report lists every layer with its weight and activation form and the layers kept in float
+with their cost.
+
+Refuses: static mode without data (an error that says so), ``activations=per_token`` in static
+mode, and layers in ``exclude``; says why for every weight layer it leaves alone.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+import io
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 
-from graphslim.core.data import Dataset
 from graphslim.core.errors import InputError
 from graphslim.core.fs import scratch_dir
 from graphslim.core.ir import Graph, model_bytes
-from graphslim.core.runtime import require_onnxruntime
+from graphslim.core.metrics import Evaluator
 from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.transforms.quantization import (
+    CalibrationReader,
+    Layer,
+    Probe,
+    choose_granularity,
+    entropy_range,
+    find_layers,
+    quantize_dynamic_matmul,
+    quantize_gather,
+    quantize_weight_only,
+    scan_samples,
+    sensitivity_subset,
+)
 
 log = logging.getLogger(__name__)
 
-_EVAL_SAMPLES = 1000
-
-
-class _Reader:
-    """onnxruntime.quantization's CalibrationDataReader over a Dataset."""
-
-    def __init__(self, data: Dataset, batch: int):
-        # ONNX Runtime returns a graph input that is also an output (the calibrators add the
-        # inputs as outputs) as a view of the caller's array, without a reference to it, and its
-        # histogram calibrators (entropy, percentile) read those views after the last batch. So
-        # every batch stays alive as long as the reader: an exhausted list iterator drops its list,
-        # which freed the arrays and made the histograms read freed memory (NaN, at random).
-        self._batches = list(data.batches(batch))
-        self._it = iter(self._batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        b = next(self._it, None)
-        return None if b is None else b.inputs
-
-    def rewind(self) -> None:  # pragma: no cover - only some calibrators call it
-        pass
+_MAX_FIXUPS = 3  # real-model checks after the probe's choice, at most
 
 
 @register_pass
@@ -72,13 +79,16 @@ class QuantizeInt8(Pass):
         mode: Literal["static", "dynamic"] = "static"
         calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
         percentile: float = 99.99
-        per_channel: bool = True
-        symmetric_weights: bool = True
+        per_channel: Literal["auto", "true", "false"] | bool = "auto"
+        activations: Literal["auto", "per_tensor", "per_token"] = "auto"
+        reduce_range: bool = False
         exclude: tuple[str, ...] = ()
-        op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+        op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Gather")
         max_drop: float = 0.5
         calibration_samples: int = 256
         sensitivity: bool = True
+        sensitivity_samples: int = 0  # 0: 32 (cosine...) or 256 (accuracy...), fewer for big models
+        symmetric_weights: bool = True  # weights are always symmetric int8; kept for old pipelines
 
         def __post_init__(self) -> None:
             if not 0.0 < self.percentile <= 100.0:
@@ -87,161 +97,394 @@ class QuantizeInt8(Pass):
                 raise ValueError("max_drop must be >= 0")
             if self.calibration_samples < 1:
                 raise ValueError("calibration_samples must be >= 1")
+            if self.sensitivity_samples < 0:
+                raise ValueError("sensitivity_samples must be >= 0")
+            if str(self.per_channel).lower() not in ("auto", "true", "false"):
+                raise ValueError("per_channel is auto, true or false")
+            bad = set(self.op_types) - {"Conv", "Gemm", "MatMul", "Gather"}
+            if bad:
+                raise ValueError(f"op_types can be Conv, Gemm, MatMul, Gather (not {', '.join(sorted(bad))})")
+            if self.mode == "static" and self.activations == "per_token":
+                raise ValueError(
+                    "activations=per_token needs mode=dynamic (static activations are calibrated per tensor)"
+                )
+            if not self.symmetric_weights:
+                raise ValueError("symmetric_weights=false is not supported: int8 weights are symmetric")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        model = graph.to_model()
         if o.mode == "static" and ctx.data is None:
             raise InputError("quantize-int8{mode=static} calibrates on a data set: give --data, or use mode=dynamic")
-        candidates = [
-            n.name
-            for n in graph.nodes
-            if n.op in o.op_types
-            and n.name not in o.exclude
-            and len(n.inputs) > 1
-            and graph.constant(n.inputs[1]) is not None
-        ]
-        skipped = [Skip(name, "excluded by the exclude option") for name in o.exclude]
-        if not candidates:
-            return PassResult(changed=False, stats={"quantized": 0}, skipped=skipped)
+        layers, left = find_layers(graph, o.op_types, o.exclude)
+        skipped = [Skip(n, r) for n, r in left]
+        if not layers:
+            why = "no layer to quantize (no MatMul, Gemm, Conv or Gather with a float constant weight in op_types)"
+            return PassResult(changed=False, stats={"quantized": 0, "candidates": 0}, skipped=skipped, not_run=why)
+        t0 = time.perf_counter()
+        per_channel = {lay.name: choose_granularity(graph, lay, str(o.per_channel).lower(), o.mode) for lay in layers}
+        stats: dict[str, Any] = {
+            "mode": o.mode,
+            "calibration": o.calibration if o.mode == "static" else None,
+            "candidates": len(layers),
+        }
         with scratch_dir("q") as tmp:
-            work = _Quantizer(model, ctx.data, o, tmp)
-            quantized = work.quantize(exclude=list(o.exclude))
-            stats: dict = {
-                "mode": o.mode,
-                "calibration": o.calibration if o.mode == "static" else None,
-                "candidates": len(candidates),
-            }
+            work = _Work(graph, layers, per_channel, o, ctx, tmp)
+            if o.mode == "static":
+                work.calibrate()
+                stats["calibration_samples"] = work.calibrated
+                stats["seconds_calibration"] = round(time.perf_counter() - t0, 3)
+            plan = work.default_plan()
             keep_float: list[str] = []
+            quantized = work.build(plan)
             if ctx.data is not None and o.sensitivity:
-                metric = "accuracy" if ctx.data.labels is not None else "top1_agreement"
-                base = work.score(model)
-                drop = 100 * (base - work.score(quantized))
-                stats.update({"metric": metric, "float": round(base, 6), "all_layers_drop_points": round(drop, 4)})
+                # The real int8 model first: when it meets the budget, no scan is needed.
+                ts = time.perf_counter()
+                work.evaluator = work.make_evaluator(stats)
+                drop = work.real_drop(quantized)
+                stats["all_layers_drop_points"] = round(drop, 4)
                 if drop > o.max_drop:
-                    from tqdm import tqdm
-
-                    sens = {
-                        name: 100 * (base - work.score(work.quantize(only=[name])))
-                        for name in tqdm(
-                            candidates,
-                            desc="quantize-int8 sensitivity",
-                            unit="layer",
-                            disable=not ctx.progress,
-                            leave=False,
+                    plan, keep_float = work.choose(plan, stats)
+                    quantized = work.build(plan)
+                    drop = work.real_drop(quantized)
+                fixups = 0
+                while drop > o.max_drop and fixups < _MAX_FIXUPS and len(keep_float) < len(work.order):
+                    keep_float.append(work.order[len(keep_float)])
+                    plan = {k: v for k, v in plan.items() if k not in keep_float}
+                    quantized = work.build(plan)
+                    drop = work.real_drop(quantized)
+                    fixups += 1
+                stats["final_drop_points"] = round(drop, 4)
+                stats["seconds_sensitivity"] = round(time.perf_counter() - ts, 3)
+                if drop > o.max_drop:
+                    skipped.append(
+                        Skip(
+                            "model",
+                            f"the budget cannot be met: {drop:.2f} points of {work.evaluator.spec.name} lost "
+                            f"with {len(keep_float)} layers in float",
                         )
-                    }
-                    stats["sensitivity_points"] = {k: round(v, 4) for k, v in sens.items()}
-                    for name in sorted(sens, key=lambda k: (-sens[k], k)):
-                        keep_float.append(name)
-                        quantized = work.quantize(exclude=list(o.exclude) + keep_float)
-                        drop = 100 * (base - work.score(quantized))
-                        if drop <= o.max_drop:
-                            break
-                    for name in keep_float:
-                        skipped.append(
-                            Skip(
-                                name,
-                                f"kept in float: quantizing it alone costs {sens[name]:.2f} points "
-                                f"of {metric} (budget max_drop={o.max_drop})",
-                            )
-                        )
-                    if drop > o.max_drop:
-                        skipped.append(
-                            Skip(
-                                "model",
-                                f"the budget cannot be met: {drop:.2f} points lost even with "
-                                f"{len(keep_float)} layers in float",
-                            )
-                        )
-                stats.update({"final_drop_points": round(drop, 4), "kept_float": keep_float})
-        names_in = [t.name for t in model.graph.input]
-        if [t.name for t in quantized.graph.input] != names_in:
-            raise RuntimeError("onnxruntime.quantization changed the model's inputs")
-        graph.replace_model(quantized)
-        q_ops = sum(1 for n in quantized.graph.node if n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear"))
-        stats["quantized"] = len(candidates) - len(keep_float)
-        stats["quantize_nodes"] = q_ops
-        return PassResult(changed=True, stats=stats, skipped=skipped)
-
-
-class _Quantizer:
-    """Runs onnxruntime.quantization with one calibration (cached) for many layer choices."""
-
-    def __init__(self, model: onnx.ModelProto, data: Dataset | None, o: QuantizeInt8.Options, tmp: Path):
-        self.model, self.data, self.o, self.tmp = model, data, o, tmp
-        # The quantizer takes a path: given a ModelProto it may rewrite it in place (external data).
-        self.path = tmp / "float.onnx"
-        self.path.write_bytes(model_bytes(model))
-        self.cache = tmp / "calibration.json"
-        self.n = 0
-        self.eval = data.take(_EVAL_SAMPLES) if data is not None else None
-        self._ref = None
-        dim0 = model.graph.input[0].type.tensor_type.shape.dim[0] if model.graph.input else None
-        self.batch = dim0.dim_value if dim0 is not None and dim0.HasField("dim_value") and dim0.dim_value > 0 else 32
-
-    def quantize(self, *, exclude: list[str] | None = None, only: list[str] | None = None) -> onnx.ModelProto:
-        require_onnxruntime()  # its calibration sessions log through ONNX Runtime's default logger
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_dynamic,
-            quantize_static,
+                    )
+        for name in keep_float:
+            cost = work.costs.get(name)
+            what = f"quantizing it alone costs {cost:.3f} points" if cost is not None else "the budget needed it"
+            skipped.append(
+                Skip(name, f"kept in float: {what} of {stats.get('metric', 'the metric')} (max_drop={o.max_drop})")
+            )
+        names_in = [t.name for t in graph.inputs]
+        if [t.name for t in quantized.inputs] != names_in:
+            raise RuntimeError("quantization changed the model's inputs")
+        graph.assign(quantized)
+        by = {lay.name: lay for lay in layers}
+        stats["kept_float"] = keep_float
+        stats["quantized"] = len(plan)
+        stats["layers"] = [_describe(by[n], v, per_channel[n], o) for n, v in plan.items()]
+        stats["per_token"] = [n for n, v in plan.items() if v == "token"]
+        stats["quantize_nodes"] = sum(
+            1 for n in quantized.nodes if n.op in ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger")
         )
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        return PassResult(changed=bool(plan), stats=stats, skipped=skipped)
+
+
+def _describe(layer: Layer, variant: str, per_channel: bool, o: QuantizeInt8.Options) -> dict[str, Any]:
+    weights = "int8 " + ("per-channel" if per_channel else "per-tensor") + (" (7-bit)" if o.reduce_range else "")
+    acts = {
+        "weight": "float (weight-only int8)",
+        "tensor": "uint8, dynamic per tensor",
+        "token": "uint8, dynamic per token",
+        "static": f"uint8, static per tensor ({o.calibration})",
+    }[variant]
+    return {"name": layer.name, "op": layer.op, "weights": weights, "activations": acts}
+
+
+class _Work:
+    """One quantization job: calibration (once), the probe, the plan, the real model."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        layers: list[Layer],
+        per_channel: dict[str, bool],
+        o: QuantizeInt8.Options,
+        ctx: PassContext,
+        tmp: Path,
+    ):
+        self.graph, self.layers, self.per_channel, self.o, self.ctx, self.tmp = graph, layers, per_channel, o, ctx, tmp
+        self.by_name = {lay.name: lay for lay in layers}
+        self.ranges: Any = None  # onnxruntime.quantization TensorsData (static)
+        self.calibrated = 0
+        self.evaluator: Evaluator | None = None
+        self.costs: dict[str, float] = {}
+        self.order: list[str] = []
+        self._float_path: Path | None = None
+
+    # ---- calibration
+    def _float_model_path(self) -> Path:
+        if self._float_path is None:
+            self._float_path = self.tmp / "float.onnx"
+            self._float_path.write_bytes(model_bytes(self.graph.to_model()))
+        return self._float_path
+
+    def calibrate(self) -> None:
+        from onnxruntime.quantization import CalibrationMethod
+        from onnxruntime.quantization.calibrate import create_calibrator
+        from tqdm import tqdm
 
         o = self.o
-        self.n += 1
-        out = self.tmp / f"q{self.n}.onnx"
-        extra = {"WeightSymmetric": o.symmetric_weights, "ActivationSymmetric": False, "CalibPercentile": o.percentile}
-        common = dict(
-            op_types_to_quantize=list(o.op_types),
-            per_channel=o.per_channel,
-            weight_type=QuantType.QInt8,
-            nodes_to_quantize=only,
-            nodes_to_exclude=exclude or None,
-            extra_options=extra,
-        )
-        prev = logging.getLogger().level
-        if not log.isEnabledFor(logging.INFO):  # shown with -v
-            logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING through root
-        try:
-            if o.mode == "dynamic":
-                # ConvInteger exists in ONNX Runtime for uint8 weights only (1.19 has no int8 kernel).
-                if "Conv" in o.op_types:
-                    common["weight_type"] = QuantType.QUInt8
-                quantize_dynamic(self.path, out, **common)
-            else:
-                method = {
-                    "minmax": CalibrationMethod.MinMax,
-                    "entropy": CalibrationMethod.Entropy,
-                    "percentile": CalibrationMethod.Percentile,
-                }[o.calibration]
-                reader = _Reader(self.data.take(o.calibration_samples), self.batch)
-                if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
-                    common["calibration_cache_path"] = self.cache  # calibrate once for all layer choices
-                quantize_static(
-                    self.path,
-                    out,
-                    reader,
-                    quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8,
+        data = self.ctx.data.take(o.calibration_samples)
+        self.calibrated = len(data)
+        method, extra = {
+            # ORT's entropy defaults (128 bins, 128 quantized bins) leave one candidate threshold,
+            # the full range: entropy would equal minmax. 2048 bins give it a choice.
+            "minmax": (CalibrationMethod.MinMax, {"symmetric": False}),
+            "entropy": (CalibrationMethod.Entropy, {"symmetric": False, "num_bins": 2048, "num_quantized_bins": 128}),
+            "percentile": (
+                CalibrationMethod.Percentile,
+                {"symmetric": False, "num_bins": 2048, "percentile": o.percentile},
+            ),
+        }[o.calibration]
+        ops = sorted({lay.op for lay in self.layers if lay.op != "Gather"})
+        model = self.graph.to_model()
+        with tqdm(
+            total=0,
+            desc=f"quantize-int8 calibration ({o.calibration})",
+            unit="batch",
+            disable=not self.ctx.progress,
+            leave=False,
+        ) as bar:
+            reader = CalibrationReader(data, model, on_batch=lambda: bar.update(1))
+            bar.total = len(reader)
+            with _quiet():
+                calibrator = create_calibrator(
+                    self._float_model_path(),
+                    ops,
+                    augmented_model_path=str(self.tmp / "augmented.onnx"),
                     calibrate_method=method,
-                    **common,
+                    extra_options=extra,
                 )
-        finally:
-            logging.getLogger().setLevel(prev)
-        return onnx.load(str(out))
+                calibrator.collect_data(reader)
+                if o.calibration == "entropy":
+                    self.ranges = _entropy_ranges(calibrator)
+                else:
+                    self.ranges = calibrator.compute_data()
+        del calibrator
 
-    def score(self, model: onnx.ModelProto) -> float:
-        """Top-1 accuracy on labels, else top-1 agreement with the float model."""
-        from graphslim.core.metrics import compare_outputs
-        from graphslim.core.runtime import run_model
+    def static_range(self, name: str) -> tuple[float, float]:
+        lo, hi = self.ranges[name].range_value
+        return float(np.min(lo)), float(np.max(hi))
 
-        outs = run_model(model, self.eval)
-        if self.eval.labels is not None and outs[0].ndim == 2:
-            return float(np.mean(np.argmax(outs[0], 1) == self.eval.labels))
-        if self._ref is None:
-            self._ref = run_model(self.model, self.eval)
-        fid = compare_outputs(self._ref, outs)
-        return fid.top1_agreement if fid.top1_agreement is not None else fid.cosine
+    # ---- plans
+    def default_plan(self) -> dict[str, str]:
+        o = self.o
+        plan = {}
+        for lay in self.layers:
+            if lay.op == "Gather":
+                plan[lay.name] = "weight"
+            elif o.mode == "static":
+                plan[lay.name] = "static"
+            elif lay.op == "Conv":
+                plan[lay.name] = "weight"
+            else:
+                plan[lay.name] = "token" if o.activations == "per_token" else "tensor"
+        if o.mode == "static":
+            missing = [n for n, v in plan.items() if v == "static" and self._input_name(n) not in self.ranges]
+            for n in missing:  # a layer whose input the calibrator did not see: weight-only would be wrong too
+                del plan[n]
+        return plan
+
+    def _input_name(self, layer: str) -> str:
+        node = next(n for n in self.graph.nodes if n.name == layer)
+        return node.inputs[0].name
+
+    def variants(self, plan: dict[str, str]) -> dict[str, list[str]]:
+        """The forms the scan tries per layer: per tensor and per token with activations=auto."""
+        out = {n: [v] for n, v in plan.items()}
+        if self.o.mode == "dynamic" and self.o.activations == "auto":
+            for n, v in plan.items():
+                if v == "tensor":
+                    out[n] = ["tensor", "token"]
+        return out
+
+    def make_evaluator(self, stats: dict[str, Any]) -> Evaluator:
+        """The model's metric on a fixed subset, sized for the scan (see scan_samples)."""
+        o = self.o
+        subset = sensitivity_subset(self.ctx.data, o.calibration_samples if o.mode == "static" else 0)
+        model = self.graph.to_model()
+        # The metric decides the subset's size: choose it on two samples, then run the reference once.
+        spec = Evaluator(model, subset.take(2), metric=self.ctx.metric).spec
+        switches = sum(len(v) for v in self.variants(self.default_plan()).values())
+        subset = subset.take(scan_samples(self.graph, subset, spec.name, switches, o.sensitivity_samples))
+        ev = Evaluator(model, subset, metric=self.ctx.metric)
+        stats.update(
+            {
+                "metric": ev.spec.name,
+                "metric_description": ev.spec.describe(),
+                "sensitivity_samples": len(ev.data),
+                "float": round(ev.reference_value, 6),
+            }
+        )
+        return ev
+
+    def choose(self, plan: dict[str, str], stats: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+        """The scan: every layer's cost alone (in one probe session), then the fewest most
+        sensitive layers kept in float for the plan to meet the budget."""
+        from tqdm import tqdm
+
+        o = self.o
+        variants = self.variants(plan)
+        ranges = {}
+        if o.mode == "static":
+            ranges = {
+                self._input_name(n): self.static_range(self._input_name(n)) for n, v in plan.items() if v == "static"
+            }
+        probe = Probe(
+            self.graph,
+            [self.by_name[n] for n in plan],
+            variants,
+            per_channel=self.per_channel,
+            ranges=ranges,
+            reduce_range=o.reduce_range,
+        ).build()
+        ev = self.evaluator
+        # Scored against the probe's own float outputs (switches off), so that the costs compare
+        # fake quantization with float computed the same way.
+        ref = Evaluator(
+            self.graph.to_model(), ev.data, metric=self.ctx.metric, reference_outputs=probe.run(ev.data, {})
+        )
+
+        def drop(assign: dict[str, str]) -> float:
+            return ref.drop_points(ref.score_outputs(probe.run(ev.data, assign)))
+
+        scan = [(n, v) for n in plan for v in variants[n]]
+        costs: dict[tuple[str, str], float] = {}
+        for n, v in tqdm(
+            scan, desc="quantize-int8 sensitivity", unit="layer", disable=not self.ctx.progress, leave=False
+        ):
+            costs[(n, v)] = drop({n: v})
+        plan = dict(plan)
+        for n, vs in variants.items():
+            if "token" in vs:
+                ct, ck = costs[(n, "tensor")], costs[(n, "token")]
+                # Per token only where it clearly helps: it is slower than the fused per-tensor form.
+                if ck < 0.5 * ct and ct > 0.05 * max(o.max_drop, 1e-3):
+                    plan[n] = "token"
+        self.costs = {n: costs[(n, plan[n])] for n in plan}
+        stats["sensitivity_points"] = {n: round(c, 4) for n, c in self.costs.items()}
+        if any(len(v) > 1 for v in variants.values()):
+            stats["sensitivity_points_per_token"] = {
+                n: round(costs[(n, "token")], 4) for n in plan if (n, "token") in costs
+            }
+        self.order = sorted(plan, key=lambda n: (-self.costs[n], n))
+        # Smallest k such that keeping the k most sensitive layers in float meets the budget
+        # (binary search: the drop falls, roughly monotonically, as layers return to float).
+        lo, hi = 0, len(self.order)
+        cache = {0: drop(plan)}
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if mid not in cache:
+                cache[mid] = drop({n: plan[n] for n in self.order[mid:]})
+            if cache[mid] <= o.max_drop:
+                hi = mid
+            else:
+                lo = mid + 1
+        keep = self.order[:lo]
+        return {n: v for n, v in plan.items() if n not in keep}, keep
+
+    # ---- the real model
+    def build(self, plan: dict[str, str]) -> Graph:
+        o = self.o
+        g = self.graph.copy()
+        static = [n for n, v in plan.items() if v == "static"]
+        if static:
+            g = self._static_qdq(static)
+        by = {n.name: n for n in g.nodes}
+        shared: dict = {}
+        for name, variant in plan.items():
+            lay, node = self.by_name[name], by.get(name)
+            if node is None or variant == "static":
+                continue
+            if lay.op == "Gather":
+                quantize_gather(g, node, per_channel=self.per_channel[name], reduce_range=o.reduce_range)
+            elif variant == "weight":
+                quantize_weight_only(g, node, lay, per_channel=self.per_channel[name], reduce_range=o.reduce_range)
+            else:
+                quantize_dynamic_matmul(
+                    g,
+                    node,
+                    per_token=variant == "token",
+                    per_channel=self.per_channel[name],
+                    reduce_range=o.reduce_range,
+                    shared=shared,
+                )
+        g.cleanup()
+        g.toposort()
+        return g
+
+    def _static_qdq(self, nodes: list[str]) -> Graph:
+        from onnxruntime.quantization import QuantType
+        from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+        from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+
+        ops = sorted({self.by_name[n].op for n in nodes})
+        with _quiet():
+            model = load_model_with_shape_infer(self._float_model_path())
+            q = QDQQuantizer(
+                model,
+                any(self.per_channel[n] for n in nodes),
+                self.o.reduce_range,
+                QuantType.QInt8,
+                QuantType.QUInt8,
+                self.ranges,
+                nodes,
+                [],
+                ops,
+                # Outputs are quantized too (ORT's default): ONNX Runtime then runs QLinearConv /
+                # QLinearMatMul, and the TVM backend fuses the requantization into its int8 kernels.
+                {"WeightSymmetric": True, "ActivationSymmetric": False},
+            )
+            out = q.quantize_model()
+        out.ir_version = min(out.ir_version, self.graph.to_model().ir_version)
+        del out.metadata_props[:]
+        return Graph.from_model(_restore_meta(out, self.graph))
+
+    def real_drop(self, g: Graph) -> float:
+        ev = self.evaluator
+        return ev.drop_points(ev.score(g.to_model()))
+
+
+def _entropy_ranges(calibrator: Any) -> Any:
+    """TensorsData from the calibrator's histograms with graphslim's vectorized entropy search."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorsData
+
+    out = {}
+    for name, (hist, edges, lowest, highest, _) in calibrator.collector.histogram_dict.items():
+        lo, hi = entropy_range(hist, edges, lowest, highest, 128)
+        out[name] = (np.array(lo, dtype=edges.dtype), np.array(hi, dtype=edges.dtype), hist, edges)
+    return TensorsData(CalibrationMethod.Entropy, out)
+
+
+def _restore_meta(model: onnx.ModelProto, like: Graph) -> onnx.ModelProto:
+    src = like.to_model()
+    model.producer_name, model.producer_version = src.producer_name, src.producer_version
+    model.metadata_props.extend(src.metadata_props)
+    return model
+
+
+class _quiet:
+    """onnxruntime.quantization logs advice at WARNING through the root logger and its
+    calibrators print() progress to stdout (which ``--json`` owns): both go to the debug log
+    (the advice is shown with -v)."""
+
+    def __enter__(self) -> None:
+        self.prev = logging.getLogger().level
+        if not log.isEnabledFor(logging.INFO):
+            logging.getLogger().setLevel(logging.ERROR)
+        self.buf = io.StringIO()
+        self.redirect = contextlib.redirect_stdout(self.buf)
+        self.redirect.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.redirect.__exit__(*exc)
+        logging.getLogger().setLevel(self.prev)
+        if self.buf.getvalue().strip():
+            log.debug("onnxruntime.quantization: %s", self.buf.getvalue().strip())

@@ -1,27 +1,26 @@
 """spiral: compress a little, distill, repeat, until a size target is met or the accuracy budget
 would be broken.
 
-Each step runs ``passes`` (a pipeline, e.g. ``prune-channels{ratio=0.2}``) then ``distill`` (a
-pipeline, usually one distill pass; empty for none), and measures the metric on the held-out
-set: top-1 accuracy with labels, else top-1 agreement with the teacher (the model as it was before
-the whole pipeline). It stops when parameters (or MACs) fall to ``target_params``
-(``target_macs``) of the original, after ``steps`` steps, when a step compresses nothing more, or
-when a step loses more than ``max_drop`` points against the teacher; that step is rolled back, so
-the result is the last model within budget. The report's ``curve`` has r and the metric for every
-step.
+Each step runs ``passes`` (a pipeline, e.g. ``prune-channels{ratio=0.2}`` for CNNs, or
+``prune-heads{ratio=0.1},prune-channels{ratio=0.1}`` for transformers) then ``distill`` (a
+pipeline, usually one distill pass; empty for none), and measures the model's metric
+(:mod:`graphslim.core.metrics`: top-1 accuracy with labels, agreement with the teacher for
+logits, mask-pooled cosine to the teacher for hidden states...) on a seeded ``eval_fraction``
+held out of the training data. The teacher is the model as it was before the whole pipeline. It
+stops when parameters (or MACs) fall to ``target_params`` (``target_macs``) of the original,
+after ``steps`` steps, when a step compresses nothing more, or when a step loses more than
+``max_drop`` points of the metric against the teacher; that step is rolled back, so the result is
+the last model within budget. The report's ``curve`` has r and the metric for every step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from graphslim.analysis.cost import cost_model
-from graphslim.core.data import Dataset
 from graphslim.core.errors import InputError
 from graphslim.core.ir import Graph
-from graphslim.core.runtime import run_model
+from graphslim.core.metrics import Evaluator
 from graphslim.pipeline import Pass, PassContext, PassManager, PassResult, Pipeline, Skip, register_pass
 
 
@@ -58,18 +57,17 @@ class Spiral(Pass):
         o = self.options
         if ctx.teacher is None:
             raise InputError("spiral needs the original model as the teacher: run it inside a pipeline")
+        if ctx.data is None:
+            raise InputError("spiral measures every step on held-out data: give --data (model inputs are enough)")
         _, evalset = ctx.train_eval_split(o.eval_fraction)
         original = cost_model(Graph.from_model(ctx.teacher))
-        teacher_logits = run_model(ctx.teacher, evalset)[0]
-        use_labels = evalset.labels is not None
-        metric_name = "accuracy" if use_labels else "teacher_agreement"
+        ev = Evaluator(ctx.teacher, evalset, metric=ctx.metric)
+        metric_name = ev.spec.name
 
         def metric(g: Graph) -> float:
-            out = run_model(g.to_model(), evalset)[0]
-            ref = evalset.labels if use_labels else np.argmax(teacher_logits, 1)
-            return float(np.mean(np.argmax(out, 1) == ref))
+            return ev.score(g.to_model()).value
 
-        base = metric_of_logits(teacher_logits, evalset) if use_labels else 1.0
+        base = ev.reference_value
 
         def point(step: int, g: Graph, m: float) -> dict:
             c = cost_model(g)
@@ -92,9 +90,27 @@ class Spiral(Pass):
             records = PassManager(compress).run(graph, ctx)
             if not any(r.changed for r in records):
                 stop = "the compression passes changed nothing"
+                why = "; ".join(f"{r.text}: {r.not_run}" for r in records if r.not_run)
+                if step == 1:
+                    return PassResult(
+                        changed=False,
+                        stats={"metric": metric_name, "curve": curve, "stopped": stop},
+                        skipped=skipped,
+                        not_run=f"the compression passes changed nothing{': ' + why if why else ''}",
+                    )
                 break
             if distill.passes:
-                records += PassManager(distill).run(graph, ctx)
+                inner = PassManager(distill).run(graph, ctx)
+                for r in inner:
+                    if r.not_run:  # a distill that cannot run here cannot in later steps either
+                        graph.assign(snapshot)
+                        return PassResult(
+                            changed=False,
+                            stats={"metric": metric_name, "curve": curve, "stopped": "distillation cannot run"},
+                            skipped=skipped,
+                            not_run=f"{r.text}: {r.not_run}",
+                        )
+                records += inner
             for r in records:  # what the inner passes left alone reaches the report, once
                 for s in r.skipped:
                     inner = Skip(s.where, f"{r.name}: {s.reason}")
@@ -116,6 +132,7 @@ class Spiral(Pass):
         kept = [p for p in curve if not p.get("rolled_back")][-1]
         stats = {
             "metric": metric_name,
+            "metric_description": ev.spec.describe(),
             "teacher": round(base, 6),
             "curve": curve,
             "stopped": stop,
@@ -132,7 +149,3 @@ class Spiral(Pass):
         if o.target_params is not None and p["r_params"] > o.target_params:
             return False
         return o.target_params is not None or o.target_macs is not None
-
-
-def metric_of_logits(logits: np.ndarray, data: Dataset) -> float:
-    return float(np.mean(np.argmax(logits, 1) == data.labels))

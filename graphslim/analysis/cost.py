@@ -193,7 +193,8 @@ def cost_model(graph: Graph, ctx: Any = None, *, bindings: dict[str, int] | None
                     f"{b[0]}x{b[1]}": round(block_sparsity(m, b), 6) for b in STANDARD_BLOCKS
                 }
         info = op_info(node.op, node.domain)
-        if info is not None and info.weight is not None and node.op != "Gather" and len(node.inputs) > 1:
+        weighted = info is not None and (info.weight is not None or "quantized" in info.roles)
+        if weighted and node.op != "Gather" and len(node.inputs) > 1:
             layer.extra.update(_weight_info(graph, node))
         layers.append(layer)
     io = []

@@ -1,7 +1,8 @@
 """The ``graphslim`` command line.
 
 Exit codes: 0 success; 1 internal error; 2 bad input or usage (unreadable or invalid model,
-unknown pass or option, bad data file); 3 a budget was missed (outputs are still written).
+unknown pass or option, bad data file); 3 a budget was missed (outputs are still written); 4 a
+pass could not run at all (outputs are still written, the reason is on stderr and in the report).
 Errors print one line on stderr; ``--debug`` adds the traceback.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from graphslim.core.errors import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK, GraphslimError, InputError
+from graphslim.core.errors import EXIT_BUDGET, EXIT_INTERNAL, EXIT_NOT_RUN, EXIT_OK, GraphslimError, InputError
 from graphslim.core.fs import private_tmpdir, remove_scratch
 from graphslim.core.version import __version__
 
@@ -34,7 +35,8 @@ __all__ = ["main"]
 
 log = logging.getLogger("graphslim")
 
-EPILOG = """exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 budget missed"""
+EPILOG = """exit codes: 0 success, 1 internal error, 2 bad input or usage, 3 budget missed, 4 a pass could not run"""
+METRIC_CHOICES = ("auto", "accuracy", "agreement", "pooled_cosine", "cosine", "mse")
 TARGET_CHOICES = ("x86", "x86-avx2", "x86-avx512", "x86-avx512-vnni", "arm", "arm64-neon", "arm64-dot", "cuda")
 
 
@@ -119,7 +121,15 @@ def _parser() -> argparse.ArgumentParser:
         "--max-accuracy-drop",
         type=float,
         metavar="POINTS",
-        help="budget: exit 3 if top-1 accuracy falls by more (without labels: disagreement with the original)",
+        help="budget: exit 3 if top-1 accuracy falls by more points (without labels: points of the model's "
+        "metric, e.g. 100 x the loss of pooled cosine to the original)",
+    )
+    o.add_argument(
+        "--metric",
+        choices=METRIC_CHOICES,
+        default="auto",
+        help="how outputs are judged by passes, the budget and the report (default auto: accuracy with labels, "
+        "agreement for logits, mask-pooled cosine for hidden states, cosine otherwise)",
     )
     o.add_argument(
         "--min-compression",
@@ -203,10 +213,16 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--repeat", type=int, default=100)
     _add_common(bn)
 
-    e = sub.add_parser("eval", help="top-1 accuracy on labelled data, or fidelity to a reference model")
+    e = sub.add_parser("eval", help="top-1 accuracy on labelled data, and the model's metric against a reference model")
     e.add_argument("model")
     e.add_argument("--data", required=True, metavar="DATA", help="FILE.npz, a folder of shards, or module:function")
     e.add_argument("--reference", metavar="MODEL", help="compare outputs with this model (e.g. the teacher)")
+    e.add_argument(
+        "--metric",
+        choices=METRIC_CHOICES,
+        default="auto",
+        help="how outputs are compared with --reference (default auto, as in optimize)",
+    )
     _add_common(e)
     return ap
 
@@ -234,6 +250,7 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
         eval_data=args.eval_data,
         verify=args.verify,
         seed=args.seed,
+        metric=args.metric,
         measure_latency=not args.no_latency,
         progress=not (args.quiet or args.json),
         cache_dir=args.cache_dir,
@@ -251,6 +268,9 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
     code = EXIT_BUDGET if missed else EXIT_OK
     for m in missed:
         print(f"graphslim: budget missed: {m} (outputs written to {args.output})", file=sys.stderr)
+    for nr in rep.get("not_run", []):
+        print(f"graphslim: {nr['pass']} did not run: {nr['reason']}", file=sys.stderr)
+        code = EXIT_NOT_RUN if code == EXIT_OK else code
     if args.json:
         return code, rep
     c, b, a = rep["compression"], rep["before"], rep["after"]
@@ -260,12 +280,18 @@ def _cmd_optimize(args: argparse.Namespace) -> tuple[int, Any]:
         f"  MACs   {b['macs']:,} -> {a['macs']:,}",
         f"  bytes  {b['size_bytes']:,} -> {a['size_bytes']:,}",
     ]
-    if rep.get("accuracy"):
-        acc = rep["accuracy"]
+    met = rep.get("metric")
+    if met:
         held = (rep.get("data") or {}).get("eval_source") or "the data"
-        lines.append(f"  accuracy {acc['before']:.4f} -> {acc['after']:.4f} ({acc['samples']} samples; {held})")
+        lines.append(
+            f"  {met['name']} {met['before']:.4f} -> {met['after']:.4f} ({met['samples']} samples; {held}; "
+            f"{met['drop_points']:+.2f} points lost)"
+        )
     lines += _latency_lines(rep)
     for r in rep["passes"]:
+        if r.get("not_run"):
+            lines.append(f"  {r['pipeline']}: did not run: {r['not_run']}")
+            continue
         scalars = ", ".join(f"{k}={v}" for k, v in r["stats"].items() if not isinstance(v, list | dict))
         lines.append(f"  {r['pipeline']}: {'changed' if r['changed'] else 'no change'} ({scalars})")
     if rep["skipped"]:
@@ -297,7 +323,7 @@ def _latency_lines(rep: dict[str, Any]) -> list[str]:
 def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.core.data import load_data
     from graphslim.core.ir import load_model
-    from graphslim.core.metrics import accuracy, compare_outputs
+    from graphslim.core.metrics import Evaluator, accuracy, compare_outputs
     from graphslim.core.runtime import check_memory, ort_session, run_model
 
     model = load_model(args.model)
@@ -308,11 +334,22 @@ def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
         ref = load_model(args.reference)
         check_memory(ref, batch=min(256, len(data)), what=args.reference)
         try:
-            fid = compare_outputs(run_model(ort_session(ref), data), run_model(ort_session(model), data))
+            ref_out = run_model(ort_session(ref), data)
+            new_out = run_model(ort_session(model), data)
+            fid = compare_outputs(ref_out, new_out)
+            ev = Evaluator(ref, data, metric=args.metric, reference_outputs=ref_out)
+            score = ev.score_outputs(new_out)
         except ValueError as e:
             raise InputError(f"cannot compare with the reference: {e}") from None
         out["fidelity"] = fid.to_dict()
         out["reference_accuracy"] = accuracy(ref, data)
+        out["metric"] = {
+            **ev.spec.to_dict(),
+            "reference": ev.reference_value,
+            "value": score.value,
+            "drop_points": round(ev.drop_points(score), 4),
+            "details": score.details,
+        }
     if out["accuracy"] is None and not args.reference:
         raise InputError(f"{args.data}: no labels to compute accuracy; give --reference MODEL to measure fidelity")
     if args.json:
@@ -321,10 +358,10 @@ def _cmd_eval(args: argparse.Namespace) -> tuple[int, Any]:
     if out["accuracy"] is not None:
         lines.append(f"  top-1 accuracy {out['accuracy']:.4f}")
     if args.reference:
-        f = out["fidelity"]
+        f, m = out["fidelity"], out["metric"]
+        lines.append(f"  vs {args.reference}: {m['name']} {m['value']:.6f} ({m['description']})")
         lines.append(
-            f"  vs {args.reference}: top-1 agreement {f['top1_agreement']}, cosine {f['cosine']:.6f}, "
-            f"max abs diff {f['max_abs_diff']:.4g}"
+            f"  top-1 agreement {f['top1_agreement']}, cosine {f['cosine']:.6f}, max abs diff {f['max_abs_diff']:.4g}"
         )
     return EXIT_OK, "\n".join(lines)
 
@@ -512,7 +549,7 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.backend import load_artifact
     from graphslim.core.data import load_data
     from graphslim.core.ir import load_model
-    from graphslim.core.metrics import compare_outputs
+    from graphslim.core.metrics import MetricSpec, compare_outputs, score_outputs
     from graphslim.core.runtime import check_memory, run_model
 
     runner = load_artifact(args.artifact)
@@ -536,7 +573,7 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
     result = [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
     out: dict[str, Any] = {"artifact": args.artifact, "samples": len(data)}
     if data.labels is not None and result[0].ndim == 2:
-        out["accuracy"] = float(np.mean(np.argmax(result[0], 1) == data.labels))
+        out["accuracy"] = score_outputs(MetricSpec("accuracy"), result, labels=data.labels).value
     if ref_model is not None:
         out["fidelity"] = compare_outputs(run_model(ref_model, data), result).to_dict()
     if args.json:

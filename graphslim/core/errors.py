@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "EXIT_BUDGET",
     "EXIT_INTERNAL",
+    "EXIT_NOT_RUN",
     "EXIT_OK",
     "EXIT_USAGE",
     "GraphslimError",
@@ -18,6 +19,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2  # bad input file, bad pipeline, bad option
 EXIT_BUDGET = 3  # the run finished but a budget (accuracy, size, latency) was missed
+EXIT_NOT_RUN = 4  # the run finished but a pass the user asked for could not run at all (reason reported)
 
 
 class GraphslimError(Exception):

@@ -324,9 +324,9 @@ _add("MatMul", Rule.MATMUL, weight=_MATMUL, macs=_matmul_macs, roles=_CONTRACTIO
 _add("Gather", Rule.GATHER, weight=_EMBEDDING, macs=_no_compute, roles=("prunable", "quantizable", "trainable"))
 # Quantized forms: counted, never rewritten.
 for _op in ("ConvInteger", "QLinearConv"):
-    _add(_op, Rule.WEIGHT, macs=_conv_macs)
+    _add(_op, Rule.WEIGHT, macs=_conv_macs, roles=("quantized",))
 for _op in ("MatMulInteger", "QLinearMatMul"):
-    _add(_op, Rule.WEIGHT, macs=_matmul_macs)
+    _add(_op, Rule.WEIGHT, macs=_matmul_macs, roles=("quantized",))
 
 _add("BatchNormalization", Rule.NORM, params=ParamSpec((1, 2, 3, 4)), roles=("trainable",))
 _add("InstanceNormalization", Rule.NORM, params=ParamSpec((1, 2)), roles=("trainable",))

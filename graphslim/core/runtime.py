@@ -30,6 +30,7 @@ from graphslim.core.memory import available_bytes, format_bytes
 __all__ = [
     "CONSTANT_TENSOR_LIMIT",
     "check_memory",
+    "fixed_batch",
     "installed_flavors",
     "ort_session",
     "require_onnxruntime",
@@ -125,12 +126,46 @@ def ort_session(model: onnx.ModelProto | bytes, *, optimize: bool = False, threa
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
+def fixed_batch(model: onnx.ModelProto | Any) -> int | None:
+    """The batch size the model's inputs declare (a fixed first dimension), or None when the
+    first dimension is symbolic."""
+    if isinstance(model, onnx.ModelProto):
+        inits = {i.name for i in model.graph.initializer}
+        dims = []
+        for vi in model.graph.input:
+            if vi.name in inits or not vi.type.tensor_type.shape.dim:
+                continue
+            d = vi.type.tensor_type.shape.dim[0]
+            dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None)
+    else:
+        dims = [
+            i.shape[0] if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 else None
+            for i in model.get_inputs()
+        ]
+    fixed = {d for d in dims if d is not None}
+    return fixed.pop() if len(fixed) == 1 else None
+
+
 def run_model(model: onnx.ModelProto | Any, data: Dataset, *, batch_size: int = 256) -> list[np.ndarray]:
-    """All outputs of ``model`` on ``data``, batched, concatenated along the first axis."""
+    """All outputs of ``model`` on ``data``, batched, concatenated along the first axis.
+
+    A model whose inputs declare a fixed batch size runs in batches of exactly that size (the
+    last one padded by repeating its final sample; the padding's outputs are dropped).
+    """
     sess = model if hasattr(model, "run") else ort_session(model)
+    fixed = fixed_batch(sess)
+    size = fixed or batch_size
     chunks: list[list[np.ndarray]] = []
-    for batch in data.batches(batch_size):
-        chunks.append(sess.run(None, batch.inputs))
+    for batch in data.batches(size):
+        n = len(batch)
+        feeds = batch.inputs
+        if fixed is not None and n < fixed:
+            pad = np.concatenate([np.arange(n), np.full(fixed - n, n - 1)])
+            feeds = {k: v[pad] for k, v in feeds.items()}
+        outs = sess.run(None, feeds)
+        if fixed is not None and n < fixed:
+            outs = [o[:n] if np.ndim(o) and len(o) == fixed else o for o in outs]
+        chunks.append(outs)
     if len(chunks) == 1:
         return chunks[0]
     return [

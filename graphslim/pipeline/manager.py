@@ -49,6 +49,7 @@ class PassContext:
     teacher: onnx.ModelProto | None = None  # the model as it was before the pipeline
     progress: bool = False
     shapes: dict[str, tuple[int, ...]] | None = None  # --shape bindings of symbolic input dims
+    metric: str = "auto"  # how passes judge outputs (graphslim.core.metrics.METRICS)
     _cache: dict[tuple[Any, int], tuple[int, Any]] = field(default_factory=dict, repr=False)
 
     def analysis(self, fn: Callable[[Graph, PassContext], T], graph: Graph) -> T:
@@ -100,9 +101,10 @@ class PassRecord:
     stats: dict[str, Any]
     skipped: list[Skip]
     verification: dict[str, Any] | None = None
+    not_run: str | None = None  # why the pass could not run at all
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "name": self.name,
             "pipeline": self.text,
             "changed": self.changed,
@@ -111,6 +113,9 @@ class PassRecord:
             "skipped": [s.to_dict() for s in self.skipped],
             "verification": self.verification,
         }
+        if self.not_run:
+            d["not_run"] = self.not_run
+        return d
 
 
 class _Verifier:
@@ -217,6 +222,10 @@ class PassManager:
                     verification = verifier.check(p, graph)
                 except GraphslimError as e:
                     raise VerificationError(text, ran, e) from e
-            records.append(PassRecord(p.name, text, changed, seconds, result.stats, result.skipped, verification))
+            if result.not_run:
+                log.info("%s did not run: %s", text, result.not_run)
+            records.append(
+                PassRecord(p.name, text, changed, seconds, result.stats, result.skipped, verification, result.not_run)
+            )
             ran.append(text)
         return records

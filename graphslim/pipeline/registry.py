@@ -50,6 +50,9 @@ class PassResult:
     stats: dict[str, Any] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
     preserves: tuple[Any, ...] = ()
+    # Set when the pass could not do what it was asked at all (one line: why). The run goes on,
+    # the report and stderr say so, and the CLI exits 4.
+    not_run: str | None = None
 
 
 class Pass:

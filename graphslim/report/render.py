@@ -81,6 +81,16 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f"{-acc['drop_points']:+.2f} points",
             )
         )
+    met = report.get("metric")
+    if met and met["name"] != "accuracy":
+        rows.append(
+            (
+                f"{met['name']} to the original ({met['samples']} samples, {met['on']})",
+                f"{met['before']:.4f}",
+                f"{met['after']:.4f}",
+                f"{-met['drop_points']:+.2f} points",
+            )
+        )
     lat = report.get("latency")
     if lat:
         o, n = lat["ort_original"], lat["ort_compressed"]
@@ -214,9 +224,16 @@ def plots(report: dict[str, Any]) -> dict[str, bytes]:
 
 def _metric_name(report: dict[str, Any]) -> str:
     for p in report["passes"]:
-        if p["name"] == "spiral" and p["stats"].get("metric") == "teacher_agreement":
+        if p["name"] == "spiral" and p["stats"].get("metric") in ("teacher_agreement", "agreement"):
             return "top-1 agreement with the original"
-    return "top-1 accuracy" if report.get("accuracy") else "top-1 agreement with the original"
+        if p["name"] == "spiral" and p["stats"].get("metric"):
+            return str(p["stats"]["metric"]).replace("_", " ")
+    if report.get("accuracy"):
+        return "top-1 accuracy"
+    met = report.get("metric")
+    if met:
+        return f"{met['name'].replace('_', ' ')} to the original"
+    return "top-1 agreement with the original"
 
 
 def _accuracy_points(report: dict[str, Any]) -> list[tuple[float, float, str]]:
@@ -234,7 +251,7 @@ def _all_accuracy_points(report: dict[str, Any]) -> list[tuple[Any, Any, str]]:
                 (c["r_params"], c[key], f"step {c['step']}" + (" (rolled back)" if c.get("rolled_back") else ""))
                 for c in curve
             ]
-    acc = report.get("accuracy")
+    acc = report.get("accuracy") or report.get("metric")
     if acc:
         return [(1.0, acc["before"], "original"), (report["compression"]["r_params"], acc["after"], "result")]
     fid = report.get("fidelity") or {}
@@ -269,6 +286,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, bytes] | None = No
         ]
         if fid.get("nonfinite"):
             lines.append(f"**{fid['nonfinite']:,} output values are NaN or Inf where the original's are not.**")
+    for nr in report.get("not_run") or []:
+        lines.append(f"- **{nr['pass']} did not run**: {nr['reason']}")
     for name, b in (report.get("budgets") or {}).items():
         lines.append(
             f"- budget `{name}`: {b['measure']} = {_fmt(b['value'])}, limit {_fmt(b['limit'])}: "

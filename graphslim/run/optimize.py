@@ -168,7 +168,12 @@ def _optimize(src: Path, dest: OutputDir | None, opts: RunOptions, stack: contex
     report["data"] = roles.describe()
     report.update(
         _quality(
-            original, result, roles.report, opts.seed, opts.measure_latency or opts.budgets.max_latency_ms is not None
+            original,
+            result,
+            roles.report,
+            opts.seed,
+            opts.measure_latency or opts.budgets.max_latency_ms is not None,
+            opts.metric,
         )
     )
     compiled = _compile(result, report, roles.report, opts, stack) if opts.compile.target else None
@@ -201,6 +206,8 @@ def _key(model_hash: str, pipe: Pipeline, roles: DataRoles, opts: RunOptions) ->
         if (c.shapes or opts.eval_fraction != 0.2)
         else None
     )
+    if opts.metric != "auto":  # passes decide by the metric: a different one is a different run
+        extra = {**(extra or {}), "metric": opts.metric}
     return cache_key(model_hash, str(pipe), roles.given, seed=opts.seed, target=target, verify=opts.verify, extra=extra)
 
 
@@ -228,6 +235,7 @@ def _context(original: onnx.ModelProto, roles: DataRoles, opts: RunOptions) -> P
         verify=opts.verify,
         teacher=original,
         progress=opts.progress,
+        metric=opts.metric,
     )
 
 
@@ -255,6 +263,7 @@ def _report(
         "seconds": round(seconds, 4),
         "passes": [r.to_dict() for r in records],
         "skipped": [{"pass": r.name, **s.to_dict()} for r in records for s in r.skipped],
+        "not_run": [{"pass": r.text, "reason": r.not_run} for r in records if r.not_run],
         "before": before,
         "after": after,
         "compression": _ratios(before, after),
@@ -354,13 +363,14 @@ def _budgets(report: dict[str, Any], opts: RunOptions) -> dict[str, Any]:
     max_drop, max_r, max_ms = b.max_accuracy_drop, b.min_compression, b.max_latency_ms
     out: dict[str, Any] = {}
     if max_drop is not None:
-        acc, fid = report.get("accuracy"), report.get("fidelity") or {}
+        acc, met = report.get("accuracy"), report.get("metric")
         if acc:
             value, how = acc["drop_points"], "top-1 accuracy drop (points)"
-        elif fid.get("top1_agreement") is not None:
-            value, how = round(100 * (1 - fid["top1_agreement"]), 4), "top-1 disagreement with the original (points)"
+        elif met:
+            # Without labels, points of the model's own metric (1 point of cosine = 0.01).
+            value, how = met["drop_points"], f"points of {met['name']} lost: {met['description']}"
         else:
-            value, how = None, "not measurable: no labels and no classification output"
+            value, how = None, "not measurable: the models could not be compared"
         out["max_accuracy_drop"] = {
             "limit": max_drop,
             "value": value,
@@ -399,35 +409,52 @@ def _ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | 
 
 
 def _quality(
-    original: onnx.ModelProto, result: onnx.ModelProto, data: Dataset | None, seed: int, measure_latency: bool
+    original: onnx.ModelProto,
+    result: onnx.ModelProto,
+    data: Dataset | None,
+    seed: int,
+    measure_latency: bool,
+    metric: str = "auto",
 ) -> dict[str, Any]:
-    """Accuracy (with labels), fidelity to the original, and ORT latency of both models."""
+    """Accuracy (with labels), the model's metric and fidelity to the original, and ORT latency
+    of both models. ``metric`` is :mod:`graphslim.core.metrics`' choice for the first output."""
     from graphslim.backend.bench import measure_ort
-    from graphslim.core.metrics import accuracy, compare_outputs
+    from graphslim.core.metrics import Evaluator, compare_outputs
     from graphslim.core.runtime import ort_session, run_model
 
     sample = data.take(_REPORT_SAMPLES) if data is not None else random_inputs(original, 8, seed)
-    out: dict[str, Any] = {"accuracy": None, "fidelity": None, "latency": None}
+    on = "data" if data is not None else "random inputs"
+    out: dict[str, Any] = {"accuracy": None, "fidelity": None, "metric": None, "latency": None}
     try:
         ref = run_model(ort_session(original), sample)
         new = run_model(ort_session(result), sample)
     except Exception as e:  # noqa: BLE001 - report, do not crash, when ORT cannot run a model
         out["fidelity"] = {"error": str(e).splitlines()[0]}
         return out
-    out["fidelity"] = {
+    try:
+        fid = compare_outputs(ref, new)
+        ev = Evaluator(original, sample, metric=metric, reference_outputs=ref)
+        score = ev.score_outputs(new)
+    except (ValueError, InputError) as e:
+        out["fidelity"] = {"error": str(e).splitlines()[0]}
+        return out
+    out["fidelity"] = {"samples": len(sample), "on": on, **fid.to_dict()}
+    out["metric"] = {
+        **ev.spec.to_dict(),
         "samples": len(sample),
-        "on": "data" if data is not None else "random inputs",
-        **compare_outputs(ref, new).to_dict(),
+        "on": on,
+        "before": round(ev.reference_value, 6),
+        "after": round(score.value, 6),
+        "drop_points": round(ev.drop_points(score), 4),
+        "details": score.details,
     }
-    if data is not None and data.labels is not None:
-        acc_before, acc_after = accuracy(original, sample), accuracy(result, sample)
-        if acc_before is not None and acc_after is not None:
-            out["accuracy"] = {
-                "samples": len(sample),
-                "before": acc_before,
-                "after": acc_after,
-                "drop_points": round(100 * (acc_before - acc_after), 4),
-            }
+    if ev.spec.name == "accuracy":
+        out["accuracy"] = {
+            "samples": len(sample),
+            "before": ev.reference_value,
+            "after": score.value,
+            "drop_points": round(ev.drop_points(score), 4),
+        }
     if measure_latency:
         out["latency"] = {"ort_original": measure_ort(original, sample), "ort_compressed": measure_ort(result, sample)}
     return out

@@ -17,6 +17,7 @@ from typing import Any
 from graphslim.backend.options import CompileOptions
 from graphslim.core.data import Dataset
 from graphslim.core.errors import InputError
+from graphslim.core.metrics import METRICS
 from graphslim.pipeline import Pipeline
 
 __all__ = ["Budgets", "CompileOptions", "DataSource", "RunOptions"]
@@ -63,6 +64,7 @@ class RunOptions:
     train_data: DataSource = None  # replaces ``data`` for training and calibration
     eval_data: DataSource = None  # replaces the held-out part of ``data`` for the report
     eval_fraction: float = 0.2  # held out of ``data`` for the report when no ``eval_data`` is given
+    metric: str = "auto"  # how outputs are judged (graphslim.core.metrics.METRICS): passes, budget, report
     verify: bool = False
     seed: int = 0
     measure_latency: bool = True
@@ -76,6 +78,8 @@ class RunOptions:
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
             raise InputError("eval_fraction must be in (0, 1)")
+        if self.metric not in METRICS:
+            raise InputError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
 
     @classmethod
     def build(cls, base: RunOptions | None = None, **kwargs: Any) -> RunOptions:
