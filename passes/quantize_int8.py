@@ -486,5 +486,6 @@ class _quiet:
     def __exit__(self, *exc: Any) -> None:
         self.redirect.__exit__(*exc)
         logging.getLogger().setLevel(self.prev)
-        if self.buf.getvalue().strip():
-            log.debug("onnxruntime.quantization: %s", self.buf.getvalue().strip())
+        for line in self.buf.getvalue().splitlines():  # the calibrators' progress prints, shown with -v
+            if line.strip():
+                log.info("%s", line.strip())

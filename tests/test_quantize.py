@@ -106,9 +106,14 @@ def test_calibration_reader_keeps_its_batches_alive():
     import gc
     import weakref
 
-    from graphslim.passes.quantize_int8 import _Reader
+    from onnx import TensorProto, helper
 
-    reader = _Reader(Dataset({"x": np.arange(40, dtype=np.float32).reshape(10, 4)}), 4)
+    from graphslim.transforms.quantization import CalibrationReader
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+    reader = CalibrationReader(Dataset({"x": np.arange(40, dtype=np.float32).reshape(10, 4)}), model, batch=4)
     first = weakref.ref(reader.get_next()["x"])
     while reader.get_next() is not None:
         pass
