@@ -95,7 +95,13 @@ def data_roles(model: onnx.ModelProto, opts: RunOptions) -> DataRoles:
 
 
 def optimize(
-    model_path: str | Path, out_dir: str | Path | None = None, options: RunOptions | None = None, **kwargs: Any
+    model_path: str | Path,
+    out_dir: str | Path | None = None,
+    options: RunOptions | None = None,
+    *,
+    report_extra: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    **kwargs: Any,
 ) -> OptimizeResult:
     """Optimize the model at ``model_path`` and (if ``out_dir``) write ``model.onnx``,
     ``report.json``, ``report.md`` and ``report.html`` there (replaced whole or not at all).
@@ -107,6 +113,9 @@ def optimize(
 
     ``report["cache"]["key"]`` hashes everything the result depends on; with ``cache_dir`` a run
     whose key is already there copies the stored outputs instead of running the pipeline.
+
+    ``report_extra`` adds top-level report sections (``graphslim search`` adds ``search``) and
+    ``extra_files`` more files to OUT_DIR (its ``recipe.json``); neither goes to the cache.
     """
     opts = RunOptions.build(options, **kwargs)
     src, out = Path(model_path), Path(out_dir) if out_dir is not None else None
@@ -142,8 +151,10 @@ def optimize(
     report["cache"] = {"key": key, "hit": False}
     if opts.cache_dir is not None:
         _write(Path(opts.cache_dir) / key, result, report, compiled)
+    if report_extra:
+        report.update(report_extra)
     if out is not None:
-        _write(out, result, report, compiled)
+        _write(out, result, report, compiled, extra_files)
     return OptimizeResult(result, report, out)
 
 
@@ -281,7 +292,11 @@ def model_digest(model: onnx.ModelProto) -> str:
 
 
 def _write(
-    folder: Path, model: onnx.ModelProto | bytes, report: dict[str, Any], compiled: Callable[[Path], None] | None = None
+    folder: Path,
+    model: onnx.ModelProto | bytes,
+    report: dict[str, Any],
+    compiled: Callable[[Path], None] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> None:
     from graphslim.report import render_files
 
@@ -294,6 +309,7 @@ def _write(
     files: dict[str, bytes | Callable[[Path], None]] = {"model.onnx": entry, **render_files(report)}
     if compiled is not None:
         files["compiled"] = compiled
+    files.update(extra_files or {})
     write_output_dir(folder, files)
 
 
