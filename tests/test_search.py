@@ -30,6 +30,7 @@ from graphslim.run.search import (  # noqa: E402 - after the importorskip
     Knob,
     LatencyTable,
     Space,
+    Timing,
     discover_knobs,
     pareto_front,
     quantize_pass,
@@ -121,12 +122,12 @@ def test_pareto_front():
 def test_latency_table_is_cached_by_layer_signature(tmp_path):
     model = _canonical(load_model(DIGITS)).to_model()
     sample = Dataset({"input": np.zeros((1, 1, 8, 8), np.float32)})
-    table = LatencyTable(tmp_path / "t.json", None)
+    table = LatencyTable(tmp_path / "t.json", Timing())
     times = table.layer_times(model, sample)
     assert set(times) == {"conv1", "conv2", "conv3", "fc1", "fc2"} and all(t >= 0 for t in times.values())
     first = table.timed
     assert first >= 6  # five layers and the empty model
-    again = LatencyTable(tmp_path / "t.json", None)
+    again = LatencyTable(tmp_path / "t.json", Timing())
     assert again.layer_times(model, sample) == times and again.timed == 0
     # A layer with another shape is a new entry; the others are reused.
     pruned = Graph.from_model(model)
@@ -250,20 +251,34 @@ def test_two_workers_split_one_sqlite_study(tmp_path, digits_data):
     assert len(res.report["search"]["workers_seen"]) >= 2
 
 
-def test_mlp_without_labels_is_judged_by_agreement(tmp_path):
+def test_mlp_without_labels_is_judged_by_agreement_and_a_failing_candidate_fails_only_its_trial(tmp_path, monkeypatch):
+    import graphslim.run.search as search_mod
+
+    calls = {"n": 0}
+    measure = search_mod._Evaluator.measure
+
+    def flaky(self, cand, judge=None):
+        if judge is None:  # the original's reference, then the trials
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise Exception("ONNX Runtime cannot run this candidate")  # ORT's errors are plain Exceptions
+        return measure(self, cand, judge)
+
+    monkeypatch.setattr(search_mod._Evaluator, "measure", flaky)
     model = ARCHITECTURES["mlp"]()
     path = tmp_path / "mlp.onnx"
     onnx.save(model, str(path))
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "train.npz", input=rng.standard_normal((128, 32)).astype(np.float32))
     np.savez(tmp_path / "eval.npz", input=rng.standard_normal((200, 32)).astype(np.float32))
-    opts = _opts(tmp_path / "train.npz", tmp_path / "eval.npz", objective="macs", trials=4)
+    opts = _opts(tmp_path / "train.npz", tmp_path / "eval.npz", objective="bytes", trials=4, techniques=("int8", "svd"))
     opts = replace(opts, run=RunOptions.build(opts.run, max_accuracy_drop=2.0))
     res = search(path, tmp_path / "out", opts)
     sec = res.report["search"]
     assert sec["metric"]["name"] == "top-1 agreement with the original" and sec["metric"]["reference"] == 1.0
     assert res.report["budgets"]["max_accuracy_drop"]["met"]
-    assert res.report["after"]["macs"] <= res.report["before"]["macs"]
+    assert res.report["after"]["size_bytes"] < res.report["before"]["size_bytes"]
+    assert sec["trials"] == 4 and sec["failed"] == 1
 
 
 def test_missing_optuna_is_one_line_and_exit_2(monkeypatch, capsys, digits_data):
@@ -281,5 +296,7 @@ def test_bad_search_options_are_usage_errors(capsys, digits_data):
     assert "magic" in capsys.readouterr().err
     assert main([*base, "--trials", "0"]) == 2
     capsys.readouterr()
+    assert main([*base, "--clock", "cpu", "--threads", "2"]) == 2
+    assert "--threads 1" in capsys.readouterr().err
     assert main(["search", str(DIGITS), "-o", "unused"]) == 2  # nothing held out to measure on
     assert "held-out" in capsys.readouterr().err

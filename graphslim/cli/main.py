@@ -255,6 +255,14 @@ def _add_search(sub: Any) -> None:
         help="the K best candidates within the budgets (by estimate) timed end to end before choosing (default 8)",
     )
     s.add_argument("--batch", type=int, default=1, help="batch size latency is timed at (default 1)")
+    s.add_argument("--threads", type=int, metavar="N", help="runtime threads when timing (default: the runtime's)")
+    s.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time by the wall clock (default) or by single-thread CPU time, which other processes on a shared "
+        "machine do not disturb",
+    )
     s.add_argument("--seed", type=int, default=0, help="seed for the sampler and every pass (default 0)")
     _add_common(s)
 
@@ -288,6 +296,8 @@ def _cmd_search(args: argparse.Namespace) -> tuple[int, Any]:
         sensitivity_samples=args.sensitivity_samples,
         validate=args.validate,
         batch=args.batch,
+        threads=args.threads,
+        clock=args.clock,
     )
     res = search(args.model, args.output, opts)
     rep, sec = res.report, res.report["search"]

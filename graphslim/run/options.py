@@ -123,6 +123,8 @@ class SearchOptions:
     sensitivity_samples: int = 500  # held-out samples for the one-knob-at-a-time pass
     validate: int = 8  # best candidates within the budgets (by estimate) timed end to end
     batch: int = 1  # the batch size latency is timed at
+    threads: int | None = None  # runtime threads when timing (None: the runtime's default)
+    clock: str = "wall"  # wall | cpu (single-thread CPU time: for shared machines)
 
     def __post_init__(self) -> None:
         if self.objective not in ("latency", "bytes", "macs"):

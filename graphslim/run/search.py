@@ -68,6 +68,7 @@ __all__ = [
     "SearchResult",
     "Space",
     "discover_knobs",
+    "Timing",
     "pareto_front",
     "require_optuna",
     "search",
@@ -405,6 +406,85 @@ def _layers(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], with_val
     return out
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How latency is timed: on ONNX Runtime (all graph optimizations) or TVM for ``target``,
+    with ``threads`` (None: the runtime's default), by the ``wall`` clock or by ``cpu`` time (the
+    calling thread's CPU time, single-threaded: on a shared machine it measures the model, not the
+    other processes; an idle machine gives the same number as the wall clock)."""
+
+    target: str | None = None
+    threads: int | None = None
+    clock: str = "wall"
+
+    def __post_init__(self) -> None:
+        if self.clock not in ("wall", "cpu"):
+            raise InputError(f"--clock must be wall or cpu, got {self.clock!r}")
+        if self.clock == "cpu" and self.threads not in (None, 1):
+            raise InputError("--clock cpu times one thread: give --threads 1 (or leave it out)")
+        if self.threads is not None and self.threads < 1:
+            raise InputError("--threads must be >= 1")
+
+    @property
+    def n_threads(self) -> int | None:
+        return 1 if self.clock == "cpu" else self.threads
+
+    @property
+    def label(self) -> str:
+        runtime = f"tvm {self.target}" if self.target else "onnxruntime"
+        threads = f", {self.n_threads} thread{'s' if self.n_threads != 1 else ''}" if self.n_threads else ""
+        return runtime + threads + (", cpu clock" if self.clock == "cpu" else "")
+
+    @property
+    def key(self) -> str:
+        return f"{(self.target or 'ort').replace('/', '_')}-t{self.n_threads or 0}-{self.clock}"
+
+    def runner(self, model: onnx.ModelProto, sample: Dataset) -> Callable[[], Any]:
+        """A zero-argument call that runs ``model`` once on ``sample`` (one batch)."""
+        feeds = dict(sample.inputs)
+        if not self.target:
+            from graphslim.core.runtime import ort_session
+
+            sess = ort_session(model, optimize=True, threads=self.n_threads or 0)
+            return lambda: sess.run(None, feeds)
+        if self.n_threads:
+            os.environ["TVM_NUM_THREADS"] = str(self.n_threads)  # read when TVM's pool starts
+        from graphslim.backend import build, load_artifact
+
+        export, _ = build(_fixed_inputs(model, sample), self.target, batch=len(sample))
+        tmp = tempfile.TemporaryDirectory(prefix="graphslim-search-tvm-")
+        export(Path(tmp.name))
+        runner = load_artifact(tmp.name)
+        call = lambda: runner(feeds)  # noqa: E731
+        call.keep = tmp  # type: ignore[attr-defined] - the library's folder lives as long as the call
+        return call
+
+    def median_ms(self, fn: Callable[[], Any], runs: int, warmup: int = 0, max_seconds: float = 1e9) -> float:
+        """Median ms of ``runs`` calls (fewer, but at least 3, once ``max_seconds`` have passed)."""
+        # One ORT thread computes on the calling thread; TVM's runtime may use a worker of its own.
+        clock = time.perf_counter if self.clock == "wall" else (time.process_time if self.target else time.thread_time)
+        for _ in range(warmup):
+            fn()
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < runs and (len(times) < 3 or time.perf_counter() - start < max_seconds):
+            t0 = clock()
+            fn()
+            times.append((clock() - t0) * 1e3)
+        return float(np.median(times))
+
+    def interleaved(self, calls: Sequence[Callable[[], Any]], *, rounds: int = 7, runs: int = 15) -> list[float]:
+        """Median ms of each call over ``rounds`` rounds that run every call in turn (each round's
+        value: the median of ``runs`` runs), so drifts of the machine hit all calls alike."""
+        for c in calls:
+            self.median_ms(c, 3, warmup=3)
+        per: list[list[float]] = [[] for _ in calls]
+        for _ in range(rounds):
+            for i, c in enumerate(calls):
+                per[i].append(self.median_ms(c, runs))
+        return [round(float(np.median(p)), 5) for p in per]
+
+
 class LatencyTable:
     """Milliseconds per layer signature on one runtime, kept in a JSON file (shared by the
     workers of a study: merged under a lock on every write).
@@ -414,9 +494,9 @@ class LatencyTable:
 
     VERSION = 1
 
-    def __init__(self, path: Path | None, target: str | None):
-        self.path, self.target = path, target
-        self.runtime = f"tvm {target}" if target else "onnxruntime"
+    def __init__(self, path: Path | None, timing: Timing):
+        self.path, self.timing = path, timing
+        self.runtime = timing.label
         self.entries: dict[str, dict[str, Any]] = {}
         self.timed = 0  # entries this process measured
         self._load()
@@ -445,19 +525,7 @@ class LatencyTable:
             atomic_write(self.path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
     def _time(self, model: onnx.ModelProto, feeds: Dataset) -> float:
-        from graphslim.backend.bench import measure_ort
-
-        batch = len(feeds)
-        if not self.target:
-            return float(measure_ort(model, feeds, batch=batch, warmup=3, repeat=25, max_seconds=1.0)["median_ms"])
-        from graphslim.backend import build, load_artifact
-        from graphslim.backend.bench import measure_tvm
-
-        export, _ = build(model, self.target, batch=batch)
-        with tempfile.TemporaryDirectory(prefix="graphslim-search-tvm-") as tmp:
-            export(Path(tmp))
-            runner = load_artifact(tmp)
-            return float(measure_tvm(runner, feeds, warmup=3, repeat=25, max_seconds=1.0)["median_ms"])
+        return self.timing.median_ms(self.timing.runner(model, feeds), 25, warmup=3, max_seconds=1.0)
 
     def overhead(self) -> float:
         """The runtime's cost of one call of a one-element model."""
@@ -501,7 +569,7 @@ class LatencyTable:
         overhead = self.overhead()
         new: dict[str, dict[str, Any]] = {}
         times: dict[str, float] = {}
-        for layer in _layers(model, shapes, with_values=bool(self.target)):
+        for layer in _layers(model, shapes, with_values=bool(self.timing.target)):
             if layer.signature not in self.entries:
                 rng = np.random.default_rng(0)
                 feeds = Dataset({layer.input_name: rng.standard_normal(layer.input_shape).astype(np.float32)})
@@ -511,40 +579,6 @@ class LatencyTable:
             times[layer.name] = float(self.entries[layer.signature]["ms"])
         self._save(new)
         return times
-
-
-def _runner(model: onnx.ModelProto, sample: Dataset, target: str | None) -> Callable[[], Any]:
-    """A zero-argument call that runs ``model`` once on ``sample`` (one batch): an ONNX Runtime
-    session with all graph optimizations, or a TVM build for ``target``."""
-    feeds = dict(sample.inputs)
-    if not target:
-        from graphslim.core.runtime import ort_session
-
-        sess = ort_session(model, optimize=True)
-        return lambda: sess.run(None, feeds)
-    from graphslim.backend import build, load_artifact
-
-    export, _ = build(_fixed_inputs(model, sample), target, batch=len(sample))
-    tmp = tempfile.TemporaryDirectory(prefix="graphslim-search-tvm-")
-    export(Path(tmp.name))
-    runner = load_artifact(tmp.name)
-    call = lambda: runner(feeds)  # noqa: E731
-    call.keep = tmp  # type: ignore[attr-defined] - the library's folder lives as long as the call
-    return call
-
-
-def measure_interleaved(calls: Sequence[Callable[[], Any]], *, rounds: int = 7, runs: int = 15) -> list[float]:
-    """Median ms of each call over ``rounds`` rounds that run every call in turn (each round's
-    value: the median of ``runs`` runs), so drifts of the machine hit all calls alike."""
-    from graphslim.backend.bench import measure_callable
-
-    for c in calls:
-        measure_callable(c, 1, 3, 3, 1e9)
-    per: list[list[float]] = [[] for _ in calls]
-    for _ in range(rounds):
-        for i, c in enumerate(calls):
-            per[i].append(measure_callable(c, 1, 0, runs, 1e9)["median_ms"])
-    return [round(float(np.median(p)), 5) for p in per]
 
 
 # --------------------------------------------------------------------------- a search session
@@ -613,8 +647,8 @@ def _setup(src: Path, opts: SearchOptions, workdir: Path) -> _Setup:
         bindings = None
     table = None
     if opts.objective == "latency" or opts.run.budgets.max_latency_ms is not None:
-        runtime = (opts.run.compile.target or "ort").replace("/", "_")
-        table = LatencyTable(workdir / f"latency-{model_sha[:16]}-{runtime}.json", opts.run.compile.target)
+        timing = _timing(opts)
+        table = LatencyTable(workdir / f"latency-{model_sha[:16]}-{timing.key}.json", timing)
     setup = _Setup(
         src,
         opts,
@@ -649,6 +683,7 @@ def _settings(s: _Setup) -> dict[str, Any]:
         "eval_fraction": o.run.eval_fraction,
         "objective": o.objective,
         "target": o.run.compile.target,
+        "timing": _timing(o).key,
         "techniques": sorted(o.techniques),
         "max_accuracy_drop": b.max_accuracy_drop,
         "min_compression": b.min_compression,
@@ -658,6 +693,10 @@ def _settings(s: _Setup) -> dict[str, Any]:
         "batch": o.batch,
         "graphslim": __version__,
     }
+
+
+def _timing(opts: SearchOptions) -> Timing:
+    return Timing(opts.run.compile.target, opts.threads, opts.clock)
 
 
 def _max_drop(opts: SearchOptions) -> float:
@@ -887,7 +926,8 @@ def _baseline(setup: _Setup) -> dict[str, Any]:
     """The canonical model's end-to-end latency and its layers' sum in the table."""
     base: dict[str, Any] = {}
     if setup.table is not None:
-        base["latency_ms"] = measure_interleaved([_runner(setup.canonical, setup.sample, setup.target)])[0]
+        timing = setup.table.timing
+        base["latency_ms"] = timing.interleaved([timing.runner(setup.canonical, setup.sample)])[0]
         base["layers_ms"] = round(sum(setup.table.layer_times(setup.canonical, setup.sample).values()), 5)
     return base
 
@@ -931,6 +971,10 @@ def _prepare(optuna: ModuleType, setup: _Setup, study: Any, progress: bool) -> t
     return space, doc
 
 
+class CandidateFailed(GraphslimError):
+    """A candidate could not be built or run: its trial fails, the study goes on."""
+
+
 class _Objective:
     def __init__(self, optuna: ModuleType, ev: _Evaluator, trials: int):
         self.optuna, self.ev, self.trials = optuna, ev, trials
@@ -969,12 +1013,14 @@ class _Objective:
         t0 = time.perf_counter()
         try:
             res = ev.measure(ev.build(values))
-        except (GraphslimError, ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - a candidate a pass or ONNX Runtime cannot handle must not end the study
             self.failures += 1
-            trial.set_user_attr("error", str(e).splitlines()[0][:500])
+            why = (str(e).splitlines() or [type(e).__name__])[0][:500]
+            trial.set_user_attr("error", why)
+            log.warning("trial %d failed: %s", trial.number, why)
             if self.failures > max(10, self.trials):
                 study.stop()
-            raise
+            raise CandidateFailed(why) from e
         res["seconds"] = round(time.perf_counter() - t0, 3)
         for k, v in res.items():
             trial.set_user_attr(k, v)
@@ -1001,7 +1047,10 @@ def _optimize(
     objective = _Objective(optuna, ev, setup.opts.trials)
     states = optuna.trial.TrialState
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state == states.COMPLETE)
-    if done >= setup.opts.trials or not space.knobs:
+    if not space.knobs:
+        log.warning("no knob value stays within the budget on its own: nothing to search")
+        return
+    if done >= setup.opts.trials:
         return
     n_trials = None
     if waiting_only:
@@ -1019,7 +1068,7 @@ def _optimize(
             objective,
             n_trials=n_trials,
             timeout=setup.opts.timeout,
-            catch=(GraphslimError, ValueError, RuntimeError),
+            catch=(CandidateFailed,),
             callbacks=[optuna.study.MaxTrialsCallback(setup.opts.trials), tick],
         )
     finally:
@@ -1187,9 +1236,10 @@ def _finish(
     validated = feasible[: opts.validate]
     if validated:
         built = {r["trial"]: _rebuild(ev, study, r["trial"]) for r in validated}
-        calls = [_runner(setup.canonical, setup.sample, setup.target)]
-        calls += [_runner(built[r["trial"]].model, setup.sample, setup.target) for r in validated]
-        times = measure_interleaved(calls)
+        timing = _timing(opts)
+        calls = [timing.runner(setup.canonical, setup.sample)]
+        calls += [timing.runner(built[r["trial"]].model, setup.sample) for r in validated]
+        times = timing.interleaved(calls)
         baseline["latency_ms"], baseline["latency_source"] = times[0], "measured"
         for r, ms in zip(validated, times[1:], strict=True):
             if r["latency_ms"] is not None:
@@ -1216,9 +1266,7 @@ def _finish(
     all_rows = [_row(t) for t in complete]
     section = {
         "objective": opts.objective,
-        "runtime": setup.table.runtime
-        if setup.table is not None
-        else ("tvm " + setup.target if setup.target else "onnxruntime"),
+        "runtime": _timing(opts).label,
         "metric": {"name": setup.judge.name, "reference": setup.judge.reference, "samples": len(setup.judge.data)},
         "max_accuracy_drop": _max_drop(opts),
         "study": {
@@ -1306,6 +1354,7 @@ def search(
     t_start = time.perf_counter()
     opts = options or SearchOptions()
     optuna = require_optuna()
+    _timing(opts)  # bad timing options are usage errors before any work
     src, out = Path(model_path), Path(out_dir)
     check_out_dir(src, out)
     workdir = out.absolute().parent / (out.name + ".search")
