@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -22,6 +23,7 @@ from graphslim.core.data import Dataset
 from graphslim.core.ir import Graph, load_model
 from graphslim.core.ops import weight_matrix
 from graphslim.pipeline import PassContext, PassManager, Pipeline
+from graphslim.report import SCHEMA_PATH
 from graphslim.run.options import Budgets, RunOptions, SearchOptions
 
 optuna = pytest.importorskip("optuna")
@@ -181,6 +183,7 @@ def test_search_respects_the_budget_and_the_recipe_reproduces_the_model(tmp_path
         assert set(row) >= {"accuracy", "bytes", "macs", "latency_ms", "pipeline"}
         assert row["within_budget"] == (row["drop_points"] <= 1.0)
     assert "## Search" in (out / "report.md").read_text() and "Pareto front" in (out / "report.html").read_text()
+    jsonschema.validate(rep, json.loads(SCHEMA_PATH.read_text()))
     # recipe.json + optimize --recipe: the same model, byte for byte.
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["pipeline"] == chosen["pipeline"] == rep["pipeline"]

@@ -1294,6 +1294,10 @@ def _finish(
         "front": [_public(r) for r in sorted(front, key=lambda r: r["cost"])],
         "history": [[r["trial"], r["accuracy"], r["drop_points"], r["cost"], r["within_budget"]] for r in all_rows],
         "chosen": {**_public(chosen), "why": _why(opts.objective, chosen, baseline)},
+        "validated": [
+            {"trial": r["trial"], "latency_ms": r["latency_ms"], "latency_estimate_ms": r.get("latency_estimate_ms")}
+            for r in validated
+        ],
         "recipe": "recipe.json",
         "reproduce": recipe["reproduce"],
         "seconds": round(time.perf_counter() - t_start, 1),
