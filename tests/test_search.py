@@ -7,6 +7,7 @@ Small models and few trials: the bundled digits CNN (labels: top-1 accuracy) and
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -240,7 +241,7 @@ def test_same_seed_same_trials_and_same_model_and_resume_continues_the_study(tmp
 def test_two_workers_split_one_sqlite_study(tmp_path, digits_data):
     train, evals = digits_data
     out = tmp_path / "out"
-    res = search(DIGITS, out, _opts(train, evals, trials=8, workers=2))
+    res = search(DIGITS, out, _opts(train, evals, trials=8, workers=2, techniques=("prune",)))
     study = _study(out)
     states = optuna.trial.TrialState
     complete = [t for t in study.trials if t.state == states.COMPLETE]
@@ -303,3 +304,15 @@ def test_bad_search_options_are_usage_errors(capsys, digits_data):
     assert "--threads 1" in capsys.readouterr().err
     assert main(["search", str(DIGITS), "-o", "unused"]) == 2  # nothing held out to measure on
     assert "held-out" in capsys.readouterr().err
+
+
+def test_every_search_option_is_in_the_readme(capsys):
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    common = {"--help", "--debug", "--quiet", "--json", "--output"}  # every command's, documented once
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", capsys.readouterr().out)) - common
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### graphslim search") : readme.index("### The TVM backend")]
+    usage = readme[readme.index("graphslim search MODEL") :]
+    missing = sorted(f for f in flags if f not in section and f not in usage[:600])
+    assert not missing, f"search options not documented in README: {missing}"

@@ -77,7 +77,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Knob values. ``choices[0]`` of every knob leaves its layer alone.
-PRUNE_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+PRUNE_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 SVD_RATIOS = (0.0, 0.5, 0.375, 0.25, 0.125, 0.0625)  # rank ratio; 0: not factorized
 SPARSITIES = (0.0, 0.6, 0.75, 0.9)  # the backend's BSR kernels take layers from 0.6
 SPARSE_BLOCK = (16, 1)  # the block the BSR conv and dense kernels both take
@@ -683,7 +683,7 @@ def _settings(s: _Setup) -> dict[str, Any]:
         "eval_fraction": o.run.eval_fraction,
         "objective": o.objective,
         "target": o.run.compile.target,
-        "timing": _timing(o).key,
+        "timing": _timing(o).key if s.needs_latency else None,
         "techniques": sorted(o.techniques),
         "max_accuracy_drop": b.max_accuracy_drop,
         "min_compression": b.min_compression,
