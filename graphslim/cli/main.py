@@ -213,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--repeat", type=int, default=100)
     _add_common(bn)
 
+    _add_search(sub)
+
     e = sub.add_parser("eval", help="top-1 accuracy on labelled data, and the model's metric against a reference model")
     e.add_argument("model")
     e.add_argument("--data", required=True, metavar="DATA", help="FILE.npz, a folder of shards, or module:function")
@@ -225,6 +227,165 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_common(e)
     return ap
+
+
+def _add_search(sub: Any) -> None:
+    s = sub.add_parser(
+        "search",
+        help="search per-layer pruning, low-rank, int8 (and block sparsity) for the fastest model within a budget",
+        description="Search the per-layer knobs that apply to MODEL (channel/head keep ratios, SVD ranks, int8 or "
+        "float, block sparsity with --target) for the fastest (or smallest) model within the budgets, measured on "
+        "held-out data. Writes OUT_DIR/model.onnx, report.json (with a 'search' section: trials and the Pareto "
+        "front), report.md/html (front plotted) and recipe.json, which 'graphslim optimize MODEL --recipe' turns "
+        "into the same model. Needs the 'search' extra (Optuna).",
+        epilog=EPILOG,
+    )
+    s.add_argument("model", help="input .onnx file (never modified)")
+    s.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT_DIR",
+        help="output folder, as for optimize (--force to replace one graphslim did not write)",
+    )
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
+    s.add_argument("--data", metavar="DATA", help="data set, as for optimize (a seeded 20%% is held out)")
+    s.add_argument("--train-data", metavar="DATA", help="data the passes calibrate on (int8, activation ranking)")
+    s.add_argument("--eval-data", metavar="DATA", help="held-out data every candidate is measured on")
+    s.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help="budget: points of top-1 accuracy (or of the model's metric) the result may lose (default 1.0)",
+    )
+    s.add_argument("--min-compression", type=float, metavar="R", help="budget: r = params after / before at most R")
+    s.add_argument(
+        "--max-latency-ms", type=float, metavar="MS", help="budget: latency (batch 1) at most MS on the runtime timed"
+    )
+    s.add_argument(
+        "--objective",
+        choices=("latency", "bytes", "macs"),
+        default="latency",
+        help="what to minimize within the budgets (default latency: measured on the target)",
+    )
+    s.add_argument(
+        "--target",
+        choices=TARGET_CHOICES,
+        help="time candidates with TVM for this target (default: ONNX Runtime) and compile the result "
+        "into OUT_DIR/compiled/ (extra: tvm); adds block-sparsity knobs",
+    )
+    s.add_argument("--trials", type=int, default=100, help="full evaluations in the study, all workers (default 100)")
+    s.add_argument("--timeout", type=float, metavar="SECONDS", help="stop each worker's trials after this long")
+    s.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage of the study (default sqlite:///OUT_DIR.search/study.db; a database URL to share "
+        "it between machines)",
+    )
+    s.add_argument("--study", metavar="NAME", help="study name (default: derived from the model, data and options)")
+    s.add_argument("--resume", action="store_true", help="continue an existing study (an error if there is none)")
+    s.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="worker processes on this machine sharing the study"
+    )
+    s.add_argument(
+        "--techniques",
+        default="prune,heads,svd,int8,sparse",
+        metavar="LIST",
+        help="knob families to search, comma-separated (default prune,heads,svd,int8,sparse; sparse only with --target)",
+    )
+    s.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe", help="Optuna sampler (default tpe)")
+    s.add_argument(
+        "--sensitivity-samples",
+        type=int,
+        default=500,
+        metavar="N",
+        help="held-out samples for the one-knob-at-a-time pass (default 500)",
+    )
+    s.add_argument(
+        "--validate",
+        type=int,
+        default=8,
+        metavar="K",
+        help="the K best candidates within the budgets (by estimate) timed end to end before choosing (default 8)",
+    )
+    s.add_argument("--batch", type=int, default=1, help="batch size latency is timed at (default 1)")
+    s.add_argument("--threads", type=int, metavar="N", help="runtime threads when timing (default: the runtime's)")
+    s.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time by the wall clock (default) or by single-thread CPU time, which other processes on a shared "
+        "machine do not disturb",
+    )
+    s.add_argument("--seed", type=int, default=0, help="seed for the sampler and every pass (default 0)")
+    _add_common(s)
+
+
+def _cmd_search(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.backend.options import CompileOptions
+    from graphslim.run.options import Budgets, RunOptions, SearchOptions
+    from graphslim.run.search import require_optuna, search
+
+    require_optuna()  # exit 2 naming the extra, before any work
+    run = RunOptions(
+        data=args.data,
+        train_data=args.train_data,
+        eval_data=args.eval_data,
+        seed=args.seed,
+        progress=not (args.quiet or args.json),
+        budgets=Budgets(args.max_accuracy_drop, args.min_compression, args.max_latency_ms),
+        compile=CompileOptions(target=args.target),
+        force=args.force,
+    )
+    opts = SearchOptions(
+        run=run,
+        objective=args.objective,
+        trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study=args.study,
+        resume=args.resume,
+        workers=args.workers,
+        techniques=tuple(t.strip() for t in args.techniques.split(",") if t.strip()),
+        sampler=args.sampler,
+        sensitivity_samples=args.sensitivity_samples,
+        validate=args.validate,
+        batch=args.batch,
+        threads=args.threads,
+        clock=args.clock,
+    )
+    res = search(args.model, args.output, opts)
+    rep, sec = res.report, res.report["search"]
+    missed = [
+        f"{name}: {b['measure']} = {b['value']}, limit {b['limit']}"
+        for name, b in rep["budgets"].items()
+        if not b["met"]
+    ]
+    for m in missed:
+        print(f"graphslim: budget missed: {m} (outputs written to {args.output})", file=sys.stderr)
+    code = EXIT_BUDGET if missed else EXIT_OK
+    if args.json:
+        return code, rep
+    chosen = sec["chosen"]
+    lat = (rep.get("latency") or {}).get("ort_compressed")
+    lines = [
+        f"wrote {Path(args.output) / 'model.onnx'}, recipe.json, report.json and report.html",
+        f"  study {sec['study']['name']}: {sec['trials']} trials ({sec['evaluations']} evaluated, "
+        f"{sec['sensitivity']['evaluations']} sensitivity candidates), {len(sec['front'])} on the Pareto front",
+        f"  chosen: trial {chosen['trial']}, {sec['metric']['name']} {chosen['accuracy']:.4f} "
+        f"(drop {chosen['drop_points']} points), {chosen['bytes']:,} bytes, {chosen['macs']:,} MACs"
+        + (
+            f", {chosen['latency_ms']} ms ({chosen['latency_source']}, {sec['runtime']})"
+            if chosen["latency_ms"]
+            else ""
+        ),
+        f"  pipeline: {chosen['pipeline']}",
+    ]
+    if lat:
+        lines.append(f"  ONNX Runtime batch 1: {rep['latency']['ort_original']['median_ms']} -> {lat['median_ms']} ms")
+    lines.append(f"  reproduce: {sec['reproduce']}")
+    return code, "\n".join(lines)
 
 
 def _pipeline_from_args(args: argparse.Namespace):
@@ -766,6 +927,7 @@ COMMANDS = {
     "compile": _cmd_compile,
     "run": _cmd_run,
     "bench": _cmd_bench,
+    "search": _cmd_search,
 }
 
 

@@ -99,7 +99,13 @@ def data_roles(model: onnx.ModelProto, opts: RunOptions) -> DataRoles:
 
 
 def optimize(
-    model_path: str | Path, out_dir: str | Path | None = None, options: RunOptions | None = None, **kwargs: Any
+    model_path: str | Path,
+    out_dir: str | Path | None = None,
+    options: RunOptions | None = None,
+    *,
+    report_extra: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    **kwargs: Any,
 ) -> OptimizeResult:
     """Optimize the model at ``model_path`` and (if ``out_dir``) write ``model.onnx``,
     ``report.json``, ``report.md`` and ``report.html`` there (replaced whole or not at all).
@@ -111,6 +117,10 @@ def optimize(
 
     ``report["cache"]["key"]`` hashes everything the result depends on; with ``cache_dir`` a run
     whose key is already there copies the stored outputs instead of running the pipeline.
+
+    ``report_extra`` adds top-level report sections (``graphslim search`` adds ``search``) and
+    ``extra_files`` more files to OUT_DIR (its ``recipe.json``); a run with either neither reads
+    nor stores a cache entry.
     """
     opts = RunOptions.build(options, **kwargs)
     src, out = Path(model_path), Path(out_dir) if out_dir is not None else None
@@ -122,7 +132,7 @@ def optimize(
             if out is not None
             else None
         )
-        return _optimize(src, dest, opts, stack)
+        return _optimize(src, dest, opts, stack, report_extra, extra_files)
 
 
 def _inputs(src: Path, opts: RunOptions) -> list[str | os.PathLike[str]]:
@@ -136,7 +146,14 @@ def _inputs(src: Path, opts: RunOptions) -> list[str | os.PathLike[str]]:
     return paths
 
 
-def _optimize(src: Path, dest: OutputDir | None, opts: RunOptions, stack: contextlib.ExitStack) -> OptimizeResult:
+def _optimize(
+    src: Path,
+    dest: OutputDir | None,
+    opts: RunOptions,
+    stack: contextlib.ExitStack,
+    report_extra: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> OptimizeResult:
     out = dest.path if dest is not None else None
     pipe = _pipeline(opts.pipeline)
     original = load_model(src)
@@ -151,7 +168,7 @@ def _optimize(src: Path, dest: OutputDir | None, opts: RunOptions, stack: contex
     sizes = [len(d) for d in (roles.train, roles.report) if d is not None]
     check_memory(original, batch=min(256, max(sizes, default=8)), what=str(src))
     key = _key(model_hash, pipe, roles, opts)
-    if opts.cache_dir is not None:
+    if opts.cache_dir is not None and not (report_extra or extra_files):
         hit = _from_cache(Path(opts.cache_dir) / key, key, dest, opts)
         if hit is not None:
             return hit
@@ -180,13 +197,16 @@ def _optimize(src: Path, dest: OutputDir | None, opts: RunOptions, stack: contex
     report["budgets"] = _budgets(report, opts)
     report["cache"] = {"key": key, "hit": False}
     files = _files(result, report, compiled)
-    if opts.cache_dir is not None:
+    if opts.cache_dir is not None and not (report_extra or extra_files):
         try:  # entries are named by their key inside the cache folder, which is graphslim's
             write_output_dir(Path(opts.cache_dir) / key, files, kind="cache", inputs=_inputs(src, opts), force=True)
         except OutputBusy:
             log.info("another run is writing cache entry %s; not stored again", key)
+    if report_extra:
+        report.update(report_extra)
+        files = _files(result, report, compiled)
     if dest is not None:
-        dest.write(files)
+        dest.write({**files, **(extra_files or {})})
     return OptimizeResult(result, report, out)
 
 
