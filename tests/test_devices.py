@@ -90,8 +90,9 @@ class Cluster:
         while not ready():
             dead = [p for p in self.procs if p.poll() is not None]
             if dead or time.monotonic() - start > READY_S:
-                logs = "\n".join(f.read_text()[-2000:] for f in sorted(self.root.glob("*.log")))
-                raise AssertionError(f"{what} did not come up:\n{logs}")
+                logs = "\n".join(f"{f.name}: {f.read_text()[-2000:]}" for f in sorted(self.root.glob("*.log")))
+                exits = [(" ".join(map(str, p.args[:4])), p.returncode) for p in dead]
+                raise AssertionError(f"{what} did not come up (exited: {exits}):\n{logs}")
             time.sleep(0.5)
 
     def server(self, key: str, argv: list[str] | None = None) -> subprocess.Popen:
