@@ -207,6 +207,10 @@ def build(
         raise InputError(f"tuning for '{target}' measures on the device: give --rpc-tracker HOST:PORT --rpc-key KEY")
     if tune > 0 and tuning_db is None:
         raise InputError("tuning needs a database folder (--tuning-db, or compile into an output folder)")
+    if tune > 0 and rpc is not None:
+        from graphslim.backend.remote import check_key
+
+        check_key(rpc)  # an unreachable tracker or unknown key: one line now, not a tuning run of failures
     from graphslim.kernels.prepare import prepare
 
     static, batch = prepare(model, shapes, batch)

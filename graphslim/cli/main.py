@@ -200,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     rn.add_argument("artifact", metavar="ARTIFACT_DIR")
     rn.add_argument("--data", required=True, metavar="DATA")
     rn.add_argument("--reference", metavar="MODEL", help="compare outputs with this ONNX model in ONNX Runtime")
+    _add_rpc(rn)
     _add_common(rn)
 
     bn = sub.add_parser("bench", help="latency of an ONNX model (ONNX Runtime) or a compiled artifact (TVM)")
@@ -211,9 +212,19 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--data", metavar="DATA", help="inputs to time with (default: seeded random inputs)")
     bn.add_argument("--warmup", type=int, default=10)
     bn.add_argument("--repeat", type=int, default=100)
+    bn.add_argument(
+        "--target",
+        choices=TARGET_CHOICES,
+        help="with --rpc-tracker: build an ONNX MODEL for this target (per --batch) and time it on the device",
+    )
+    _add_rpc(bn)
     _add_common(bn)
 
     _add_search(sub)
+
+    dv = sub.add_parser("devices", help="list the devices a TVM RPC tracker has (keys, free / in use)")
+    dv.add_argument("--rpc-tracker", required=True, metavar="HOST:PORT", help="the tracker's address")
+    _add_common(dv)
 
     e = sub.add_parser("eval", help="top-1 accuracy on labelled data, and the model's metric against a reference model")
     e.add_argument("model")
@@ -469,6 +480,7 @@ def _latency_lines(rep: dict[str, Any]) -> list[str]:
         ("ONNX Runtime, original", lat.get("ort_original")),
         ("ONNX Runtime, result", lat.get("ort_compressed")),
         (f"TVM {rep.get('target')}, compiled result", lat.get("tvm_compiled")),
+        (f"device '{(lat.get('device') or {}).get('key')}', compiled result", lat.get("device")),
     ]
     out = []
     for label, row in rows:
@@ -643,13 +655,25 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
         help="tuning database folder to reuse and extend across builds "
         "(kernels it already holds are not tuned again; with --tune 0 its records are only applied)",
     )
+    _add_rpc(p)
+
+
+def _add_rpc(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("remote device (TVM RPC tracker; see 'graphslim devices')")
     g.add_argument(
         "--rpc-tracker",
         metavar="HOST:PORT",
-        help="measure on a device registered with this TVM RPC "
-        "tracker (needed to tune a cross-compiled target such as arm)",
+        help="use a device registered with this TVM RPC tracker: tuning measures there (needed to tune a "
+        "cross-compiled target such as arm), and the compiled model is run and timed there",
     )
-    g.add_argument("--rpc-key", metavar="KEY", help="device key at the RPC tracker")
+    g.add_argument("--rpc-key", metavar="KEY", help="device key the boards registered with at the tracker")
+    g.add_argument(
+        "--rpc-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for a free device of the key before failing (default 60)",
+    )
 
 
 def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int | None = None) -> Any:
@@ -657,18 +681,29 @@ def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int
     before work)."""
     from graphslim.backend.options import CompileOptions, parse_shapes
 
-    if bool(args.rpc_tracker) != bool(args.rpc_key):
-        raise InputError("--rpc-tracker and --rpc-key go together")
-    if args.rpc_tracker and not re.fullmatch(r"[^:\s]+:\d+", args.rpc_tracker):
-        raise InputError(f"--rpc-tracker: expected HOST:PORT, got {args.rpc_tracker!r}")
+    rpc = _rpc_of(args)
+    if rpc is not None and target is None:
+        raise InputError("--rpc-tracker/--rpc-key run the compiled result on a device: give --target too")
     return CompileOptions(
         target=target,
         shapes=parse_shapes(getattr(args, "shape", None)),
         batch=batch,
         tune=args.tune,
         tuning_db=args.tuning_db,
-        rpc=(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None,
+        rpc=rpc,
+        rpc_timeout=args.rpc_timeout,
     )
+
+
+def _rpc_of(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(tracker, key) of --rpc-tracker/--rpc-key, or None; usage errors before any work."""
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise InputError("--rpc-tracker and --rpc-key go together")
+    if args.rpc_tracker and not re.fullmatch(r"[^:\s]+:\d+", args.rpc_tracker):
+        raise InputError(f"--rpc-tracker: expected HOST:PORT, got {args.rpc_tracker!r}")
+    if not args.rpc_timeout > 0:
+        raise InputError("--rpc-timeout must be > 0")
+    return (args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
 
 
 def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
@@ -713,33 +748,52 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.core.metrics import MetricSpec, compare_outputs, score_outputs
     from graphslim.core.runtime import check_memory, run_model
 
-    runner = load_artifact(args.artifact)
-    batch = runner.meta["batch"]
-    names = [i["name"] for i in runner.meta["inputs"]]
+    rpc = _rpc_of(args)
+    if rpc is not None:  # on a device of the tracker: the library is uploaded there
+        from graphslim.backend.remote import read_meta
+
+        runner, meta = None, read_meta(args.artifact)
+    else:
+        runner = load_artifact(args.artifact)
+        meta = runner.meta
+    batch = meta["batch"]
+    names = [i["name"] for i in meta["inputs"]]
     ref_model = load_model(args.reference) if args.reference else None
     if ref_model is not None:
         check_memory(ref_model, batch=256, what=args.reference)
     # The artifact has a static batch: feed it whole batches (the tail is padded, then cut).
-    template = ref_model or _model_for_inputs(runner.meta)
+    template = ref_model or _model_for_inputs(meta)
     data = load_data(args.data, template)
-    outs: list[list[np.ndarray]] = []
+    feeds_list, sizes = [], []
     for b in data.batches(batch):
         n = len(b)
-        feeds = {
-            k: np.concatenate([v, np.repeat(v[-1:], batch - n, axis=0)]) if n < batch else v
-            for k, v in b.inputs.items()
-            if k in names
-        }
-        outs.append([o[:n] for o in runner(feeds)])
+        feeds_list.append(
+            {
+                k: np.concatenate([v, np.repeat(v[-1:], batch - n, axis=0)]) if n < batch else v
+                for k, v in b.inputs.items()
+                if k in names
+            }
+        )
+        sizes.append(n)
+    if runner is None:
+        from graphslim.backend.remote import run_artifact
+
+        raw = run_artifact(args.artifact, rpc, feeds_list, wait_s=args.rpc_timeout)
+    else:
+        raw = [runner(f) for f in feeds_list]
+    outs = [[o[:n] for o in r] for r, n in zip(raw, sizes, strict=True)]
     result = [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
     out: dict[str, Any] = {"artifact": args.artifact, "samples": len(data)}
+    if rpc is not None:
+        out["device"] = {"tracker": rpc[0], "key": rpc[1]}
     if data.labels is not None and result[0].ndim == 2:
         out["accuracy"] = score_outputs(MetricSpec("accuracy"), result, labels=data.labels).value
     if ref_model is not None:
         out["fidelity"] = compare_outputs(run_model(ref_model, data), result).to_dict()
     if args.json:
         return EXIT_OK, out
-    lines = [f"{args.artifact}: ran {len(data)} samples ({runner.meta['target']}, batch {batch})"]
+    where = f" on a device of key '{rpc[1]}' at {rpc[0]}" if rpc is not None else ""
+    lines = [f"{args.artifact}: ran {len(data)} samples ({meta['target']}, batch {batch}){where}"]
     if "accuracy" in out:
         lines.append(f"  top-1 accuracy {out['accuracy']:.4f}")
     if "fidelity" in out:
@@ -757,6 +811,8 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.core.ir import load_model
     from graphslim.core.runtime import check_memory
 
+    if args.rpc_tracker or args.rpc_key or args.target:
+        return _bench_on_device(args)
     try:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
     except ValueError:
@@ -844,6 +900,102 @@ def _batch_sizes(model: Any, wanted: list[int]) -> tuple[list[int], str]:
     return [b], f"the model's batch is fixed at {b}"
 
 
+def _bench_on_device(args: argparse.Namespace) -> tuple[int, Any]:
+    """``bench --rpc-tracker HOST:PORT --rpc-key KEY``: ONNX Runtime here for the ONNX models
+    given (MODEL, --baseline), and the compiled model on devices of the key (an artifact as it
+    is, an ONNX MODEL built for --target at each --batch size)."""
+    from graphslim.backend.bench import measure_ort
+    from graphslim.backend.options import CompileOptions
+    from graphslim.backend.remote import measure_artifact, measure_model, read_meta
+    from graphslim.core.data import load_data, random_inputs
+    from graphslim.core.ir import load_model
+
+    rpc = _rpc_of(args)
+    if rpc is None:
+        raise InputError("--target times the model on a device: give --rpc-tracker HOST:PORT --rpc-key KEY too")
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    except ValueError:
+        raise InputError(f"--batch: expected sizes like 1,32, got {args.batch!r}") from None
+    if not batches or min(batches) < 1 or args.repeat < 1 or args.warmup < 0:
+        raise InputError("--batch sizes and --repeat must be >= 1, --warmup >= 0")
+    artifact = Path(args.model).is_dir()
+    meta = read_meta(args.model) if artifact else None
+    if artifact and args.target:
+        raise InputError(f"{args.model} is compiled (for {meta['target']}); --target is for ONNX models")
+    if not artifact and not args.target:
+        raise InputError("give --target T to build the ONNX model for the device (or bench a compiled artifact)")
+    model = None if artifact else load_model(args.model)
+
+    def data_for(m: Any, n: int) -> Any:
+        return load_data(args.data, m) if args.data else random_inputs(m, n, 0)
+
+    if artifact:
+        batches = [meta["batch"]]
+        data = data_for(_model_for_inputs(meta), meta["batch"])
+    else:
+        data = data_for(model, max(batches))
+    runs = {"warmup": args.warmup, "repeat": args.repeat, "max_seconds": 30}
+    rows: list[dict[str, Any]] = []
+    # ONNX Runtime here, beside the device's figures (MODEL when it is an ONNX file, --baseline).
+    for label, m in (("baseline", load_model(args.baseline) if args.baseline else None), ("model", model)):
+        if m is not None:
+            m_data = data if m is model else data_for(m, max(batches))
+            for b in batches:
+                path = args.baseline if label == "baseline" else args.model
+                rows.append(
+                    {"what": label, "path": path, "runtime": "onnxruntime", **measure_ort(m, m_data, batch=b, **runs)}
+                )
+    for b in batches:
+        if artifact:
+            timing = measure_artifact(args.model, rpc, data, wait_s=args.rpc_timeout, **runs)
+        else:
+            opts = CompileOptions(target=args.target, batch=b, rpc=rpc, rpc_timeout=args.rpc_timeout)
+            timing = measure_model(model, opts, data, **runs)
+        rows.append(
+            {"what": "model", "path": args.model, "runtime": f"tvm ({timing['target']}) on '{rpc[1]}'", **timing}
+        )
+    base = {r["batch"]: r["median_ms"] for r in rows if r["what"] == "baseline"}
+    for r in rows:
+        r["vs_baseline"] = round(r["median_ms"] / base[r["batch"]], 4) if r["batch"] in base else None
+    if args.json:
+        return EXIT_OK, {"results": rows}
+    lines = [f"{'what':<9} {'runtime':<28} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'runs':>6} {'vs base':>8}"]
+    for r in rows:
+        vs = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
+        lines.append(
+            f"{r['what']:<9} {r['runtime'][:28]:<28} {r['batch']:>5} {r['median_ms']:>10.4f} {r['p90_ms']:>9.4f} "
+            f"{r['runs']:>6} {vs:>8}"
+        )
+        for d in r.get("devices", []):
+            lines.append(f"{'':<9}   device {d['server']}: {d['runs']} runs, median {d['median_ms']:.4f} ms")
+        if r.get("retries"):
+            lines.append(f"{'':<9}   {r['retries']} share(s) timed again after a device stopped answering")
+    return EXIT_OK, "\n".join(lines)
+
+
+def _cmd_devices(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.backend.remote import Tracker, list_devices
+
+    tracker = Tracker.parse(args.rpc_tracker)
+    keys = list_devices(tracker)
+    if args.json:
+        return EXIT_OK, {"tracker": str(tracker), "keys": keys}
+    if not keys:
+        return EXIT_OK, f"tracker {tracker}: no devices registered"
+    width = max(3, *(len(k["key"]) for k in keys))
+    lines = [
+        f"tracker {tracker}",
+        f"  {'key':<{width}} {'devices':>7} {'free':>5} {'in use':>6} {'pending':>7}  servers",
+    ]
+    for k in keys:
+        lines.append(
+            f"  {k['key']:<{width}} {k['devices']:>7} {k['free']:>5} {k['in_use']:>6} {k['pending']:>7}  "
+            + ", ".join(k["servers"])
+        )
+    return EXIT_OK, "\n".join(lines)
+
+
 def _model_for_inputs(meta: dict[str, Any]) -> Any:
     """A stand-in ONNX model declaring the artifact's inputs, to validate data files against."""
     import onnx
@@ -928,6 +1080,7 @@ COMMANDS = {
     "run": _cmd_run,
     "bench": _cmd_bench,
     "search": _cmd_search,
+    "devices": _cmd_devices,
 }
 
 

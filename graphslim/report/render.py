@@ -114,6 +114,20 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     f"{t['median_ms'] / o['median_ms']:.2f}x vs ORT original" if o["median_ms"] else "",
                 )
             )
+        d = lat.get("device")
+        if d:
+            # Timed on the device (a board of the tracker), so the ratio compares two machines
+            # when the device is not this one.
+            servers = ", ".join(x["server"] for x in d.get("devices", []))
+            rows.append(
+                (
+                    f"device '{d['key']}' ({d.get('target') or ''}; {servers} via tracker {d['tracker']}), "
+                    f"batch {d['batch']} (median ms, {d['runs']} runs)",
+                    "",
+                    f"{d['median_ms']:.4g}",
+                    f"{d['median_ms'] / o['median_ms']:.2f}x vs ORT original here" if o["median_ms"] else "",
+                )
+            )
     return rows
 
 
@@ -218,7 +232,10 @@ def plots(report: dict[str, Any]) -> dict[str, bytes]:
         if lat.get("tvm_compiled"):
             labels.append("TVM compiled")
             vals.append(lat["tvm_compiled"]["median_ms"])
-        ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0", "#3e8e5e"][: len(vals)])
+        if lat.get("device"):
+            labels.append(f"device '{lat['device']['key']}'")
+            vals.append(lat["device"]["median_ms"])
+        ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0", "#3e8e5e", "#b0662f"][: len(vals)])
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=9)
         ax.set_ylabel(f"median ms, batch {lat['ort_original']['batch']}")

@@ -228,6 +228,8 @@ def _key(model_hash: str, pipe: Pipeline, roles: DataRoles, opts: RunOptions) ->
     )
     if opts.metric != "auto":  # passes decide by the metric: a different one is a different run
         extra = {**(extra or {}), "metric": opts.metric}
+    if c.target and c.rpc is not None:  # tuned and timed on that device: a run for another is not this one
+        extra = {**(extra or {}), "device": {"tracker": c.rpc[0], "key": c.rpc[1]}}
     return cache_key(model_hash, str(pipe), roles.given, seed=opts.seed, target=target, verify=opts.verify, extra=extra)
 
 
@@ -317,17 +319,23 @@ def _compile(
     if scratch and "tuning" in meta:
         meta["tuning"]["database"] = "compiled/tuning"
     report["compiled"] = {"folder": "compiled", **meta}
-    if opts.measure_latency and target.startswith("x86"):
+    if opts.measure_latency and (target.startswith("x86") or c.rpc is not None):
+        sample = data if data is not None else random_inputs(_static_inputs(meta), 1, opts.seed)
         with scratch_dir("tvm") as tmp:
             export(Path(tmp))
-            try:
-                runner = load_artifact(tmp)
-            except InputError as e:  # e.g. an AVX-512 build on an AVX2 host
-                report["compiled"]["not_timed"] = str(e)
-            else:
-                sample = data if data is not None else random_inputs(_static_inputs(meta), 1, opts.seed)
-                report.setdefault("latency", None)
-                report["latency"] = {**(report["latency"] or {}), "tvm_compiled": measure_tvm(runner, sample)}
+            report.setdefault("latency", None)
+            if c.rpc is not None:  # on a device of the tracker (first: TVM's thread pool here would compete)
+                from graphslim.backend.remote import measure_artifact
+
+                device = measure_artifact(tmp, c.rpc, sample, wait_s=c.rpc_timeout)
+                report["latency"] = {**(report["latency"] or {}), "device": device}
+            if target.startswith("x86"):
+                try:
+                    runner = load_artifact(tmp)
+                except InputError as e:  # e.g. an AVX-512 build on an AVX2 host
+                    report["compiled"]["not_timed"] = str(e)
+                else:
+                    report["latency"] = {**(report["latency"] or {}), "tvm_compiled": measure_tvm(runner, sample)}
 
     def write(folder: Path) -> None:
         (folder / "compiled").mkdir()
