@@ -76,6 +76,7 @@ def cpu_pipeline(
             mod = relax.transform.DeadCodeElimination()(cancel_transposes(sink_transposes(mod)))
             mod = relax.transform.FoldConstant()(mod)  # the weights' layout transforms
             mod = _apply_rewrites(mod, late, spec, rewrites_applied)
+            mod = relax.transform.FastMathTransform()(mod)
             mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
             if tune > 0 or tuning_db is not None:
                 if tuning_db is None:
