@@ -136,8 +136,10 @@ def tune(
     progress: bool = False,
     seed: int = 0,
     report: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> Any:
-    """Tune ``mod``'s kernels; returns the JSON database in ``work_dir`` (see module docstring)."""
+    """Tune ``mod``'s kernels; returns the JSON database in ``work_dir`` (see module docstring).
+    Local measurements run on ``threads`` threads (TVM's own default when None)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -207,7 +209,12 @@ def tune(
             max_workers=devices,
         )
     else:
-        runner = ms.runner.LocalRunner(evaluator_config=evaluator, f_alloc_argument=alloc_arguments, timeout_sec=60)
+        runner = ms.runner.LocalRunner(
+            evaluator_config=evaluator,
+            f_alloc_argument=alloc_arguments,
+            f_run_evaluator=_evaluator(threads),
+            timeout_sec=60,
+        )
     # MetaSchedule builds its logging config from the names of the handlers already on its logger
     # and fails on an unnamed one (pytest's capture handlers are such); they are detached for that call and put back.
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -262,6 +269,25 @@ def _device_cores(config: Any) -> int:
     t.start()
     t.join(config.session_timeout_sec)
     return max(1, found[0]) if found else 1
+
+
+def _evaluator(threads: int | None) -> Any:
+    """The runner's evaluator: TVM's, on ``threads`` threads set through its thread-pool API in
+    the worker (its pool otherwise takes TVM's default size there)."""
+    if threads is None:
+        return None
+    import functools
+
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+
+    return functools.partial(_run_on_threads, threads, run_evaluator_common)
+
+
+def _run_on_threads(threads: int, evaluate: Any, rt_mod: Any, device: Any, config: Any, args: Any) -> list[float]:
+    from graphslim.kernels.threadpool import configure
+
+    configure(threads)
+    return evaluate(rt_mod, device, config, args)
 
 
 def _seed_with_default_schedules(database: Any, tasks: list[Any], target: Any) -> int:

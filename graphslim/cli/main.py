@@ -49,6 +49,16 @@ def _add_shape(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_threads(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help=f"{what} (default: see README, 'Threads': the artifact's, else TVM_NUM_THREADS if set, "
+        "else one thread for small models and every CPU for large ones)",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
     # Also accepted after the command; SUPPRESS keeps the global value when not given here.
@@ -148,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_shape(o)
     _add_tuning(o)
+    _add_threads(o, "threads the compiled result runs (and is timed) with, recorded in compiled/artifact.json")
     o.add_argument(
         "--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact"
     )
@@ -194,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help=FORCE_HELP)
     _add_shape(k)
     _add_tuning(k)
+    _add_threads(k, "threads the artifact runs (and tuning measures) with, recorded in artifact.json")
     _add_common(k)
 
     rn = sub.add_parser("run", help="run a compiled artifact on data (accuracy where labels exist)")
@@ -201,17 +213,28 @@ def _parser() -> argparse.ArgumentParser:
     rn.add_argument("--data", required=True, metavar="DATA")
     rn.add_argument("--reference", metavar="MODEL", help="compare outputs with this ONNX model in ONNX Runtime")
     _add_rpc(rn)
+    _add_threads(rn, "TVM threads")
     _add_common(rn)
 
     bn = sub.add_parser("bench", help="latency of an ONNX model (ONNX Runtime) or a compiled artifact (TVM)")
     bn.add_argument("model", metavar="MODEL_OR_ARTIFACT")
-    bn.add_argument("--baseline", metavar="MODEL", help="also time this ONNX model, in the same run")
+    bn.add_argument(
+        "--baseline",
+        metavar="MODEL",
+        help="also time this ONNX model (ONNX Runtime), interleaved with MODEL in rounds on the same inputs; "
+        "vs_baseline is the median of the per-round ratios",
+    )
     bn.add_argument(
         "--batch", default="1,32", help="batch sizes for ONNX models (default 1,32); artifacts use their compiled batch"
     )
     bn.add_argument("--data", metavar="DATA", help="inputs to time with (default: seeded random inputs)")
+    _add_shape(bn)
     bn.add_argument("--warmup", type=int, default=10)
-    bn.add_argument("--repeat", type=int, default=100)
+    bn.add_argument("--repeat", type=int, default=100, help="timed runs per model and batch (default 100)")
+    bn.add_argument(
+        "--rounds", type=int, default=7, help="rounds the timed runs are split into, alternating the models (default 7)"
+    )
+    _add_threads(bn, "threads for TVM and ONNX Runtime alike (default: TVM as for run, ONNX Runtime its own)")
     bn.add_argument(
         "--target",
         choices=TARGET_CHOICES,
@@ -692,6 +715,7 @@ def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int
         tuning_db=args.tuning_db,
         rpc=rpc,
         rpc_timeout=args.rpc_timeout,
+        threads=getattr(args, "threads", None),
     )
 
 
@@ -732,6 +756,7 @@ def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
             tuning_db=c.tuning_db,
             rpc=c.rpc,
             progress=not (args.quiet or args.json),
+            threads=c.threads,
         )
     if args.json:
         return EXIT_OK, art.meta
@@ -748,13 +773,15 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.core.metrics import MetricSpec, compare_outputs, score_outputs
     from graphslim.core.runtime import check_memory, run_model
 
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads must be >= 1")
     rpc = _rpc_of(args)
     if rpc is not None:  # on a device of the tracker: the library is uploaded there
         from graphslim.backend.remote import read_meta
 
         runner, meta = None, read_meta(args.artifact)
     else:
-        runner = load_artifact(args.artifact)
+        runner = load_artifact(args.artifact, threads=args.threads)
         meta = runner.meta
     batch = meta["batch"]
     names = [i["name"] for i in meta["inputs"]]
@@ -790,10 +817,13 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
         out["accuracy"] = score_outputs(MetricSpec("accuracy"), result, labels=data.labels).value
     if ref_model is not None:
         out["fidelity"] = compare_outputs(run_model(ref_model, data), result).to_dict()
+    if runner is not None:
+        out["threads"] = runner.threads
     if args.json:
         return EXIT_OK, out
     where = f" on a device of key '{rpc[1]}' at {rpc[0]}" if rpc is not None else ""
-    lines = [f"{args.artifact}: ran {len(data)} samples ({meta['target']}, batch {batch}){where}"]
+    threads = f", {runner.threads} thread(s): {runner.threads_from}" if runner is not None else ""
+    lines = [f"{args.artifact}: ran {len(data)} samples ({meta['target']}, batch {batch}{threads}){where}"]
     if "accuracy" in out:
         lines.append(f"  top-1 accuracy {out['accuracy']:.4f}")
     if "fidelity" in out:
@@ -806,7 +836,8 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
-    from graphslim.backend.bench import measure_ort, measure_tvm
+    from graphslim.backend.bench import batch_of, ort_contender, tvm_contender
+    from graphslim.backend.options import parse_shapes
     from graphslim.core.data import load_data, random_inputs
     from graphslim.core.ir import load_model
     from graphslim.core.runtime import check_memory
@@ -817,66 +848,79 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
     except ValueError:
         raise InputError(f"--batch: expected sizes like 1,32, got {args.batch[:80]!r}") from None
-    if not batches or min(batches) < 1 or max(batches) > 2**20 or args.repeat < 1 or args.warmup < 0:
-        raise InputError("--batch sizes must be from 1 to 1048576, --repeat >= 1, --warmup >= 0")
+    if not batches or min(batches) < 1 or max(batches) > 2**20:
+        raise InputError("--batch sizes must be from 1 to 1048576")
+    if args.repeat < 1 or args.warmup < 0 or args.rounds < 1:
+        raise InputError("--repeat and --rounds must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads must be >= 1")
+    shapes = dict(parse_shapes(args.shape))
+    artifact = Path(args.model).is_dir()
+    baseline = load_model(args.baseline) if args.baseline else None
+    if baseline is not None:
+        check_memory(baseline, batch=max(batches), what=args.baseline)
+    runs = {"warmup": args.warmup, "repeat": args.repeat, "rounds": args.rounds, "max_seconds": 60.0}
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
 
-    # ONNX Runtime first: TVM's thread pool slows other runtimes in the same process afterwards.
-    for label, path in (("baseline", args.baseline), ("model", None if Path(args.model).is_dir() else args.model)):
-        if path is None:
-            continue
-        model = load_model(path)
-        sizes, why = _batch_sizes(model, batches)
-        check_memory(model, batch=max(sizes), what=path)
-        skipped += [{"what": label, "batch": b, "reason": why} for b in batches if b not in sizes]
-        data = load_data(args.data, model) if args.data else random_inputs(model, max(sizes), 0)
-        for b in sizes:
-            rows.append(
-                {
-                    "what": label,
-                    "path": path,
-                    "runtime": "onnxruntime",
-                    **measure_ort(model, data, batch=b, warmup=args.warmup, repeat=args.repeat, max_seconds=30),
-                }
-            )
-    if Path(args.model).is_dir():
-        from graphslim.backend import load_artifact
-        from graphslim.backend.bench import PeakMemory
+    def feeds_for(model: Any, batch: int) -> dict[str, np.ndarray]:
+        """One batch of --data, or seeded random inputs (--shape binds symbolic dims)."""
+        if shapes:
+            from graphslim.kernels.prepare import fix_shapes
 
-        with PeakMemory() as mem:
-            runner = load_artifact(args.model)
-            data = (
-                load_data(args.data, _model_for_inputs(runner.meta))
-                if args.data
-                else random_inputs(_model_for_inputs(runner.meta), runner.meta["batch"], 0)
+            model = fix_shapes(model, shapes, batch)[0]
+        return batch_of(load_data(args.data, model) if args.data else random_inputs(model, batch, 0), batch)
+
+    def baseline_contender(feeds: dict[str, np.ndarray], batch: int) -> Any:
+        names = {vi.name for vi in baseline.graph.input} - {i.name for i in baseline.graph.initializer}
+        if set(feeds) != names:
+            raise InputError(
+                f"--baseline {args.baseline} takes inputs {sorted(names)}; the model takes {sorted(feeds)}"
             )
-            timing = measure_tvm(runner, data, warmup=args.warmup, repeat=args.repeat, max_seconds=30)
-        rows.append(
-            {
-                "what": "model",
-                "path": args.model,
-                "runtime": f"tvm ({runner.meta['target']})",
-                **timing,
-                "memory": mem.result(),
-            }
+        c = ort_contender("baseline", baseline, feeds, batch, threads=args.threads or 0)
+        c.info["path"] = args.baseline
+        return c
+
+    if artifact:
+        # The artifact has one static batch; the baseline runs on the very same inputs.
+        model_c = tvm_contender(
+            "model",
+            args.model,
+            threads=args.threads,
+            feeds=(lambda meta: feeds_for(_model_for_inputs(meta), meta["batch"])) if args.data else None,
         )
-    base = {r["batch"]: r["median_ms"] for r in rows if r["what"] == "baseline"}
-    for r in rows:
-        r["vs_baseline"] = round(r["median_ms"] / base[r["batch"]], 4) if r["batch"] in base else None
+        model_c.info["path"] = args.model
+        contenders = [baseline_contender(model_c.feeds, model_c.batch)] if baseline is not None else []
+        rows += _interleave([*contenders, model_c], runs)
+    else:
+        model = load_model(args.model)
+        sizes, why = _batch_sizes(model, batches)
+        check_memory(model, batch=max(sizes), what=args.model)
+        skipped += [{"what": "model", "batch": b, "reason": why} for b in batches if b not in sizes]
+        for b in sizes:
+            feeds = feeds_for(model, b)
+            contenders = [baseline_contender(feeds, b)] if baseline is not None else []
+            c = ort_contender("model", model, feeds, b, threads=args.threads or 0)
+            c.info["path"] = args.model
+            contenders.append(c)
+            rows += _interleave(contenders, runs)
     if args.json:
         return EXIT_OK, {"results": rows, "skipped": skipped}
     lines = [
-        f"{'what':<9} {'runtime':<18} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'per s':>10} "
-        f"{'vs base':>8} {'+MB peak':>9}"
+        f"{'what':<9} {'runtime':<18} {'thr':>3} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} "
+        f"{'per s':>10} {'vs base':>8} {'+MB peak':>9}"
     ]
     for r in rows:
         vs = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
         extra = r.get("memory", {}).get("extra_mb")
         lines.append(
-            f"{r['what']:<9} {r['runtime']:<18} {r['batch']:>5} {r['median_ms']:>10.4f} {r['p90_ms']:>9.4f} "
-            f"{r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8} "
+            f"{r['what']:<9} {r['runtime']:<18} {r.get('threads') or '-':>3} {r['batch']:>5} {r['median_ms']:>10.4f} "
+            f"{r['p90_ms']:>9.4f} {r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8} "
             f"{'-' if extra is None else format(extra, '.1f'):>9}"
+        )
+    if baseline is not None:
+        lines.append(
+            f"vs base: median over {args.rounds} rounds of (model / baseline), the two alternating in each round"
         )
     lines += [f"skipped: {s['what']} at batch {s['batch']} ({s['reason']})" for s in skipped]
     return EXIT_OK, "\n".join(lines)
@@ -994,6 +1038,23 @@ def _cmd_devices(args: argparse.Namespace) -> tuple[int, Any]:
             + ", ".join(k["servers"])
         )
     return EXIT_OK, "\n".join(lines)
+
+
+def _interleave(contenders: list[Any], runs: dict[str, Any]) -> list[dict[str, Any]]:
+    from graphslim.backend.bench import measure_interleaved
+
+    base = "baseline" if any(c.label == "baseline" for c in contenders) else None
+    rows = measure_interleaved(contenders, baseline=base, **runs)
+    for c, r in zip(contenders, rows, strict=True):
+        r["what"] = c.label
+        r["rounds"] = runs["rounds"]
+        if base is None:
+            r.pop("vs_baseline", None)
+            r["vs_baseline"] = None
+        if c.label == "baseline":
+            r.pop("round_ratios", None)
+            r["vs_baseline"] = 1.0
+    return [{"what": r.pop("what"), "path": r.pop("path"), **r} for r in rows]
 
 
 def _model_for_inputs(meta: dict[str, Any]) -> Any:
