@@ -80,9 +80,9 @@ def kernel_table(batches: list[int]) -> list[str]:
     import tvm
     from graphslim.kernels.sparse import bsr_dense_func, to_bsr
 
-    from graphslim.backend.driver import _default_threads
+    from graphslim.backend.threads import available_cpus, use_threads
 
-    _default_threads()
+    use_threads(len(available_cpus()))  # all CPUs, as these tables were measured
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     rows = []
     # numpy and ORT first (see module docstring), TVM afterwards
@@ -128,7 +128,7 @@ def int8_table(batches: list[int]) -> list[str]:
     import tvm
     from graphslim.kernels.int8 import dense_tile, isa_for, pack_weights, qdense_func
 
-    from graphslim.backend.driver import _default_threads
+    from graphslim.backend.threads import available_cpus, use_threads
 
     rng = np.random.default_rng(3)
     w = rng.integers(-127, 128, (N, K)).astype(np.int8)
@@ -149,7 +149,7 @@ def int8_table(batches: list[int]) -> list[str]:
             ort_matmul_ms(w.astype(np.float32), q.astype(np.float32)),
             median_ms(lambda sess=sess, q=q: sess.run(None, {"q": q})),
         )
-    _default_threads()
+    use_threads(len(available_cpus()))  # all CPUs, as these tables were measured
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     rows = []
     for b in batches:
@@ -198,14 +198,14 @@ def binary_table(batches: list[int]) -> list[str]:
         split_binary,
     )
 
-    from graphslim.backend.driver import _default_threads
+    from graphslim.backend.threads import available_cpus, use_threads
 
     rng = np.random.default_rng(4)
     w = (np.where(rng.random((N, K)) < 0.5, -1.0, 1.0) * rng.uniform(0.1, 1.0, (N, 1))).astype(np.float32)
     negative, alpha = split_binary(w)
     xs = {b: rng.standard_normal((b, K)).astype(np.float32) for b in batches}
     ort_ms = {b: ort_matmul_ms(w, xs[b]) for b in batches}
-    _default_threads()
+    use_threads(len(available_cpus()))  # all CPUs, as these tables were measured
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     rows = []
     for b in batches:

@@ -29,7 +29,8 @@ from graphslim.pipeline import (
     registered_passes,
 )
 from graphslim.run import OptimizeResult, optimize
-from graphslim.run.options import Budgets, RunOptions
+from graphslim.run.options import Budgets, RunOptions, SearchOptions
+from graphslim.run.search import SearchResult, search
 
 load = load_model
 save = save_model
@@ -52,6 +53,8 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "RunOptions",
+    "SearchOptions",
+    "SearchResult",
     "Skip",
     "VerificationError",
     "__version__",
@@ -63,4 +66,5 @@ __all__ = [
     "registered_passes",
     "save",
     "save_model",
+    "search",
 ]

@@ -7,7 +7,9 @@
 * :mod:`graphslim.kernels.int8`: the int8 dense and conv kernels for QDQ layers (VNNI, AVX2, AArch64
   dot product) and the requantization epilogue;
 * :mod:`graphslim.kernels.binary`: dense and conv kernels on 1-bit packed weights (binary layers);
-* :mod:`graphslim.kernels.rewrite`: the shared rewrite of constant-weight matmul/conv2d to a kernel.
+* :mod:`graphslim.kernels.rewrite`: the shared rewrite of constant-weight matmul/conv2d to a kernel;
+* :mod:`graphslim.kernels.dense`: fp32 matmuls with constant weights on packed weight panels;
+* :mod:`graphslim.kernels.rows`: softmax and LayerNorm over the last axis as row kernels.
 
 ``REWRITES`` maps a name to ``f(mod, target_spec) -> (mod, changed)``; the backend
 (:mod:`graphslim.backend`) applies every rewrite before lowering and lists the ones that changed
@@ -50,19 +52,41 @@ def _int8_requantize(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     return fuse_requantization(mod, spec)
 
 
+def _int8_integer(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    from graphslim.kernels.int8 import rewrite_int8_integer
+
+    return rewrite_int8_integer(mod, spec)
+
+
 def _int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     from graphslim.kernels.int8 import rewrite_int8_conv
 
     return rewrite_int8_conv(mod, spec)
 
 
+def _row_kernels(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    from graphslim.kernels.rows import rewrite_row_ops
+
+    return rewrite_row_ops(mod, spec)
+
+
+def _packed_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    from graphslim.kernels.dense import rewrite_packed_dense
+
+    return rewrite_packed_dense(mod, spec)
+
+
 _int8_dense.stage = "import"  # type: ignore[attr-defined] - runs before constants fold
 _int8_conv.stage = "import"  # type: ignore[attr-defined]
+_int8_integer.stage = "import"  # type: ignore[attr-defined]
 
 REWRITES: dict[str, Callable[[Any, dict[str, Any]], tuple[Any, bool]]] = {
     "int8-dense": _int8_dense,
     "int8-conv": _int8_conv,
+    "int8-integer": _int8_integer,
     "bsr-dense": _bsr_dense,
     "binary": _binary,
     "int8-requantize": _int8_requantize,
+    "row-kernels": _row_kernels,
+    "packed-dense": _packed_dense,  # last: the fp32 matmuls no compression-aware kernel took
 }

@@ -52,6 +52,7 @@ __all__ = [
     "qdense_func",
     "rewrite_int8_conv",
     "rewrite_int8_dense",
+    "rewrite_int8_integer",
 ]
 
 
@@ -201,11 +202,23 @@ def conv_tile(k: int, isa: Isa) -> tuple[int, int]:
 
 
 def qdense_func(
-    m: int, k: int, n: int, qdtype: str = "uint8", isa: Isa = AVX2, out_dtype: str = "float32", epilogue: Any = None
+    m: int,
+    k: int,
+    n: int,
+    qdtype: str = "uint8",
+    isa: Isa = AVX2,
+    out_dtype: str = "float32",
+    epilogue: Any = None,
+    zero_points: int | None = None,
 ) -> Any:
     """PrimFunc ``(q[m,k] qdtype, w[n/T, ceil(k/group), T*group] int8, scale[n], offset[n], bias[n],
     y[m,n] out_dtype)`` with ``T = lanes * vectors`` from :func:`dense_tile` (``n`` a multiple of
-    16): ``y = epilogue((acc * scale + offset) + bias)`` (see :func:`fuse_requantization`)."""
+    16): ``y = epilogue((acc * scale + offset) + bias)`` (see :func:`fuse_requantization`).
+
+    With ``zero_points`` (1, or ``m``: one per row), the activations' zero points are a run-time
+    input instead (dynamic quantization): PrimFunc ``(q[m,k], zp[zero_points] int32, w, wsum[n]
+    int32, y[m,n] int32)`` with ``y = sum_k (q - zp) * W`` exactly, ``ONNX MatMulInteger``'s
+    result; ``wsum[n] = sum_k W[n, k]``."""
     from tvm.script import tirx as T
 
     epilogue = epilogue or (lambda v: v)
@@ -216,6 +229,32 @@ def qdense_func(
     tile = lanes * g
     mac = isa.mac(lanes)
     loop = T.parallel if m * k * n >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
+    zr = zero_points or 1
+    tag = {"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_dense"}
+
+    @T.macro
+    def pack_words(q, words):  # activation groups packed once per call into int32 words, broadcast below
+        for i in loop(m):
+            for p in range(kw_):
+                words[i, p] = 0
+                for b in T.unroll(grp):
+                    words[i, p] = words[i, p] + T.shift_left(
+                        T.if_then_else(p * grp + b < k, isa.element(q[i, p * grp + b], qdtype), 0), b * isa.bits
+                    )
+
+    @T.macro
+    def accumulate(words, w, acc, ro, jo):  # the int32 sums of one register tile
+        for r in T.unroll(rt):
+            for j in T.vectorized(tile):
+                acc[r, j] = 0
+        for p in range(kw_):
+            for r in T.unroll(rt):
+                for v in T.unroll(g):
+                    acc[r, T.Ramp(v * lanes, 1, lanes)] = mac(
+                        acc[r, T.Ramp(v * lanes, 1, lanes)],
+                        words[ro * rt + r, p],
+                        w[jo, p, T.Ramp(v * lanes * grp, 1, lanes * grp)],
+                    )
 
     @T.prim_func(private=True, s_tir=True)
     def qdense(
@@ -226,30 +265,13 @@ def qdense_func(
         bias: T.Buffer((n,), "float32"),
         y: T.Buffer((m, n), out_dtype),
     ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "int8_dense"})
-        # activation groups packed once per call into int32 words, broadcast below
+        T.func_attr(tag)
         words = T.alloc_buffer((m, kw_), "int32")
-        for i in loop(m):
-            for p in range(kw_):
-                words[i, p] = 0
-                for b in T.unroll(grp):
-                    words[i, p] = words[i, p] + T.shift_left(
-                        T.if_then_else(p * grp + b < k, isa.element(q[i, p * grp + b], qdtype), 0), b * isa.bits
-                    )
+        pack_words(q, words)
         for jo in loop(n // tile):
             acc = T.alloc_buffer((rt, tile), "int32", scope="local")
             for ro in range(m // rt):
-                for r in T.unroll(rt):
-                    for j in T.vectorized(tile):
-                        acc[r, j] = 0
-                for p in range(kw_):
-                    for r in T.unroll(rt):
-                        for v in T.unroll(g):
-                            acc[r, T.Ramp(v * lanes, 1, lanes)] = mac(
-                                acc[r, T.Ramp(v * lanes, 1, lanes)],
-                                words[ro * rt + r, p],
-                                w[jo, p, T.Ramp(v * lanes * grp, 1, lanes * grp)],
-                            )
+                accumulate(words, w, acc, ro, jo)
                 for r in T.unroll(rt):
                     for j in T.vectorized(tile):
                         y[ro * rt + r, jo * tile + j] = epilogue(
@@ -257,7 +279,29 @@ def qdense_func(
                             + bias[jo * tile + j]
                         )
 
-    return qdense
+    @T.prim_func(private=True, s_tir=True)
+    def qdense_zp(
+        q: T.Buffer((m, k), qdtype),
+        zp: T.Buffer((zr,), "int32"),
+        w: T.Buffer((n // tile, kw_, tile * grp), "int8"),
+        wsum: T.Buffer((n,), "int32"),
+        y: T.Buffer((m, n), "int32"),
+    ):
+        T.func_attr(tag)
+        words = T.alloc_buffer((m, kw_), "int32")
+        pack_words(q, words)
+        for jo in loop(n // tile):
+            acc = T.alloc_buffer((rt, tile), "int32", scope="local")
+            for ro in range(m // rt):
+                accumulate(words, w, acc, ro, jo)
+                for r in T.unroll(rt):
+                    for j in T.vectorized(tile):
+                        # the kernel's sums are relative to the shifted zero point (Isa.zero_point)
+                        y[ro * rt + r, jo * tile + j] = (
+                            acc[r, j] - isa.zero_point(zp[(ro * rt + r) % zr], qdtype) * wsum[jo * tile + j]
+                        )
+
+    return qdense if zero_points is None else qdense_zp
 
 
 def qconv2d_func(
@@ -543,8 +587,125 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     return _int8_rewrite(mod, spec, "nn.conv2d", build)
 
 
+def rewrite_int8_integer(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    """Relax rewrite (``graphslim.kernels.REWRITES["int8-integer"]``, on the module as imported):
+    ONNX ``MatMulInteger`` with a constant int8 weight, which TVM imports as an int32 ``matmul`` of
+    ``astype(q) [- astype(zp)]`` and ``astype(W) [- astype(zp_w)]``, -> :func:`qdense_func` with
+    run-time zero points: the activations' zero point per tensor (``DynamicQuantizeLinear``, ONNX
+    Runtime's ``quantize_dynamic``), per row (a ``[..., 1]`` zero point: per-token dynamic
+    quantization) or none (``quantize-int8``'s per-token form subtracts it after the product). The
+    result is the same exact int32 tensor; the scales that follow stay in the graph, where TVM
+    fuses them into one elementwise kernel. Weight zero points must be zero (int8 symmetric
+    weights), outputs a multiple of 16; ``q`` of any rank (a 2-D product over its rows). Targets
+    with an int8 instruction set (:func:`isa_for`)."""
+    import tvm
+    from tvm import relax
+
+    isa = isa_for(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else None
+    if isa is None:
+        return mod, False
+    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("matmul", "astype", "subtract", "expand_dims")}
+    changed = [0]
+
+    def shape(expr: Any) -> list[int] | None:
+        try:
+            return [int(d) for d in expr.ty.shape]
+        except (AttributeError, TypeError, ValueError):
+            return None
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def bound(self, expr: Any) -> Any:
+            return self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+
+        def is_(self, expr: Any, op: str) -> bool:
+            return isinstance(expr, relax.Call) and expr.op == ops[op]
+
+        def widened(self, expr: Any) -> Any:
+            """``x`` where ``expr`` is ``astype(x, "int32")`` (through ``expand_dims``), else None."""
+            e = self.bound(expr)
+            if self.is_(e, "expand_dims"):
+                e = self.bound(e.args[0])
+            return e.args[0] if self.is_(e, "astype") and str(e.attrs.dtype) == "int32" else None
+
+        def operands(self, call: Any) -> tuple[Any, Any, np.ndarray] | None:
+            a, b = self.bound(call.args[0]), self.bound(call.args[1])
+            zp = None
+            if self.is_(a, "subtract"):
+                zp = self.widened(a.args[1])
+                a = self.bound(a.args[0])
+                if zp is None:
+                    return None
+            q = a.args[0] if self.is_(a, "astype") and str(a.attrs.dtype) == "int32" else None
+            if self.is_(b, "subtract"):
+                zw = _const(self.widened(b.args[1])) if self.widened(b.args[1]) is not None else None
+                if zw is None or np.any(zw):
+                    return None
+                b = self.bound(b.args[0])
+            w = _const(b.args[0]) if self.is_(b, "astype") else None
+            if q is None or w is None or w.dtype != np.int8 or w.ndim != 2:
+                return None
+            return q, zp, w
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if call.op != ops["matmul"] or str(call.ty.dtype) != "int32":
+                return call
+            try:
+                found = self.operands(call)
+            except (AttributeError, TypeError, ValueError):  # not the pattern
+                found = None
+            if found is None:
+                return call
+            q, zp, w = found
+            xs, qdtype = shape(q), str(q.ty.dtype)
+            k, n = w.shape
+            if xs is None or len(xs) < 2 or xs[-1] != k or n % 16 or qdtype not in ("uint8", "int8"):
+                return call
+            lead, m = xs[:-1], int(np.prod(xs[:-1]))
+            zs = [] if zp is None else shape(zp)
+            if zs is None:
+                return call
+            if int(np.prod(zs, dtype=np.int64)) == 1:
+                rows = 1
+            elif zs in ([*lead, 1], [m], [m, 1]):
+                rows = m
+            else:
+                return call
+            zp_arg = (
+                relax.const(np.zeros(1, np.int32))
+                if zp is None
+                else self.builder_.emit(relax.op.reshape(relax.op.astype(zp, "int32"), (rows,)))
+            )
+            _, lanes, g = dense_tile(m, n, isa)
+            wn = np.ascontiguousarray(w.T)  # [N, K]
+            func = qdense_func(m, k, n, qdtype, isa, zero_points=rows)
+            gv = self.builder_.add_func(func, f"int8_dense_{isa.name}")
+            flat = q if len(xs) == 2 else self.builder_.emit(relax.op.reshape(q, (m, k)))
+            out = relax.call_tir(
+                gv,
+                [
+                    flat,
+                    zp_arg,
+                    relax.const(pack_weights(wn, lanes * g, isa)),
+                    relax.const(wn.astype(np.int32).sum(axis=1).astype(np.int32)),
+                ],
+                relax.TensorType((m, n), "int32"),
+            )
+            changed[0] += 1
+            return out if len(xs) == 2 else relax.op.reshape(self.builder_.emit(out), (*lead, n))
+
+    from graphslim.kernels.pipeline import visit_relax_functions
+
+    new = visit_relax_functions(Rewriter(mod), mod)
+    if not changed[0]:
+        return mod, False
+    return relax.transform.DeadCodeElimination()(new), True
+
+
 rewrite_int8_dense.stage = "import"  # type: ignore[attr-defined] - needs the int8 constants unfolded
 rewrite_int8_conv.stage = "import"  # type: ignore[attr-defined]
+rewrite_int8_integer.stage = "import"  # type: ignore[attr-defined]
 
 
 _ISAS = {isa.name: isa for isa in (VNNI, AVX2, NEON_DOT)}

@@ -51,6 +51,7 @@ def cpu_pipeline(
     tuning_report: dict[str, Any] | None = None,
     rpc: tuple[str, str] | None = None,
     progress: bool = False,
+    measure_threads: int | None = None,
     schedule_report: dict[str, Any] | None = None,
     rewrites: dict[str, Any] | None = None,
     spec: dict[str, Any] | None = None,
@@ -58,7 +59,8 @@ def cpu_pipeline(
 ) -> Any:
     """A module pass compiling a Relax module (from the ONNX frontend) for an LLVM ``target``.
     ``schedule_report`` (a dict) receives which rule scheduled each kernel (see
-    :func:`apply_schedule_rules`) and ``tuning_report`` what tuning did."""
+    :func:`apply_schedule_rules`) and ``tuning_report`` what tuning did; tuning measures on
+    ``measure_threads`` threads (local runs)."""
     import tvm
     from graphslim.kernels.schedules import default_cpu_rules
     from tvm import relax
@@ -74,13 +76,23 @@ def cpu_pipeline(
             mod = relax.transform.DeadCodeElimination()(cancel_transposes(sink_transposes(mod)))
             mod = relax.transform.FoldConstant()(mod)  # the weights' layout transforms
             mod = _apply_rewrites(mod, late, spec, rewrites_applied)
+            mod = relax.transform.FastMathTransform()(mod)
             mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
             if tune > 0 or tuning_db is not None:
                 if tuning_db is None:
                     raise ValueError("tuning needs a database folder")
                 from graphslim.kernels.tuning import tune as run_tuning
 
-                database = run_tuning(mod, target, tune, tuning_db, rpc=rpc, progress=progress, report=tuning_report)
+                database = run_tuning(
+                    mod,
+                    target,
+                    tune,
+                    tuning_db,
+                    rpc=rpc,
+                    progress=progress,
+                    report=tuning_report,
+                    threads=measure_threads,
+                )
                 with database:
                     mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             mod = apply_schedule_rules(mod, target, default_cpu_rules(), schedule_report)

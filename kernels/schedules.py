@@ -111,15 +111,17 @@ class ContractionCPU(_Rule):
         self.accumulators = accumulators  # SIMD registers given to the accumulator tile
         self.l2_bytes = l2_bytes
 
-    def _tile(self, vec_ext: int, reg_ext: int, lanes: int, bits: int) -> tuple[int, int]:
+    def _tile(self, vec_ext: int, reg_ext: int, lanes: int, bits: int, panel: int | None = None) -> tuple[int, int]:
         """(vector tile, register tile): the pair with the most accumulator registers
         (at most ``accumulators``: 12 of the 16 AVX2 registers, 24 of 32 on AVX-512/NEON),
-        preferring wider vectors on ties. Tiles divide their loops exactly."""
+        preferring wider vectors on ties. Tiles divide their loops exactly; with ``panel`` (an
+        operand packed in panels of that many outputs, :mod:`graphslim.kernels.dense`) the vector
+        tile divides the panel, so that its loads stay contiguous."""
         budget = self.accumulators or (12 if bits == 256 else 24)
         best = (0, 0, 1, 1)
         for groups in (1, 2, 4):
             if vec_ext % lanes == 0:
-                if vec_ext % (lanes * groups):
+                if vec_ext % (lanes * groups) or (panel is not None and panel % (lanes * groups)):
                     continue
                 v = lanes * groups
             elif groups == 1:
@@ -141,6 +143,40 @@ class ContractionCPU(_Rule):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         return _guarded(self._apply, func, target)
+
+    def _block_rows(
+        self,
+        sch: Any,
+        outer: list[Any],
+        v_out: Any,
+        spatial: list[int],
+        extents: list[int],
+        vec_i: int,
+        reg_i: int | None,
+        r_in: int,
+        row_bytes: int,
+    ) -> list[Any]:
+        """Outer tile loops for a weight larger than L2 (see the caller): ``outer`` holds the
+        other spatial loops then the row-tile loop (when there is one)."""
+        budget = self.l2_bytes // 2
+        others = [extents[i] for i in spatial if i not in (vec_i, reg_i)]
+        tiles = extents[reg_i] // r_in if reg_i is not None else 1
+        rows = r_in * tiles
+        for e in others:
+            rows *= e
+        if rows * row_bytes <= budget or reg_i is None:
+            return [v_out, *outer]
+        # innermost loops whose rows fit the budget stay inside the column loop
+        fit_tiles = max(1, budget // (row_bytes * r_in))
+        if tiles > fit_tiles:
+            block = _largest_divisor(tiles, fit_tiles)
+            blk, mid = sch.split(outer[-1], factors=[None, block])
+            return [*outer[:-1], blk, v_out, mid]
+        inner_rows, cut = r_in * tiles, len(outer) - 1
+        while cut > 0 and inner_rows * others[cut - 1] * row_bytes <= budget:
+            cut -= 1
+            inner_rows *= others[cut]
+        return [*outer[:cut], v_out, *outer[cut:]]
 
     def _apply(self, func: Any, target: Any) -> Any:
         sch = s_tir.Schedule(func)
@@ -190,7 +226,13 @@ class ContractionCPU(_Rule):
         lanes = vector_lanes(target, dtype_bits)
 
         loops = main.get_loops()
-        v_in, r_in = self._tile(extents[vec_i], extents[reg_i] if reg_i is not None else 1, lanes, vector_bits(target))
+        v_in, r_in = self._tile(
+            extents[vec_i],
+            extents[reg_i] if reg_i is not None else 1,
+            lanes,
+            vector_bits(target),
+            _panel_width(stmt, vars_[vec_i]),
+        )
         v_out, v_inner = sch.split(loops[vec_i], factors=[None, v_in])
         reg_tile = r_out = None
         if r_in > 1:
@@ -200,15 +242,20 @@ class ContractionCPU(_Rule):
         outer = [loops[i] for i in spatial if i not in (vec_i, reg_i)]
         if r_out is not None:
             outer.append(r_out)
-        # Loop order of the tiles: with a weight too big for L2 (a large dense layer), walk
-        # the output columns outermost so each weight panel is read once for all rows.
-        weight_bytes = extents[vec_i] * dtype_bits // 8
+        # Loop order of the tiles. A weight that fits L2: rows outer, columns inner (each row
+        # tile's inputs stay in L1 while the weight streams from L2). A larger weight: columns
+        # outermost, so each weight panel is read once for all rows, as long as the rows' inputs
+        # fit half of L2; where they do not either (a transformer's FFN at batch 16: 2048 rows
+        # of 1 KiB), the rows are cut into blocks that fit, with the columns walked per block
+        # (the weight is then read once per block instead of the inputs once per column panel).
+        row_bytes = dtype_bits // 8
         for i in reduce_:
-            weight_bytes *= extents[i]
-        if weight_bytes > self.l2_bytes:
-            outer.insert(0, v_out)
-        else:
+            row_bytes *= extents[i]
+        weight_bytes = extents[vec_i] * row_bytes
+        if weight_bytes <= self.l2_bytes:
             outer.append(v_out)
+        else:
+            outer = self._block_rows(sch, outer, v_out, spatial, extents, vec_i, reg_i, r_in, row_bytes)
         red = [loops[i] for i in reduce_]
         inner = ([reg_tile] if reg_tile is not None else []) + [v_inner]
         sch.reorder(*outer, *red, *inner)
@@ -273,6 +320,16 @@ class InjectiveCPU(_Rule):
         for b in left:
             _parallel_vectorize(sch, b.block_rv, vector_lanes(target))
         return sch
+
+
+def _panel_width(stmt: Any, var: Any) -> int | None:
+    """``P`` where the block reads an operand's last axis at ``var % P`` (a weight packed in panels
+    of ``P`` outputs, read as ``wp[j // P, k, j % P]``), else None."""
+    for read in stmt.reads:
+        m = read.region[-1].min if read.region else None
+        if isinstance(m, tirx.FloorMod) and m.a.same_as(var) and isinstance(m.b, tirx.IntImm):
+            return int(m.b.value)
+    return None
 
 
 def _has_if_then_else(sch: Any, block: Any) -> bool:

@@ -29,7 +29,17 @@ from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
 from graphslim.analysis.sparsity import block_sparsity
 
-__all__ = ["BLOCKS", "bsr_conv2d_func", "bsr_dense_func", "choose_block", "conv_offsets", "rewrite_bsr_dense", "to_bsr"]
+__all__ = [
+    "BLOCKS",
+    "BLOCK_COST",
+    "BLOCK_COST_ROWS",
+    "bsr_conv2d_func",
+    "bsr_dense_func",
+    "choose_block",
+    "conv_offsets",
+    "rewrite_bsr_dense",
+    "to_bsr",
+]
 
 #: Candidate blockings, (outputs, inputs) per block, fastest first on SIMD CPUs.
 BLOCKS: tuple[tuple[int, int], ...] = ((16, 1), (4, 4), (1, 4))
@@ -57,18 +67,25 @@ def to_bsr(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarra
 
 
 #: Relative time per stored weight of each blocking in :func:`bsr_dense_func`, measured on this
-#: project's AVX2 machine (1024x1024, 90% block sparsity: 16x1 0.015 / 4x4 0.052 / 1x4 0.18 ms at
-#: batch 1; 0.12 / 0.33 / 1.18 ms at batch 32): 16x1 loads a whole output vector per input, 1x4
-#: is scalar.
-BLOCK_COST = {(16, 1): 1.0, (4, 4): 3.0, (1, 4): 10.0}
+#: project's AVX2 machine (1024x1024, 90% block sparsity, thread CPU time: 16x1 0.017 / 4x4 0.033
+#: / 1x4 0.036 ms at batch 1; 0.17 / 0.47 / 0.33 ms at batch 32): 16x1 loads a whole output
+#: vector per input; 1x4 blocks on whole vectors of rows vectorize over the rows
+#: (:data:`BLOCK_COST_ROWS`), otherwise over their 4 inputs (half a vector).
+BLOCK_COST = {(16, 1): 1.0, (4, 4): 3.0, (1, 4): 4.0}
+BLOCK_COST_ROWS = {**BLOCK_COST, (1, 4): 2.0}
 
 
 def choose_block(
-    w: np.ndarray, threshold: float = DEFAULT_THRESHOLD, blocks: tuple[tuple[int, int], ...] = BLOCKS
+    w: np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+    blocks: tuple[tuple[int, int], ...] = BLOCKS,
+    rows_vectorized: bool = False,
 ) -> tuple[tuple[int, int], float] | None:
     """The blocking to use for ``w`` [N, K]: among :data:`BLOCKS` that tile it exactly and whose
     block sparsity reaches ``threshold``, the one with the least estimated time
-    ``(1 - sparsity) * BLOCK_COST``; None when none qualifies (the layer stays dense)."""
+    ``(1 - sparsity) * BLOCK_COST`` (:data:`BLOCK_COST_ROWS` when the product has whole vectors
+    of rows); None when none qualifies (the layer stays dense)."""
+    costs = BLOCK_COST_ROWS if rows_vectorized else BLOCK_COST
     best = None
     for block in blocks:
         if w.shape[0] % block[0] or w.shape[1] % block[1]:
@@ -76,18 +93,26 @@ def choose_block(
         s = block_sparsity(w, block)
         if s < threshold:
             continue
-        cost = (1.0 - s) * BLOCK_COST[block]
+        cost = (1.0 - s) * costs[block]
         if best is None or cost < best[0]:
             best = (cost, block, s)
     return (best[1], best[2]) if best else None
 
 
 def bsr_dense_func(
-    m: int, k: int, n: int, block: tuple[int, int], nnzb: int, dtype: str = "float32", relu: bool = False
+    m: int,
+    k: int,
+    n: int,
+    block: tuple[int, int],
+    nnzb: int,
+    dtype: str = "float32",
+    relu: bool = False,
+    lanes: int = 8,
 ) -> Any:
     """The kernel as a PrimFunc ``(x[m,k], data, indices, indptr, bias[n], y[m,n])``: the
     model's bias (zeros when it has none) and, with ``relu``, a ReLU are applied to each
-    finished tile (the epilogue the rewrite absorbs)."""
+    finished tile (the epilogue the rewrite absorbs). ``lanes``: fp32 SIMD lanes of the target
+    (1xK blocks on a multiple of ``lanes`` rows vectorize over rows)."""
     from tvm.script import tirx as T
 
     lo = 0.0 if relu else -3.4e38  # ReLU as max(v, lo); -3.4e38 (float32 lowest) leaves v as it is
@@ -123,6 +148,12 @@ def bsr_dense_func(
                     for j in T.vectorized(br):
                         y[ro * rt + r, io * br + j] = T.max(acc[r, j] + bias[io * br + j], T.cast(lo, dtype))
 
+    if br == 1 and m % lanes == 0 and m >= lanes:
+        # One output per block and whole vectors of rows: vectorize over the rows instead (x
+        # transposed once per call, so a block's input columns are contiguous rows of x^T), a
+        # register tile of up to 4 row vectors per output: one broadcast weight and 4 FMAs per
+        # block column, at the FMA rate of the dense kernel.
+        return _bsr_dense_rows(m, k, n, bc, nnz, lanes, dtype, lo, loop)
     if br == 1:
         # One output per block: vectorize over the block's bc contiguous inputs instead, and
         # sum the lanes at the end (1x4 blocks: one 4-lane FMA per block instead of 4 scalar).
@@ -154,6 +185,59 @@ def bsr_dense_func(
 
         return bsr_dense_row
     return bsr_dense
+
+
+def _bsr_dense_rows(m: int, k: int, n: int, bc: int, nnz: int, lanes: int, dtype: str, lo: float, loop: Any) -> Any:
+    """1 x ``bc`` blocks, rows vectorized (see :func:`bsr_dense_func`): ``x`` is transposed once
+    per call (in 8-column strips) so that a block's ``bc`` input columns are ``bc`` contiguous
+    rows of ``x^T``; each block adds ``bc`` broadcast weights times a tile of ``rt`` rows into
+    ``bc`` separate accumulators (independent FMA chains: one chain would wait on the FMA
+    latency every block), which are summed when the block row is done and written to ``y^T``,
+    transposed back at the end."""
+    from tvm.script import tirx as T
+
+    rt = next(v * lanes for v in (2, 1) if m % (v * lanes) == 0)  # rows per register tile
+    strip = next(d for d in (8, 4, 2, 1) if k % d == 0 and n % d == 0)
+
+    @T.prim_func(private=True, s_tir=True)
+    def bsr_dense_rows(
+        x: T.Buffer((m, k), dtype),
+        data: T.Buffer((nnz, bc, 1), dtype),
+        indices: T.Buffer((nnz,), "int32"),
+        indptr: T.Buffer((n + 1,), "int32"),
+        bias: T.Buffer((n,), dtype),
+        y: T.Buffer((m, n), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
+        xt = T.alloc_buffer((k, m), dtype)
+        yt = T.alloc_buffer((n, m), dtype)
+        for ko in loop(k // strip):
+            for r in range(m):
+                for ki in T.unroll(strip):
+                    xt[ko * strip + ki, r] = x[r, ko * strip + ki]
+        for io in loop(n):
+            acc = T.alloc_buffer((bc, rt), dtype, scope="local")
+            for ro in range(m // rt):
+                for c in T.unroll(bc):
+                    for j in T.vectorized(rt):
+                        acc[c, j] = T.cast(0, dtype)
+                for p in range(indptr[io], indptr[io + 1]):
+                    for c in T.unroll(bc):
+                        for j in T.vectorized(rt):
+                            acc[c, j] = acc[c, j] + xt[indices[p] * bc + c, ro * rt + j] * data[p, c, 0]
+                for j in T.vectorized(rt):
+                    yt[io, ro * rt + j] = bias[io]
+                for c in T.unroll(bc):
+                    for j in T.vectorized(rt):
+                        yt[io, ro * rt + j] = yt[io, ro * rt + j] + acc[c, j]
+                for j in T.vectorized(rt):
+                    yt[io, ro * rt + j] = T.max(yt[io, ro * rt + j], T.cast(lo, dtype))
+        for no in loop(n // strip):
+            for r in range(m):
+                for ni in T.unroll(strip):
+                    y[r, no * strip + ni] = yt[no * strip + ni, r]
+
+    return bsr_dense_rows
 
 
 def conv_offsets(
@@ -254,15 +338,19 @@ def rewrite_bsr_dense(mod: Any, spec: dict[str, Any], threshold: float = DEFAULT
     through :func:`graphslim.kernels.rewrite.rewrite_contractions`. CPU targets only."""
     if spec.get("kind") != "llvm":
         return mod, False
+    import tvm
     from graphslim.kernels.rewrite import ConvShape, KernelCall, rewrite_contractions
+    from graphslim.kernels.schedules import vector_lanes
+
+    lanes = vector_lanes(tvm.target.Target(spec))
 
     def dense(m: int, wt: np.ndarray) -> KernelCall | None:
-        chosen = choose_block(wt, threshold)
+        chosen = choose_block(wt, threshold, rows_vectorized=m >= lanes and m % lanes == 0)
         if chosen is None:
             return None
         block = chosen[0]
         data, indices, indptr = _bsr_consts(wt, block)
-        make = functools.partial(bsr_dense_func, m, wt.shape[1], wt.shape[0], block, len(indices))
+        make = functools.partial(bsr_dense_func, m, wt.shape[1], wt.shape[0], block, len(indices), lanes=lanes)
         return KernelCall(f"bsr_dense_{block[0]}x{block[1]}", make, [data, indices, indptr], f"{block[0]}x{block[1]}")
 
     def conv(s: ConvShape, w: np.ndarray) -> KernelCall | None:

@@ -6,9 +6,15 @@ unchanged model), tunes the rest with ``trials`` measurements in total, and retu
 database; :func:`graphslim.kernels.pipeline.cpu_pipeline` then applies it, and graphslim's
 default rules schedule whatever it does not cover.
 
-Measurements run locally (a process pool) or, with ``rpc=("host:port", key)``, on a device
-registered with a TVM RPC tracker (``python -m tvm.exec.rpc_tracker`` /
-``python -m tvm.exec.rpc_server --tracker host:port --key KEY``).
+Measurements run locally (a process pool) or, with ``rpc=("host:port", key)``, on the devices
+registered with a TVM RPC tracker under that key (``python -m tvm.exec.rpc_tracker`` /
+``python -m tvm.exec.rpc_server --tracker host:port --key KEY``), as many in parallel as the key
+has devices. Records measured on a device go to ``work_dir/rpc-<key>/<target>/`` (see
+:func:`database_dir`): a second build for the same target and device key reuses them, and
+neither local records nor another board's are taken for this one's. Candidates for an AArch64
+target are linked into a shared library here with ``aarch64-linux-gnu-gcc`` when it is installed
+(a board's RPC server then needs no compiler); otherwise they travel as object files that the
+board links.
 
 What TVM 0.27's defaults get wrong here, and what this module does instead:
 * the default builder imports ``tvm.s_tir.tensor_intrin`` in every worker (20-40 s on this
@@ -20,13 +26,17 @@ What TVM 0.27's defaults get wrong here, and what this module does instead:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["tune"]
+__all__ = ["database_dir", "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,37 @@ def build_kernel(mod: Any, target: Any, _params: Any) -> Any:
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm.tirx.build(mod, target=target)
+
+
+#: The cross linker for AArch64 candidates (Debian's gcc-aarch64-linux-gnu).
+AARCH64_CC = "aarch64-linux-gnu-gcc"
+
+
+def export_kernel_aarch64(mod: Any) -> str:
+    """MetaSchedule export function for AArch64 candidates: a shared library linked here, which a
+    board's RPC server loads without a compiler of its own (TVM's default sends object files in
+    a tar that the board must link)."""
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="graphslim-candidate-"), "candidate.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(AARCH64_CC))
+    return path
+
+
+def database_dir(work_dir: str | Path, target: Any, rpc: tuple[str, str] | None) -> Path:
+    """Where the records of ``target`` measured on ``rpc``'s devices live in a tuning database
+    folder: ``work_dir`` itself for local measurements, else ``work_dir/rpc-<key>/<target tag>``
+    (the tag names the CPU or triple and hashes the whole target), so that a build reuses only
+    records measured on the same kind of device for the same target."""
+    work_dir = Path(work_dir)
+    if not rpc:
+        return work_dir
+    text = str(target)
+    attrs = getattr(target, "attrs", {}) or {}
+    name = str(attrs.get("mcpu") or attrs.get("mtriple") or getattr(target.kind, "name", "target"))
+    tag = f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", rpc[1]) or "_"
+    return work_dir / f"rpc-{key}" / re.sub(r"[^A-Za-z0-9._-]+", "_", tag)
 
 
 def alloc_arguments(device: Any, args_info: Any, alloc_repeat: int) -> list[Any]:
@@ -95,11 +136,14 @@ def tune(
     progress: bool = False,
     seed: int = 0,
     report: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> Any:
-    """Tune ``mod``'s kernels; returns the JSON database in ``work_dir`` (see module docstring)."""
+    """Tune ``mod``'s kernels; returns the JSON database in ``work_dir`` (see module docstring).
+    Local measurements run on ``threads`` threads (TVM's own default when None)."""
+    import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    work_dir = Path(work_dir)
+    work_dir = database_dir(work_dir, target, rpc)
     work_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
     tasks = ms.relax_integration.extract_tasks(mod, target)
@@ -113,6 +157,7 @@ def tune(
         "tasks_from_database": len(tasks) - len(todo),
         "seconds": 0.0,
         "runner": "rpc" if rpc else "local",
+        **({"tracker": rpc[0], "device_key": rpc[1]} if rpc else {}),
         "database": str(work_dir),
     }
     if report is not None:
@@ -131,20 +176,45 @@ def tune(
     # full logs go to work_dir/logs either way).
     if not logging.getLogger("graphslim").isEnabledFor(logging.DEBUG):
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    builder = ms.builder.LocalBuilder(f_build=build_kernel, timeout_sec=120)
+    aarch64 = str((getattr(target, "attrs", {}) or {}).get("mtriple", "")).startswith("aarch64")
+    builder = ms.builder.LocalBuilder(
+        f_build=build_kernel,
+        f_export=export_kernel_aarch64 if aarch64 and shutil.which(AARCH64_CC) else None,
+        timeout_sec=120,
+    )
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
     if rpc:
         host, _, port = rpc[0].rpartition(":")
+        config = ms.runner.RPCConfig(
+            tracker_host=host or "127.0.0.1", tracker_port=int(port), tracker_key=rpc[1], session_timeout_sec=120
+        )
+        # One measurement per device of the key at a time, all devices in parallel.
+        devices = max(1, config.count_num_servers(allow_missing=True))
+        info["devices"] = devices
+        if "num-cores" not in (target.attrs or {}):
+            # MetaSchedule's CPU rules need the core count, which a cross target (arm) cannot
+            # know here: ask the board, and tune the tasks for a target that says it.
+            cores = _device_cores(config)
+            info["device_cores"] = cores
+            spec = {k: v for k, v in dict(target.export()).items() if not k.startswith("feature.")}
+            for derived in ("keys", "tag"):
+                spec.pop(derived, None)
+            names = {t.task_name for t in todo}
+            cored = tvm.target.Target({**spec, "num-cores": cores})
+            todo = [t for t in ms.relax_integration.extract_tasks(mod, cored) if t.task_name in names]
         runner: Any = ms.runner.RPCRunner(
-            rpc_config=ms.runner.RPCConfig(
-                tracker_host=host or "127.0.0.1", tracker_port=int(port), tracker_key=rpc[1], session_timeout_sec=120
-            ),
+            rpc_config=config,
             evaluator_config=evaluator,
             f_alloc_argument=alloc_arguments_rpc,
-            max_workers=1,
+            max_workers=devices,
         )
     else:
-        runner = ms.runner.LocalRunner(evaluator_config=evaluator, f_alloc_argument=alloc_arguments, timeout_sec=60)
+        runner = ms.runner.LocalRunner(
+            evaluator_config=evaluator,
+            f_alloc_argument=alloc_arguments,
+            f_run_evaluator=_evaluator(threads),
+            timeout_sec=60,
+        )
     # MetaSchedule builds its logging config from the names of the handlers already on its logger
     # and fails on an unnamed one (pytest's capture handlers are such); they are detached for that call and put back.
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -165,7 +235,10 @@ def tune(
         task_weights=weights,
         work_dir=str(work_dir),
         max_trials_global=trials,
-        num_trials_per_iter=min(64, max(8, trials // max(1, len(todo)))),
+        # MetaSchedule first gives every task one round: a budget smaller than 8 per task is
+        # spread over all of them instead of spent on the first (only local tuning has the
+        # default schedules recorded for every task).
+        num_trials_per_iter=min(64, max(1, trials // max(1, len(todo)))),
         builder=builder,
         runner=runner,
         database=database,
@@ -176,6 +249,45 @@ def tune(
     if report is not None:
         report.update(info)
     return database
+
+
+def _device_cores(config: Any) -> int:
+    """Threads the TVM runtime on a device of ``config``'s key runs with (its cores, or
+    TVM_NUM_THREADS there); 1 if no device answers within the session timeout."""
+    import threading
+
+    found: list[int] = []
+
+    def ask() -> None:
+        try:
+            session = config.connect_server()
+            found.append(int(session.get_function("runtime.NumThreads")()))
+        except Exception as e:  # noqa: BLE001 - any failure: fall back to one core
+            log.warning("could not ask a device of key '%s' for its cores (%s); tuning for 1", config.tracker_key, e)
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(config.session_timeout_sec)
+    return max(1, found[0]) if found else 1
+
+
+def _evaluator(threads: int | None) -> Any:
+    """The runner's evaluator: TVM's, on ``threads`` threads set through its thread-pool API in
+    the worker (its pool otherwise takes TVM's default size there)."""
+    if threads is None:
+        return None
+    import functools
+
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+
+    return functools.partial(_run_on_threads, threads, run_evaluator_common)
+
+
+def _run_on_threads(threads: int, evaluate: Any, rt_mod: Any, device: Any, config: Any, args: Any) -> list[float]:
+    from graphslim.kernels.threadpool import configure
+
+    configure(threads)
+    return evaluate(rt_mod, device, config, args)
 
 
 def _seed_with_default_schedules(database: Any, tasks: list[Any], target: Any) -> int:

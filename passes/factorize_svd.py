@@ -8,7 +8,10 @@
   followed by a 1 x 1 Conv to the original outputs, which keeps the bias.
 
 The rank comes from ``energy`` (smallest k keeping that fraction of sum(S^2)), ``rank_ratio`` (of
-min(m, n)) or a fixed ``rank``; with none given, energy=0.9. A layer is left alone unless the
+min(m, n)) or a fixed ``rank``; with none given, energy=0.9. ``layer_ranks=["fc1=0.25", ...]``
+gives single layers (by node name) their own rank ratio; with ``layer_ranks`` and none of
+energy, rank_ratio and rank, only the layers it names are factorized (what ``graphslim search``
+writes: a rank or none per layer). A layer is left alone unless the
 factorized form saves at least ``min_saving`` of its parameters and MACs (both scale with
 k(m + n) / (m n) here). The report lists each layer's rank and the energy kept.
 
@@ -24,14 +27,17 @@ import numpy as np
 
 from graphslim.core.ir import Graph, Node
 from graphslim.core.ops import weight_matrix
-from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, parse_layer_values, register_pass
 
 _OPS = ("Gemm", "MatMul", "Conv")
 
 
-def _choose_rank(s: np.ndarray, o: FactorizeSVD.Options) -> int:
-    """Rank for singular values ``s`` (1-D, or 2-D for batched weights: energy over the batch)."""
+def _choose_rank(s: np.ndarray, o: FactorizeSVD.Options, layer_ratio: float | None = None) -> int:
+    """Rank for singular values ``s`` (1-D, or 2-D for batched weights: energy over the batch);
+    ``layer_ratio`` (from layer_ranks) overrides the options."""
     full = s.shape[-1]
+    if layer_ratio is not None:
+        return max(1, min(full, int(round(layer_ratio * full))))
     if o.rank is not None:
         return max(1, min(o.rank, full))
     if o.rank_ratio is not None:
@@ -60,8 +66,12 @@ class FactorizeSVD(Pass):
         min_saving: float = 0.1
         ops: tuple[str, ...] = _OPS
         exclude: tuple[str, ...] = ()
+        layer_ranks: tuple[str, ...] = ()
 
         def __post_init__(self) -> None:
+            parse_layer_values("layer_ranks", self.layer_ranks, low=0.0, high=1.0, high_inclusive=True)
+            if any(v <= 0 for v in self.per_layer().values()):
+                raise ValueError("layer_ranks: rank ratios must be in (0, 1]")
             given = [x for x in (self.energy, self.rank_ratio, self.rank) if x is not None]
             if len(given) > 1:
                 raise ValueError("give one of energy, rank_ratio and rank")
@@ -77,22 +87,37 @@ class FactorizeSVD(Pass):
             if bad:
                 raise ValueError(f"ops can be Gemm, MatMul, Conv (not {', '.join(sorted(bad))})")
 
+        def per_layer(self) -> dict[str, float]:
+            return parse_layer_values("layer_ranks", self.layer_ranks, low=0.0, high=1.0, high_inclusive=True)
+
+        @property
+        def only_listed(self) -> bool:
+            """layer_ranks without a global rank choice: the other layers are left alone."""
+            return bool(self.layer_ranks) and self.energy is None and self.rank_ratio is None and self.rank is None
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
+        per_layer = o.per_layer()
         skipped: list[Skip] = []
         layers = []
+        seen: set[str] = set()
         for node in list(graph.nodes):
             if node.op not in o.ops:
                 continue
             if node.name in o.exclude:
                 skipped.append(Skip(node.name, "excluded by the exclude option"))
                 continue
-            why = self._factorize(graph, node, layers)
+            seen.add(node.name)
+            if o.only_listed and node.name not in per_layer:
+                continue
+            why = self._factorize(graph, node, layers, per_layer.get(node.name))
             if why is not None:
                 skipped.append(Skip(node.name, why))
+        for name in sorted(set(per_layer) - seen):
+            skipped.append(Skip(name, f"layer_ranks names no {'/'.join(o.ops)} node"))
         return PassResult(changed=bool(layers), stats={"layers": layers, "factorized": len(layers)}, skipped=skipped)
 
-    def _factorize(self, graph: Graph, node: Node, layers: list) -> str | None:
+    def _factorize(self, graph: Graph, node: Node, layers: list, layer_ratio: float | None = None) -> str | None:
         w = graph.constant(node.inputs[1])
         if w is None or w.dtype.kind != "f":
             return "the weight is not a constant float tensor"
@@ -115,7 +140,7 @@ class FactorizeSVD(Pass):
         mat = outs_ins.T if outs_ins is not None else w
         m, n = mat.shape[-2], mat.shape[-1]
         u, s, vt = np.linalg.svd(mat.astype(np.float64), full_matrices=False)
-        k = _choose_rank(s, self.options)
+        k = _choose_rank(s, self.options, layer_ratio)
         saving = 1.0 - k * (m + n) / (m * n)
         if saving < self.options.min_saving:
             return f"rank {k} of {min(m, n)} saves {saving:.0%} of the parameters, less than min_saving"

@@ -10,6 +10,10 @@ fall back to l1); ``activation`` (data-driven, Wanda style: input activation nor
 times the weights that read it); ``random`` (seeded).
 
 ``scope=local`` removes ``ratio`` of each group; ``scope=global`` ranks all channels on one scale.
+``layer_ratios=["conv2=0.3","fc1=0.5"]`` sets the ratio of single groups (scope=local): a group is
+named by any of its producer node names (``inspect --groups`` lists them), groups not named
+prune at ``ratio``, a name that matches no group is reported as skipped; this is what
+``graphslim search`` writes into its recipes.
 ``target_macs`` / ``target_params`` (fraction of the current model to keep) search the global
 ratio that meets the target. ``round_to`` keeps channel counts at multiples of N, and every group
 keeps at least ``min_channels``.
@@ -32,7 +36,7 @@ from typing import Literal
 from graphslim.analysis.channels import channel_groups
 from graphslim.analysis.cost import cost_model
 from graphslim.core.ir import Graph
-from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, parse_layer_values, register_pass
 from graphslim.transforms.pruning import PruneRequest, prune
 
 
@@ -51,9 +55,18 @@ class PruneChannels(Pass):
         exclude: tuple[str, ...] = ()
         target_macs: float | None = None
         target_params: float | None = None
+        layer_ratios: tuple[str, ...] = ()
 
         def __post_init__(self) -> None:
-            check_prune_options(self.ratio, self.round_to, self.min_channels, self.target_macs, self.target_params)
+            check_prune_options(
+                self.ratio,
+                self.round_to,
+                self.min_channels,
+                self.target_macs,
+                self.target_params,
+                layer_ratios=self.layer_ratios,
+                scope=self.scope,
+            )
 
     kinds = frozenset({"channels"})
 
@@ -62,10 +75,20 @@ class PruneChannels(Pass):
 
 
 def check_prune_options(
-    ratio: float, round_to: int, min_channels: int, target_macs: float | None, target_params: float | None
+    ratio: float,
+    round_to: int,
+    min_channels: int,
+    target_macs: float | None,
+    target_params: float | None,
+    *,
+    layer_ratios: tuple[str, ...] = (),
+    scope: str = "local",
 ) -> None:
     if not 0.0 <= ratio < 1.0:
         raise ValueError("ratio must be in [0, 1)")
+    parse_layer_values("layer_ratios", layer_ratios, low=0.0, high=1.0)
+    if layer_ratios and (scope != "local" or target_macs is not None or target_params is not None):
+        raise ValueError("layer_ratios sets per-group ratios: it needs scope=local and no target_macs/target_params")
     if round_to < 1 or min_channels < 1:
         raise ValueError("round_to and min_channels must be >= 1")
     if target_macs is not None and target_params is not None:
@@ -94,6 +117,9 @@ def run_prune(
         target_macs=o.target_macs,
         target_params=o.target_params,
         unit_name=unit_name,
+        layer_ratios=tuple(
+            parse_layer_values("layer_ratios", getattr(o, "layer_ratios", ()), low=0.0, high=1.0).items()
+        ),
     )
     if req.criterion == "activation" and ctx.data is None:
         raise ValueError(f"{p.name}{{criterion=activation}} ranks by activations: give --data")

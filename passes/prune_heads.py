@@ -14,7 +14,9 @@ Gemm + Split) and Llama-style (RMSNorm, SwiGLU, RoPE, GQA) models.
 ``ratio`` of the heads go in every attention layer (``scope=local``) or over all layers on one
 scale (``global``); ``criterion=auto`` ranks heads by activations on ``--data`` when given (the
 context vectors' norm times the output projection's weights), else by the L2 norm of their
-weights. Every layer keeps at least ``min_heads``.
+weights. Every layer keeps at least ``min_heads``. ``layer_ratios=["NAME=0.5", ...]`` sets the ratio of
+single attention layers (scope=local), each named by any of its Q, K or V projection node names;
+layers not named prune at ``ratio``.
 
 Leaves alone, with the reason: fused attention ops (``Attention``, ``MultiHeadAttention``,
 ``GroupQueryAttention``: their heads are inside one node), and attention whose heads reach a graph
@@ -48,9 +50,18 @@ class PruneHeads(Pass):
         exclude: tuple[str, ...] = ()
         target_macs: float | None = None
         target_params: float | None = None
+        layer_ratios: tuple[str, ...] = ()
 
         def __post_init__(self) -> None:
-            check_prune_options(self.ratio, 1, self.min_heads, self.target_macs, self.target_params)
+            check_prune_options(
+                self.ratio,
+                1,
+                self.min_heads,
+                self.target_macs,
+                self.target_params,
+                layer_ratios=self.layer_ratios,
+                scope=self.scope,
+            )
 
         @property
         def round_to(self) -> int:

@@ -4,8 +4,10 @@ Each Gemm, MatMul (2-D constant weight) and Conv weight is seen as an ``(outputs
 matrix (a Conv's inputs are in*kh*kw) and tiled into ``block`` = [rows, cols] blocks ([1,4], [4,4]
 or [16,1] are what the backend's block-sparse kernels use). The blocks with the smallest L2 norm
 are set to exact zeros: ``sparsity`` of the blocks of each layer (``scope=layer``), or of all
-blocks of all selected layers on one scale (``scope=global``). Weights keep their dense shape, so
-the model runs anywhere; the zeros are what a sparse backend exploits.
+blocks of all selected layers on one scale (``scope=global``). ``layer_sparsity=["fc1=0.9", ...]``
+gives single layers (by node name) their own block sparsity (scope=layer); the others take
+``sparsity`` (``sparsity=0`` leaves them dense, as ``graphslim search`` writes it). Weights keep
+their dense shape, so the model runs anywhere; the zeros are what a sparse backend exploits.
 
 Leaves alone, with the reason in the report: non-float or non-constant weights, batched MatMul
 weights, layers named in ``exclude``, and layers smaller than one block.
@@ -21,7 +23,7 @@ import numpy as np
 from graphslim.analysis.sparsity import block_norms, block_sparsity, expand_block_mask
 from graphslim.core.ir import Graph
 from graphslim.core.ops import matrix_to_weight, weight_matrix
-from graphslim.pipeline import Pass, PassContext, PassResult, Skip, register_pass
+from graphslim.pipeline import Pass, PassContext, PassResult, Skip, parse_layer_values, register_pass
 
 
 @register_pass
@@ -36,10 +38,14 @@ class SparsifyBlocks(Pass):
         ops: tuple[str, ...] = ("Gemm", "MatMul", "Conv")
         exclude: tuple[str, ...] = ()
         scope: Literal["layer", "global"] = "layer"
+        layer_sparsity: tuple[str, ...] = ()
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.sparsity < 1.0:
                 raise ValueError("sparsity must be in [0, 1)")
+            parse_layer_values("layer_sparsity", self.layer_sparsity, low=0.0, high=1.0)
+            if self.layer_sparsity and self.scope != "layer":
+                raise ValueError("layer_sparsity sets per-layer sparsity: it needs scope=layer")
             if len(self.block) != 2 or min(self.block) < 1:
                 raise ValueError("block must be [rows, cols] with both >= 1")
             bad = set(self.ops) - {"Gemm", "MatMul", "Conv"}
@@ -49,13 +55,18 @@ class SparsifyBlocks(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         block = (int(o.block[0]), int(o.block[1]))
+        per_layer = parse_layer_values("layer_sparsity", o.layer_sparsity, low=0.0, high=1.0)
         skipped: list[Skip] = []
         layers = []
+        seen: set[str] = set()
         for node in graph.nodes:
             if node.op not in o.ops:
                 continue
             if node.name in o.exclude:
                 skipped.append(Skip(node.name, "excluded by the exclude option"))
+                continue
+            seen.add(node.name)
+            if per_layer.get(node.name, o.sparsity) <= 0.0:
                 continue
             m = weight_matrix(graph, node)
             if m is None:
@@ -79,10 +90,11 @@ class SparsifyBlocks(Pass):
                 pos += norms.size
         else:
             masks = []
-            for _, _, norms in layers:
+            for node, _, norms in layers:
                 flat = norms.reshape(-1)
                 dead = np.zeros(flat.size, dtype=bool)
-                dead[np.argsort(flat, kind="stable")[: int(np.floor(o.sparsity * flat.size))]] = True
+                share = per_layer.get(node.name, o.sparsity)
+                dead[np.argsort(flat, kind="stable")[: int(np.floor(share * flat.size))]] = True
                 masks.append(dead.reshape(norms.shape))
         report, zeroed = [], 0
         for (node, m, _), dead in zip(layers, masks, strict=True):
@@ -102,5 +114,7 @@ class SparsifyBlocks(Pass):
                     "weight_sparsity": round(float(np.mean(new == 0)), 4),
                 }
             )
+        for name in sorted(set(per_layer) - seen):
+            skipped.append(Skip(name, f"layer_sparsity names no {'/'.join(o.ops)} node"))
         stats = {"block": list(block), "layers": report, "blocks_zeroed": zeroed, "layers_sparsified": len(report)}
         return PassResult(changed=zeroed > 0, stats=stats, skipped=skipped)

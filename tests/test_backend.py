@@ -348,7 +348,8 @@ def test_tuning_measures_through_an_rpc_tracker_on_loopback(tmp_path, capsys):
                 p.wait()
     tuning = json.loads(capsys.readouterr().out)["tuning"]
     assert tuning["runner"] == "rpc" and tuning["tasks_tuned"] > 0
-    secs = _records(tmp_path / "db")
+    (records,) = (tmp_path / "db").glob("rpc-loopback/*")  # keyed by device key and target
+    secs = _records(records)
     assert secs and min(secs) < 1  # at least one candidate measured on the server (errors record 1e10 s)
 
 

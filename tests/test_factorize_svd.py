@@ -120,3 +120,28 @@ def test_option_errors():
 
     with pytest.raises(PipelineError, match="one of energy, rank_ratio and rank"):
         Pipeline.parse("factorize-svd{energy=0.9,rank=3}")
+
+
+def test_layer_ranks_factorize_only_the_named_layers_at_their_rank():
+    mlp = ARCHITECTURES["mlp"]()
+    names = [n.name for n in mlp.graph.node if n.op_type == "MatMul"]  # 32->64, 64->48, 48->10
+    out, recs = apply(mlp, f'factorize-svd{{layer_ranks=["{names[1]}=0.25","missing=0.5"]}}')
+    layers = recs[0].stats["layers"]
+    assert [(r["name"], r["rank"]) for r in layers] == [(names[1], 12)]  # 0.25 of min(64, 48)
+    assert any(s.where == "missing" and "names no" in s.reason for s in recs[0].skipped)
+    assert op_types(out).count("MatMul") == op_types(mlp).count("MatMul") + 1
+    # With a global rank choice, the layers not named take it.
+    _, recs = apply(mlp, f'factorize-svd{{rank=2,min_saving=0.0,layer_ranks=["{names[1]}=0.5"]}}')
+    ranks = {r["name"]: r["rank"] for r in recs[0].stats["layers"]}
+    assert ranks == {names[0]: 2, names[1]: 24, names[2]: 2}
+
+
+def test_layer_ranks_values_are_checked():
+    from graphslim.core.errors import PipelineError
+    from graphslim.pipeline import Pipeline
+
+    for bad in ('["fc1=0"]', '["fc1=1.5"]', '["fc1"]'):
+        with pytest.raises(PipelineError, match="layer_ranks"):
+            Pipeline.parse(f"factorize-svd{{layer_ranks={bad}}}")
+    p = Pipeline.parse('factorize-svd{layer_ranks=["fc1=1.0"]}')
+    assert Pipeline.parse(str(p)) == p

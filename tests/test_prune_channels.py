@@ -313,3 +313,49 @@ def test_grouped_conv_reading_a_concat_prunes_where_groups_line_up():
         out, recs = apply(dead_model, "prune-channels{ratio=0.5}")
         assert recs[0].stats["channels_removed"] == dead > 0
         assert_same_outputs(dead_model, out, rtol=1e-5, atol=1e-5)
+
+
+def _channels_of(model: onnx.ModelProto) -> dict[str, int]:
+    return {
+        n.name: [i for i in model.graph.initializer if i.name == n.input[1]][0].dims[0]
+        for n in model.graph.node
+        if n.op_type in ("Conv", "Gemm")
+    }
+
+
+def test_layer_ratios_set_single_groups_and_name_a_group_by_any_producer(example_model):
+    model = onnx.load(str(example_model))
+    before = _channels_of(apply(model, "fold-batchnorm")[0])
+    # conv3 and conv2 share one group (residual Add): naming either one prunes it.
+    out, recs = apply(
+        model, 'fold-batchnorm,prune-channels{ratio=0.0,layer_ratios=["conv3=0.5","fc1=0.25","nope=0.3"]}'
+    )
+    after = _channels_of(out)
+    assert after["conv2"] == after["conv3"] == before["conv3"] // 2
+    assert after["fc1"] == before["fc1"] - before["fc1"] // 4
+    assert after["conv1"] == before["conv1"]  # not named: ratio=0.0
+    assert any(s.where == "nope" and "names no prunable group" in s.reason for s in recs[-1].skipped)
+    # Groups not named take `ratio`.
+    out2, _ = apply(model, 'fold-batchnorm,prune-channels{ratio=0.5,layer_ratios=["fc1=0.0"]}')
+    after2 = _channels_of(out2)
+    assert after2["fc1"] == before["fc1"] and after2["conv1"] == before["conv1"] // 2
+
+
+def test_layer_ratios_options_are_checked():
+    from graphslim.core.errors import PipelineError
+    from graphslim.pipeline import Pipeline
+
+    p = Pipeline.parse('prune-channels{ratio=0.0,layer_ratios=["a/b.c=0.25"]}')
+    assert Pipeline.parse(str(p)) == p
+    for bad in ('["conv1"]', '["conv1=1.0"]', '["conv1=0.2","conv1=0.3"]', '["conv1=x"]'):
+        with pytest.raises(PipelineError, match="layer_ratios"):
+            Pipeline.parse(f"prune-channels{{layer_ratios={bad}}}")
+    with pytest.raises(PipelineError, match="scope=local"):
+        Pipeline.parse('prune-channels{scope=global,layer_ratios=["conv1=0.2"]}')
+    model = ARCHITECTURES["resnet"]()
+    g = _graph(model)
+    an = channel_groups(g)
+    two = next(grp for grp in an.groups if grp.prunable and len(grp.roots) > 1)
+    a, b = (an.roots[r].origin for r in two.roots[:2])
+    with pytest.raises(Exception, match="different ratios"):
+        apply(model, f'prune-channels{{layer_ratios=["{a}=0.25","{b}=0.5"]}}')

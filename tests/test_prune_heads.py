@@ -250,3 +250,16 @@ def test_prune_channels_leaves_heads_and_hidden_to_their_passes():
     reasons = [s.reason for s in recs[0].skipped]
     assert any("prune-heads" in r for r in reasons) and any("prune-hidden" in r for r in reasons)
     assert recs[0].stats["channels_removed"] == 2 * 64  # the two FFN inner dims, half each
+
+
+def test_layer_ratios_prune_single_attention_layers():
+    model = tm.bert_like(tm.make_config("bert", hidden=64, heads=4, layers=2, ffn=128))
+    key1 = "/encoder/layer.1/attention/self/key/MatMul"
+    out, recs = apply(model, f'prune-heads{{ratio=0.0,layer_ratios=["{key1}=0.5"]}}')
+    pruned = recs[0].stats["pruned_groups"]
+    assert len(pruned) == 1 and key1 in pruned[0]["members"] and pruned[0]["heads"] == [4, 2]
+    weights = {i.name: tuple(i.dims) for i in out.graph.initializer}
+    assert weights["encoder.layer.1.attention.self.query.weight"] == (64, 32)
+    assert weights["encoder.layer.0.attention.self.query.weight"] == (64, 64)
+    feeds = tm.sample_inputs_for(model, batch=2, seq=8)
+    assert run(out, feeds)[0].shape == run(model, feeds)[0].shape

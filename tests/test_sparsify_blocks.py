@@ -70,3 +70,26 @@ def test_inspect_reports_block_sparsity(tmp_path, capsys):
     assert main(["inspect", str(p), "--json"]) == 0
     layers = [lay for lay in json.loads(capsys.readouterr().out)["layers"] if lay["op"] == "MatMul"]
     assert layers and all(lay["block_sparsity"]["16x1"] >= 0.85 for lay in layers)
+
+
+def test_layer_sparsity_sets_single_layers():
+    model = ARCHITECTURES["mlp"]()
+    names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    out, recs = apply(
+        model,
+        f'sparsify-blocks{{sparsity=0.0,block=[4,4],layer_sparsity=["{names[0]}=0.75","{names[2]}=0.5","x=0.5"]}}',
+    )
+    mats = _matrices(out)
+    assert block_sparsity(mats[names[0]], (4, 4)) == pytest.approx(0.75, abs=0.02)
+    assert block_sparsity(mats[names[1]], (4, 4)) == 0.0  # not named: sparsity=0
+    assert block_sparsity(mats[names[2]], (4, 4)) == pytest.approx(0.5, abs=0.05)
+    assert any(s.where == "x" and "names no" in s.reason for s in recs[0].skipped)
+    out, _ = apply(model, f'sparsify-blocks{{sparsity=0.5,block=[4,4],layer_sparsity=["{names[0]}=0.0"]}}')
+    mats = _matrices(out)
+    assert block_sparsity(mats[names[0]], (4, 4)) == 0.0
+    assert block_sparsity(mats[names[1]], (4, 4)) == pytest.approx(0.5, abs=0.02)
+    from graphslim.core.errors import PipelineError
+    from graphslim.pipeline import Pipeline
+
+    with pytest.raises(PipelineError, match="scope=layer"):
+        Pipeline.parse('sparsify-blocks{scope=global,layer_sparsity=["a=0.5"]}')

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphslim.backend.threads import resolve_threads, use_threads
 from graphslim.core.errors import GraphslimError, InputError
 
 __all__ = ["TARGETS", "Artifact", "build", "compile_model", "host_cpu_flags", "load_artifact", "require_tvm"]
@@ -47,20 +48,7 @@ ARM_CC = "aarch64-linux-gnu-gcc"
 CUDA_ARCH = "sm_80"
 
 
-def _default_threads() -> None:
-    """TVM's thread pool guesses half the logical CPUs are SMT siblings and, on a 2-CPU machine,
-    runs on one thread (measured here: a conv layer 2.1x slower than with two). Unless the user
-    set it, use every CPU this process may run on. Read when the pool starts, so set early."""
-    if "TVM_NUM_THREADS" not in os.environ:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            n = os.cpu_count() or 1
-        os.environ["TVM_NUM_THREADS"] = str(n)
-
-
 def require_tvm() -> Any:
-    _default_threads()
     try:
         import tvm
         from tvm import relax  # noqa: F401
@@ -131,6 +119,7 @@ def compile_model(
     tuning_db: str | Path | None = None,
     rpc: tuple[str, str] | None = None,
     progress: bool = False,
+    threads: int | None = None,
 ) -> Artifact:
     """Compile ``model`` for ``target`` into ``out_dir`` (replaced whole, atomically). ``batch``
     and ``shapes`` fix the symbolic input dimensions as in :func:`build`.
@@ -151,6 +140,7 @@ def compile_model(
             tuning_db=db,
             rpc=rpc,
             progress=progress,
+            threads=threads,
         )
         if tuning_db is None and "tuning" in meta:
             meta["tuning"]["database"] = "tuning"  # the scratch folder is copied there
@@ -178,6 +168,7 @@ def build(
     tuning_db: str | Path | None = None,
     rpc: tuple[str, str] | None = None,
     progress: bool = False,
+    threads: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Compile; returns (a function that writes the library and artifact.json into a folder, meta).
 
@@ -192,7 +183,12 @@ def build(
     targets), keeping the records in ``tuning_db`` (a folder, created if missing); records
     already there are reused, so an unchanged model is not tuned again. ``rpc`` =
     (tracker "host:port", device key) measures on a remote device through a TVM RPC tracker
-    (required to tune a cross-compiled target)."""
+    (required to tune a cross-compiled target).
+
+    ``threads`` is recorded in artifact.json as the thread count the artifact runs with (``run``
+    and ``bench`` may override it; without it they use
+    :func:`graphslim.backend.threads.default_threads`, which reads ``macs``, the model's
+    multiply-adds per inference, also recorded) and is what tuning measures with."""
     tvm = require_tvm()
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
@@ -207,9 +203,17 @@ def build(
         raise InputError(f"tuning for '{target}' measures on the device: give --rpc-tracker HOST:PORT --rpc-key KEY")
     if tune > 0 and tuning_db is None:
         raise InputError("tuning needs a database folder (--tuning-db, or compile into an output folder)")
+    if tune > 0 and rpc is not None:
+        from graphslim.backend.remote import check_key
+
+        check_key(rpc)  # an unreachable tracker or unknown key: one line now, not a tuning run of failures
     from graphslim.kernels.prepare import prepare
 
     static, batch = prepare(model, shapes, batch)
+    macs = _model_macs(static)
+    measure_threads = resolve_threads(threads, None, macs)[0]
+    if tune > 0 and not rpc:
+        use_threads(measure_threads)  # graphslim's default schedules are measured in this thread
     try:
         mod = from_onnx(static, keep_params_in_input=False)
     except Exception as e:  # noqa: BLE001 - the frontend raises many types for unsupported ops
@@ -230,6 +234,7 @@ def build(
                 tuning_report=tuning_meta,
                 rpc=rpc,
                 progress=progress,
+                measure_threads=None if rpc else measure_threads,
                 schedule_report=schedule_meta,
                 rewrites=REWRITES,
                 spec=spec,
@@ -252,12 +257,20 @@ def build(
         for vi in static.graph.input
         if vi.name not in inits
     ]
-    options = {"target": target, "batch": batch, "tune": tune, **({"shapes": shapes} if shapes else {})}
+    options = {
+        "target": target,
+        "batch": batch,
+        "tune": tune,
+        **({"shapes": shapes} if shapes else {}),
+        **({"threads": threads} if threads is not None else {}),
+    }
     meta: dict[str, Any] = {
         "schema_version": 1,
         "target": target,
         "tvm_target": spec,
         "batch": batch,
+        "threads": threads,
+        "macs": macs,
         "inputs": inputs,
         "outputs": [o.name for o in static.graph.output],
         "rewrites": applied,
@@ -300,6 +313,18 @@ def build(
     return export, meta
 
 
+def _model_macs(model: onnx.ModelProto) -> int | None:
+    """Multiply-adds of one inference of a static-shape model (graphslim's cost model), or None."""
+    from graphslim.analysis.cost import cost_model
+    from graphslim.core.ir import Graph
+
+    try:
+        return int(cost_model(Graph.from_model(model)).macs)
+    except Exception as e:  # noqa: BLE001 - a cost the model cannot give only changes the thread default
+        log.debug("no MAC count for the thread default: %s", e)
+        return None
+
+
 def _cuda_source(mod: Any) -> str:
     """The CUDA C of the kernels in a compiled module tree ('' if none)."""
     found = []
@@ -325,13 +350,16 @@ class _Runner:
     copy (made once), and outputs are read through DLPack: creating TVM tensors per call cost
     60 us here, as much as a small model's whole inference."""
 
-    def __init__(self, folder: Path, meta: dict[str, Any], library: bytes):
+    def __init__(self, folder: Path, meta: dict[str, Any], library: bytes, threads: int | None = None):
         tvm = require_tvm()
         from tvm import relax
 
         from graphslim.core.fs import scratch_dir
 
         self.meta = meta
+        self.threads, self.threads_from = resolve_threads(threads, meta.get("threads"), meta.get("macs"))
+        # before anything in this thread runs a parallel kernel: the pool's first size is final
+        use_threads(self.threads)
         # Loaded from a private copy of the bytes whose hash was checked, so the file cannot be
         # swapped between the check and the load; the mapping outlives the copy.
         with scratch_dir("artifact") as tmp:
@@ -351,13 +379,17 @@ class _Runner:
                     f"for {info['shape']}"
                 )
             np.copyto(buf, value, casting="same_kind")
+        use_threads(self.threads)  # per calling thread; a no-op when it is already set
         out = self._main(*self._tensors)
         outs = [out] if hasattr(out, "shape") else list(out)
         return [np.from_dlpack(o).copy() for o in outs]
 
 
-def load_artifact(folder: str | Path) -> _Runner:
-    """Load an artifact compiled for this host; a clear error where it cannot run here.
+def load_artifact(folder: str | Path, threads: int | None = None) -> _Runner:
+    """Load an artifact compiled for this host; a clear error where it cannot run here. It runs
+    on ``threads`` threads (default: the artifact's ``threads``, else
+    :func:`graphslim.backend.threads.default_threads`), set through TVM's thread-pool API for
+    each thread that calls it.
 
     Only the library named in ``artifact.json`` inside the artifact folder is loaded (a plain file
     name, no path), and only while its sha256 matches the one recorded when it was compiled: a
@@ -388,7 +420,9 @@ def load_artifact(folder: str | Path) -> _Runner:
             f"{folder}: '{meta['library']}' does not match the sha256 recorded when it was compiled "
             "(truncated or changed); compile it again"
         )
-    return _Runner(folder, meta, data)
+    if threads is not None and threads < 1:
+        raise InputError("--threads must be >= 1")
+    return _Runner(folder, meta, data, threads)
 
 
 _MAX_ELEMENTS = 2**31

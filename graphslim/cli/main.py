@@ -49,6 +49,16 @@ def _add_shape(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_threads(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help=f"{what} (default: see README, 'Threads': the artifact's, else TVM_NUM_THREADS if set, "
+        "else one thread for small models and every CPU for large ones)",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
     # Also accepted after the command; SUPPRESS keeps the global value when not given here.
@@ -148,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_shape(o)
     _add_tuning(o)
+    _add_threads(o, "threads the compiled result runs (and is timed) with, recorded in compiled/artifact.json")
     o.add_argument(
         "--verify", action="store_true", help="check every pass: valid ONNX, runs in ORT, exact passes exact"
     )
@@ -194,24 +205,49 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help=FORCE_HELP)
     _add_shape(k)
     _add_tuning(k)
+    _add_threads(k, "threads the artifact runs (and tuning measures) with, recorded in artifact.json")
     _add_common(k)
 
     rn = sub.add_parser("run", help="run a compiled artifact on data (accuracy where labels exist)")
     rn.add_argument("artifact", metavar="ARTIFACT_DIR")
     rn.add_argument("--data", required=True, metavar="DATA")
     rn.add_argument("--reference", metavar="MODEL", help="compare outputs with this ONNX model in ONNX Runtime")
+    _add_rpc(rn)
+    _add_threads(rn, "TVM threads")
     _add_common(rn)
 
     bn = sub.add_parser("bench", help="latency of an ONNX model (ONNX Runtime) or a compiled artifact (TVM)")
     bn.add_argument("model", metavar="MODEL_OR_ARTIFACT")
-    bn.add_argument("--baseline", metavar="MODEL", help="also time this ONNX model, in the same run")
+    bn.add_argument(
+        "--baseline",
+        metavar="MODEL",
+        help="also time this ONNX model (ONNX Runtime), interleaved with MODEL in rounds on the same inputs; "
+        "vs_baseline is the median of the per-round ratios",
+    )
     bn.add_argument(
         "--batch", default="1,32", help="batch sizes for ONNX models (default 1,32); artifacts use their compiled batch"
     )
     bn.add_argument("--data", metavar="DATA", help="inputs to time with (default: seeded random inputs)")
+    _add_shape(bn)
     bn.add_argument("--warmup", type=int, default=10)
-    bn.add_argument("--repeat", type=int, default=100)
+    bn.add_argument("--repeat", type=int, default=100, help="timed runs per model and batch (default 100)")
+    bn.add_argument(
+        "--rounds", type=int, default=7, help="rounds the timed runs are split into, alternating the models (default 7)"
+    )
+    _add_threads(bn, "threads for TVM and ONNX Runtime alike (default: TVM as for run, ONNX Runtime its own)")
+    bn.add_argument(
+        "--target",
+        choices=TARGET_CHOICES,
+        help="with --rpc-tracker: build an ONNX MODEL for this target (per --batch) and time it on the device",
+    )
+    _add_rpc(bn)
     _add_common(bn)
+
+    _add_search(sub)
+
+    dv = sub.add_parser("devices", help="list the devices a TVM RPC tracker has (keys, free / in use)")
+    dv.add_argument("--rpc-tracker", required=True, metavar="HOST:PORT", help="the tracker's address")
+    _add_common(dv)
 
     e = sub.add_parser("eval", help="top-1 accuracy on labelled data, and the model's metric against a reference model")
     e.add_argument("model")
@@ -225,6 +261,165 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_common(e)
     return ap
+
+
+def _add_search(sub: Any) -> None:
+    s = sub.add_parser(
+        "search",
+        help="search per-layer pruning, low-rank, int8 (and block sparsity) for the fastest model within a budget",
+        description="Search the per-layer knobs that apply to MODEL (channel/head keep ratios, SVD ranks, int8 or "
+        "float, block sparsity with --target) for the fastest (or smallest) model within the budgets, measured on "
+        "held-out data. Writes OUT_DIR/model.onnx, report.json (with a 'search' section: trials and the Pareto "
+        "front), report.md/html (front plotted) and recipe.json, which 'graphslim optimize MODEL --recipe' turns "
+        "into the same model. Needs the 'search' extra (Optuna).",
+        epilog=EPILOG,
+    )
+    s.add_argument("model", help="input .onnx file (never modified)")
+    s.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT_DIR",
+        help="output folder, as for optimize (--force to replace one graphslim did not write)",
+    )
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
+    s.add_argument("--data", metavar="DATA", help="data set, as for optimize (a seeded 20%% is held out)")
+    s.add_argument("--train-data", metavar="DATA", help="data the passes calibrate on (int8, activation ranking)")
+    s.add_argument("--eval-data", metavar="DATA", help="held-out data every candidate is measured on")
+    s.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help="budget: points of top-1 accuracy (or of the model's metric) the result may lose (default 1.0)",
+    )
+    s.add_argument("--min-compression", type=float, metavar="R", help="budget: r = params after / before at most R")
+    s.add_argument(
+        "--max-latency-ms", type=float, metavar="MS", help="budget: latency (batch 1) at most MS on the runtime timed"
+    )
+    s.add_argument(
+        "--objective",
+        choices=("latency", "bytes", "macs"),
+        default="latency",
+        help="what to minimize within the budgets (default latency: measured on the target)",
+    )
+    s.add_argument(
+        "--target",
+        choices=TARGET_CHOICES,
+        help="time candidates with TVM for this target (default: ONNX Runtime) and compile the result "
+        "into OUT_DIR/compiled/ (extra: tvm); adds block-sparsity knobs",
+    )
+    s.add_argument("--trials", type=int, default=100, help="full evaluations in the study, all workers (default 100)")
+    s.add_argument("--timeout", type=float, metavar="SECONDS", help="stop each worker's trials after this long")
+    s.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage of the study (default sqlite:///OUT_DIR.search/study.db; a database URL to share "
+        "it between machines)",
+    )
+    s.add_argument("--study", metavar="NAME", help="study name (default: derived from the model, data and options)")
+    s.add_argument("--resume", action="store_true", help="continue an existing study (an error if there is none)")
+    s.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="worker processes on this machine sharing the study"
+    )
+    s.add_argument(
+        "--techniques",
+        default="prune,heads,svd,int8,sparse",
+        metavar="LIST",
+        help="knob families to search, comma-separated (default prune,heads,svd,int8,sparse; sparse only with --target)",
+    )
+    s.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe", help="Optuna sampler (default tpe)")
+    s.add_argument(
+        "--sensitivity-samples",
+        type=int,
+        default=500,
+        metavar="N",
+        help="held-out samples for the one-knob-at-a-time pass (default 500)",
+    )
+    s.add_argument(
+        "--validate",
+        type=int,
+        default=8,
+        metavar="K",
+        help="the K best candidates within the budgets (by estimate) timed end to end before choosing (default 8)",
+    )
+    s.add_argument("--batch", type=int, default=1, help="batch size latency is timed at (default 1)")
+    s.add_argument("--threads", type=int, metavar="N", help="runtime threads when timing (default: the runtime's)")
+    s.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time by the wall clock (default) or by single-thread CPU time, which other processes on a shared "
+        "machine do not disturb",
+    )
+    s.add_argument("--seed", type=int, default=0, help="seed for the sampler and every pass (default 0)")
+    _add_common(s)
+
+
+def _cmd_search(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.backend.options import CompileOptions
+    from graphslim.run.options import Budgets, RunOptions, SearchOptions
+    from graphslim.run.search import require_optuna, search
+
+    require_optuna()  # exit 2 naming the extra, before any work
+    run = RunOptions(
+        data=args.data,
+        train_data=args.train_data,
+        eval_data=args.eval_data,
+        seed=args.seed,
+        progress=not (args.quiet or args.json),
+        budgets=Budgets(args.max_accuracy_drop, args.min_compression, args.max_latency_ms),
+        compile=CompileOptions(target=args.target),
+        force=args.force,
+    )
+    opts = SearchOptions(
+        run=run,
+        objective=args.objective,
+        trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study=args.study,
+        resume=args.resume,
+        workers=args.workers,
+        techniques=tuple(t.strip() for t in args.techniques.split(",") if t.strip()),
+        sampler=args.sampler,
+        sensitivity_samples=args.sensitivity_samples,
+        validate=args.validate,
+        batch=args.batch,
+        threads=args.threads,
+        clock=args.clock,
+    )
+    res = search(args.model, args.output, opts)
+    rep, sec = res.report, res.report["search"]
+    missed = [
+        f"{name}: {b['measure']} = {b['value']}, limit {b['limit']}"
+        for name, b in rep["budgets"].items()
+        if not b["met"]
+    ]
+    for m in missed:
+        print(f"graphslim: budget missed: {m} (outputs written to {args.output})", file=sys.stderr)
+    code = EXIT_BUDGET if missed else EXIT_OK
+    if args.json:
+        return code, rep
+    chosen = sec["chosen"]
+    lat = (rep.get("latency") or {}).get("ort_compressed")
+    lines = [
+        f"wrote {Path(args.output) / 'model.onnx'}, recipe.json, report.json and report.html",
+        f"  study {sec['study']['name']}: {sec['trials']} trials ({sec['evaluations']} evaluated, "
+        f"{sec['sensitivity']['evaluations']} sensitivity candidates), {len(sec['front'])} on the Pareto front",
+        f"  chosen: trial {chosen['trial']}, {sec['metric']['name']} {chosen['accuracy']:.4f} "
+        f"(drop {chosen['drop_points']} points), {chosen['bytes']:,} bytes, {chosen['macs']:,} MACs"
+        + (
+            f", {chosen['latency_ms']} ms ({chosen['latency_source']}, {sec['runtime']})"
+            if chosen["latency_ms"]
+            else ""
+        ),
+        f"  pipeline: {chosen['pipeline']}",
+    ]
+    if lat:
+        lines.append(f"  ONNX Runtime batch 1: {rep['latency']['ort_original']['median_ms']} -> {lat['median_ms']} ms")
+    lines.append(f"  reproduce: {sec['reproduce']}")
+    return code, "\n".join(lines)
 
 
 def _pipeline_from_args(args: argparse.Namespace):
@@ -308,6 +503,7 @@ def _latency_lines(rep: dict[str, Any]) -> list[str]:
         ("ONNX Runtime, original", lat.get("ort_original")),
         ("ONNX Runtime, result", lat.get("ort_compressed")),
         (f"TVM {rep.get('target')}, compiled result", lat.get("tvm_compiled")),
+        (f"device '{(lat.get('device') or {}).get('key')}', compiled result", lat.get("device")),
     ]
     out = []
     for label, row in rows:
@@ -482,13 +678,25 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
         help="tuning database folder to reuse and extend across builds "
         "(kernels it already holds are not tuned again; with --tune 0 its records are only applied)",
     )
+    _add_rpc(p)
+
+
+def _add_rpc(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("remote device (TVM RPC tracker; see 'graphslim devices')")
     g.add_argument(
         "--rpc-tracker",
         metavar="HOST:PORT",
-        help="measure on a device registered with this TVM RPC "
-        "tracker (needed to tune a cross-compiled target such as arm)",
+        help="use a device registered with this TVM RPC tracker: tuning measures there (needed to tune a "
+        "cross-compiled target such as arm), and the compiled model is run and timed there",
     )
-    g.add_argument("--rpc-key", metavar="KEY", help="device key at the RPC tracker")
+    g.add_argument("--rpc-key", metavar="KEY", help="device key the boards registered with at the tracker")
+    g.add_argument(
+        "--rpc-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for a free device of the key before failing (default 60)",
+    )
 
 
 def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int | None = None) -> Any:
@@ -496,18 +704,30 @@ def _compile_options(args: argparse.Namespace, *, target: str | None, batch: int
     before work)."""
     from graphslim.backend.options import CompileOptions, parse_shapes
 
-    if bool(args.rpc_tracker) != bool(args.rpc_key):
-        raise InputError("--rpc-tracker and --rpc-key go together")
-    if args.rpc_tracker and not re.fullmatch(r"[^:\s]+:\d+", args.rpc_tracker):
-        raise InputError(f"--rpc-tracker: expected HOST:PORT, got {args.rpc_tracker!r}")
+    rpc = _rpc_of(args)
+    if rpc is not None and target is None:
+        raise InputError("--rpc-tracker/--rpc-key run the compiled result on a device: give --target too")
     return CompileOptions(
         target=target,
         shapes=parse_shapes(getattr(args, "shape", None)),
         batch=batch,
         tune=args.tune,
         tuning_db=args.tuning_db,
-        rpc=(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None,
+        rpc=rpc,
+        rpc_timeout=args.rpc_timeout,
+        threads=getattr(args, "threads", None),
     )
+
+
+def _rpc_of(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(tracker, key) of --rpc-tracker/--rpc-key, or None; usage errors before any work."""
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise InputError("--rpc-tracker and --rpc-key go together")
+    if args.rpc_tracker and not re.fullmatch(r"[^:\s]+:\d+", args.rpc_tracker):
+        raise InputError(f"--rpc-tracker: expected HOST:PORT, got {args.rpc_tracker!r}")
+    if not args.rpc_timeout > 0:
+        raise InputError("--rpc-timeout must be > 0")
+    return (args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
 
 
 def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
@@ -536,6 +756,7 @@ def _cmd_compile(args: argparse.Namespace) -> tuple[int, Any]:
             tuning_db=c.tuning_db,
             rpc=c.rpc,
             progress=not (args.quiet or args.json),
+            threads=c.threads,
         )
     if args.json:
         return EXIT_OK, art.meta
@@ -552,33 +773,57 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.core.metrics import MetricSpec, compare_outputs, score_outputs
     from graphslim.core.runtime import check_memory, run_model
 
-    runner = load_artifact(args.artifact)
-    batch = runner.meta["batch"]
-    names = [i["name"] for i in runner.meta["inputs"]]
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads must be >= 1")
+    rpc = _rpc_of(args)
+    if rpc is not None:  # on a device of the tracker: the library is uploaded there
+        from graphslim.backend.remote import read_meta
+
+        runner, meta = None, read_meta(args.artifact)
+    else:
+        runner = load_artifact(args.artifact, threads=args.threads)
+        meta = runner.meta
+    batch = meta["batch"]
+    names = [i["name"] for i in meta["inputs"]]
     ref_model = load_model(args.reference) if args.reference else None
     if ref_model is not None:
         check_memory(ref_model, batch=256, what=args.reference)
     # The artifact has a static batch: feed it whole batches (the tail is padded, then cut).
-    template = ref_model or _model_for_inputs(runner.meta)
+    template = ref_model or _model_for_inputs(meta)
     data = load_data(args.data, template)
-    outs: list[list[np.ndarray]] = []
+    feeds_list, sizes = [], []
     for b in data.batches(batch):
         n = len(b)
-        feeds = {
-            k: np.concatenate([v, np.repeat(v[-1:], batch - n, axis=0)]) if n < batch else v
-            for k, v in b.inputs.items()
-            if k in names
-        }
-        outs.append([o[:n] for o in runner(feeds)])
+        feeds_list.append(
+            {
+                k: np.concatenate([v, np.repeat(v[-1:], batch - n, axis=0)]) if n < batch else v
+                for k, v in b.inputs.items()
+                if k in names
+            }
+        )
+        sizes.append(n)
+    if runner is None:
+        from graphslim.backend.remote import run_artifact
+
+        raw = run_artifact(args.artifact, rpc, feeds_list, wait_s=args.rpc_timeout)
+    else:
+        raw = [runner(f) for f in feeds_list]
+    outs = [[o[:n] for o in r] for r, n in zip(raw, sizes, strict=True)]
     result = [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
     out: dict[str, Any] = {"artifact": args.artifact, "samples": len(data)}
+    if rpc is not None:
+        out["device"] = {"tracker": rpc[0], "key": rpc[1]}
     if data.labels is not None and result[0].ndim == 2:
         out["accuracy"] = score_outputs(MetricSpec("accuracy"), result, labels=data.labels).value
     if ref_model is not None:
         out["fidelity"] = compare_outputs(run_model(ref_model, data), result).to_dict()
+    if runner is not None:
+        out["threads"] = runner.threads
     if args.json:
         return EXIT_OK, out
-    lines = [f"{args.artifact}: ran {len(data)} samples ({runner.meta['target']}, batch {batch})"]
+    where = f" on a device of key '{rpc[1]}' at {rpc[0]}" if rpc is not None else ""
+    threads = f", {runner.threads} thread(s): {runner.threads_from}" if runner is not None else ""
+    lines = [f"{args.artifact}: ran {len(data)} samples ({meta['target']}, batch {batch}{threads}){where}"]
     if "accuracy" in out:
         lines.append(f"  top-1 accuracy {out['accuracy']:.4f}")
     if "fidelity" in out:
@@ -591,75 +836,91 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
-    from graphslim.backend.bench import measure_ort, measure_tvm
+    from graphslim.backend.bench import batch_of, ort_contender, tvm_contender
+    from graphslim.backend.options import parse_shapes
     from graphslim.core.data import load_data, random_inputs
     from graphslim.core.ir import load_model
     from graphslim.core.runtime import check_memory
 
+    if args.rpc_tracker or args.rpc_key or args.target:
+        return _bench_on_device(args)
     try:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
     except ValueError:
         raise InputError(f"--batch: expected sizes like 1,32, got {args.batch[:80]!r}") from None
-    if not batches or min(batches) < 1 or max(batches) > 2**20 or args.repeat < 1 or args.warmup < 0:
-        raise InputError("--batch sizes must be from 1 to 1048576, --repeat >= 1, --warmup >= 0")
+    if not batches or min(batches) < 1 or max(batches) > 2**20:
+        raise InputError("--batch sizes must be from 1 to 1048576")
+    if args.repeat < 1 or args.warmup < 0 or args.rounds < 1:
+        raise InputError("--repeat and --rounds must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads must be >= 1")
+    shapes = dict(parse_shapes(args.shape))
+    artifact = Path(args.model).is_dir()
+    baseline = load_model(args.baseline) if args.baseline else None
+    if baseline is not None:
+        check_memory(baseline, batch=max(batches), what=args.baseline)
+    runs = {"warmup": args.warmup, "repeat": args.repeat, "rounds": args.rounds, "max_seconds": 60.0}
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
 
-    # ONNX Runtime first: TVM's thread pool slows other runtimes in the same process afterwards.
-    for label, path in (("baseline", args.baseline), ("model", None if Path(args.model).is_dir() else args.model)):
-        if path is None:
-            continue
-        model = load_model(path)
-        sizes, why = _batch_sizes(model, batches)
-        check_memory(model, batch=max(sizes), what=path)
-        skipped += [{"what": label, "batch": b, "reason": why} for b in batches if b not in sizes]
-        data = load_data(args.data, model) if args.data else random_inputs(model, max(sizes), 0)
-        for b in sizes:
-            rows.append(
-                {
-                    "what": label,
-                    "path": path,
-                    "runtime": "onnxruntime",
-                    **measure_ort(model, data, batch=b, warmup=args.warmup, repeat=args.repeat, max_seconds=30),
-                }
-            )
-    if Path(args.model).is_dir():
-        from graphslim.backend import load_artifact
-        from graphslim.backend.bench import PeakMemory
+    def feeds_for(model: Any, batch: int) -> dict[str, np.ndarray]:
+        """One batch of --data, or seeded random inputs (--shape binds symbolic dims)."""
+        if shapes:
+            from graphslim.kernels.prepare import fix_shapes
 
-        with PeakMemory() as mem:
-            runner = load_artifact(args.model)
-            data = (
-                load_data(args.data, _model_for_inputs(runner.meta))
-                if args.data
-                else random_inputs(_model_for_inputs(runner.meta), runner.meta["batch"], 0)
+            model = fix_shapes(model, shapes, batch)[0]
+        return batch_of(load_data(args.data, model) if args.data else random_inputs(model, batch, 0), batch)
+
+    def baseline_contender(feeds: dict[str, np.ndarray], batch: int) -> Any:
+        names = {vi.name for vi in baseline.graph.input} - {i.name for i in baseline.graph.initializer}
+        if set(feeds) != names:
+            raise InputError(
+                f"--baseline {args.baseline} takes inputs {sorted(names)}; the model takes {sorted(feeds)}"
             )
-            timing = measure_tvm(runner, data, warmup=args.warmup, repeat=args.repeat, max_seconds=30)
-        rows.append(
-            {
-                "what": "model",
-                "path": args.model,
-                "runtime": f"tvm ({runner.meta['target']})",
-                **timing,
-                "memory": mem.result(),
-            }
+        c = ort_contender("baseline", baseline, feeds, batch, threads=args.threads or 0)
+        c.info["path"] = args.baseline
+        return c
+
+    if artifact:
+        # The artifact has one static batch; the baseline runs on the very same inputs.
+        model_c = tvm_contender(
+            "model",
+            args.model,
+            threads=args.threads,
+            feeds=(lambda meta: feeds_for(_model_for_inputs(meta), meta["batch"])) if args.data else None,
         )
-    base = {r["batch"]: r["median_ms"] for r in rows if r["what"] == "baseline"}
-    for r in rows:
-        r["vs_baseline"] = round(r["median_ms"] / base[r["batch"]], 4) if r["batch"] in base else None
+        model_c.info["path"] = args.model
+        contenders = [baseline_contender(model_c.feeds, model_c.batch)] if baseline is not None else []
+        rows += _interleave([*contenders, model_c], runs)
+    else:
+        model = load_model(args.model)
+        sizes, why = _batch_sizes(model, batches)
+        check_memory(model, batch=max(sizes), what=args.model)
+        skipped += [{"what": "model", "batch": b, "reason": why} for b in batches if b not in sizes]
+        for b in sizes:
+            feeds = feeds_for(model, b)
+            contenders = [baseline_contender(feeds, b)] if baseline is not None else []
+            c = ort_contender("model", model, feeds, b, threads=args.threads or 0)
+            c.info["path"] = args.model
+            contenders.append(c)
+            rows += _interleave(contenders, runs)
     if args.json:
         return EXIT_OK, {"results": rows, "skipped": skipped}
     lines = [
-        f"{'what':<9} {'runtime':<18} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'per s':>10} "
-        f"{'vs base':>8} {'+MB peak':>9}"
+        f"{'what':<9} {'runtime':<18} {'thr':>3} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} "
+        f"{'per s':>10} {'vs base':>8} {'+MB peak':>9}"
     ]
     for r in rows:
         vs = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
         extra = r.get("memory", {}).get("extra_mb")
         lines.append(
-            f"{r['what']:<9} {r['runtime']:<18} {r['batch']:>5} {r['median_ms']:>10.4f} {r['p90_ms']:>9.4f} "
-            f"{r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8} "
+            f"{r['what']:<9} {r['runtime']:<18} {r.get('threads') or '-':>3} {r['batch']:>5} {r['median_ms']:>10.4f} "
+            f"{r['p90_ms']:>9.4f} {r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8} "
             f"{'-' if extra is None else format(extra, '.1f'):>9}"
+        )
+    if baseline is not None:
+        lines.append(
+            f"vs base: median over {args.rounds} rounds of (model / baseline), the two alternating in each round"
         )
     lines += [f"skipped: {s['what']} at batch {s['batch']} ({s['reason']})" for s in skipped]
     return EXIT_OK, "\n".join(lines)
@@ -681,6 +942,119 @@ def _batch_sizes(model: Any, wanted: list[int]) -> tuple[list[int], str]:
         raise InputError(f"the model's inputs fix different batch sizes {sorted(fixed)}; cannot bench it")
     b = fixed.pop()
     return [b], f"the model's batch is fixed at {b}"
+
+
+def _bench_on_device(args: argparse.Namespace) -> tuple[int, Any]:
+    """``bench --rpc-tracker HOST:PORT --rpc-key KEY``: ONNX Runtime here for the ONNX models
+    given (MODEL, --baseline), and the compiled model on devices of the key (an artifact as it
+    is, an ONNX MODEL built for --target at each --batch size)."""
+    from graphslim.backend.bench import measure_ort
+    from graphslim.backend.options import CompileOptions
+    from graphslim.backend.remote import measure_artifact, measure_model, read_meta
+    from graphslim.core.data import load_data, random_inputs
+    from graphslim.core.ir import load_model
+
+    rpc = _rpc_of(args)
+    if rpc is None:
+        raise InputError("--target times the model on a device: give --rpc-tracker HOST:PORT --rpc-key KEY too")
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    except ValueError:
+        raise InputError(f"--batch: expected sizes like 1,32, got {args.batch!r}") from None
+    if not batches or min(batches) < 1 or args.repeat < 1 or args.warmup < 0:
+        raise InputError("--batch sizes and --repeat must be >= 1, --warmup >= 0")
+    artifact = Path(args.model).is_dir()
+    meta = read_meta(args.model) if artifact else None
+    if artifact and args.target:
+        raise InputError(f"{args.model} is compiled (for {meta['target']}); --target is for ONNX models")
+    if not artifact and not args.target:
+        raise InputError("give --target T to build the ONNX model for the device (or bench a compiled artifact)")
+    model = None if artifact else load_model(args.model)
+
+    def data_for(m: Any, n: int) -> Any:
+        return load_data(args.data, m) if args.data else random_inputs(m, n, 0)
+
+    if artifact:
+        batches = [meta["batch"]]
+        data = data_for(_model_for_inputs(meta), meta["batch"])
+    else:
+        data = data_for(model, max(batches))
+    runs = {"warmup": args.warmup, "repeat": args.repeat, "max_seconds": 30}
+    rows: list[dict[str, Any]] = []
+    # ONNX Runtime here, beside the device's figures (MODEL when it is an ONNX file, --baseline).
+    for label, m in (("baseline", load_model(args.baseline) if args.baseline else None), ("model", model)):
+        if m is not None:
+            m_data = data if m is model else data_for(m, max(batches))
+            for b in batches:
+                path = args.baseline if label == "baseline" else args.model
+                rows.append(
+                    {"what": label, "path": path, "runtime": "onnxruntime", **measure_ort(m, m_data, batch=b, **runs)}
+                )
+    for b in batches:
+        if artifact:
+            timing = measure_artifact(args.model, rpc, data, wait_s=args.rpc_timeout, **runs)
+        else:
+            opts = CompileOptions(target=args.target, batch=b, rpc=rpc, rpc_timeout=args.rpc_timeout)
+            timing = measure_model(model, opts, data, **runs)
+        rows.append(
+            {"what": "model", "path": args.model, "runtime": f"tvm ({timing['target']}) on '{rpc[1]}'", **timing}
+        )
+    base = {r["batch"]: r["median_ms"] for r in rows if r["what"] == "baseline"}
+    for r in rows:
+        r["vs_baseline"] = round(r["median_ms"] / base[r["batch"]], 4) if r["batch"] in base else None
+    if args.json:
+        return EXIT_OK, {"results": rows}
+    lines = [f"{'what':<9} {'runtime':<28} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'runs':>6} {'vs base':>8}"]
+    for r in rows:
+        vs = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
+        lines.append(
+            f"{r['what']:<9} {r['runtime'][:28]:<28} {r['batch']:>5} {r['median_ms']:>10.4f} {r['p90_ms']:>9.4f} "
+            f"{r['runs']:>6} {vs:>8}"
+        )
+        for d in r.get("devices", []):
+            lines.append(f"{'':<9}   device {d['server']}: {d['runs']} runs, median {d['median_ms']:.4f} ms")
+        if r.get("retries"):
+            lines.append(f"{'':<9}   {r['retries']} share(s) timed again after a device stopped answering")
+    return EXIT_OK, "\n".join(lines)
+
+
+def _cmd_devices(args: argparse.Namespace) -> tuple[int, Any]:
+    from graphslim.backend.remote import Tracker, list_devices
+
+    tracker = Tracker.parse(args.rpc_tracker)
+    keys = list_devices(tracker)
+    if args.json:
+        return EXIT_OK, {"tracker": str(tracker), "keys": keys}
+    if not keys:
+        return EXIT_OK, f"tracker {tracker}: no devices registered"
+    width = max(3, *(len(k["key"]) for k in keys))
+    lines = [
+        f"tracker {tracker}",
+        f"  {'key':<{width}} {'devices':>7} {'free':>5} {'in use':>6} {'pending':>7}  servers",
+    ]
+    for k in keys:
+        lines.append(
+            f"  {k['key']:<{width}} {k['devices']:>7} {k['free']:>5} {k['in_use']:>6} {k['pending']:>7}  "
+            + ", ".join(k["servers"])
+        )
+    return EXIT_OK, "\n".join(lines)
+
+
+def _interleave(contenders: list[Any], runs: dict[str, Any]) -> list[dict[str, Any]]:
+    from graphslim.backend.bench import measure_interleaved
+
+    base = "baseline" if any(c.label == "baseline" for c in contenders) else None
+    rows = measure_interleaved(contenders, baseline=base, **runs)
+    for c, r in zip(contenders, rows, strict=True):
+        r["what"] = c.label
+        r["rounds"] = runs["rounds"]
+        if base is None:
+            r.pop("vs_baseline", None)
+            r["vs_baseline"] = None
+        if c.label == "baseline":
+            r.pop("round_ratios", None)
+            r["vs_baseline"] = 1.0
+    return [{"what": r.pop("what"), "path": r.pop("path"), **r} for r in rows]
 
 
 def _model_for_inputs(meta: dict[str, Any]) -> Any:
@@ -766,6 +1140,8 @@ COMMANDS = {
     "compile": _cmd_compile,
     "run": _cmd_run,
     "bench": _cmd_bench,
+    "search": _cmd_search,
+    "devices": _cmd_devices,
 }
 
 

@@ -8,7 +8,7 @@ Modules here import the core and analysis layers and each other in this order on
 from __future__ import annotations
 
 from graphslim.pipeline.manager import PassContext, PassManager, PassRecord  # noqa: I001 - after text
-from graphslim.pipeline.options import coerce_options, format_options, parse_pipeline_text
+from graphslim.pipeline.options import coerce_options, format_options, parse_layer_values, parse_pipeline_text
 from graphslim.pipeline.registry import (
     ENTRY_POINT_GROUP,
     Pass,
@@ -32,6 +32,7 @@ __all__ = [
     "coerce_options",
     "format_options",
     "get_pass",
+    "parse_layer_values",
     "parse_pipeline_text",
     "register_pass",
     "registered_passes",

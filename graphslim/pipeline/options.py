@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 from graphslim.core.errors import PipelineError
 
-__all__ = ["MAX_INT", "coerce_options", "format_options", "format_value", "parse_pipeline_text", "show"]
+__all__ = [
+    "MAX_INT",
+    "coerce_options",
+    "format_options",
+    "format_value",
+    "parse_layer_values",
+    "parse_pipeline_text",
+    "show",
+]
 
 #: Integer options are bounded (ranks, epochs, channel counts...): a bigger value is a typo or an attack.
 MAX_INT = 2**31 - 1
@@ -271,3 +279,28 @@ def format_options(options: Any) -> str:
         if v != default:
             parts.append(f"{f.name}={format_value(v)}")
     return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def parse_layer_values(
+    option: str, items: tuple[str, ...], *, low: float, high: float, high_inclusive: bool = False
+) -> dict[str, float]:
+    """Per-layer option values written ``"NAME=VALUE"`` (``layer_ratios=["conv2=0.3","fc1=0.5"]``):
+    a name -> value mapping; a ValueError naming the option for a malformed item, a value outside
+    [low, high) (or [low, high] with ``high_inclusive``) or a name given twice. The value follows the
+    last '=', so node names may contain one."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, raw = str(item).rpartition("=")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not sep or not name or value != value:
+            raise ValueError(f'{option}: expected "NAME=VALUE" items, got {item!r}')
+        if not (low <= value <= high if high_inclusive else low <= value < high):
+            bound = "]" if high_inclusive else ")"
+            raise ValueError(f"{option}: {name}={raw} is outside [{low:g}, {high:g}{bound}")
+        if name in out:
+            raise ValueError(f"{option}: layer {name!r} given twice")
+        out[name] = value
+    return out

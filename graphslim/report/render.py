@@ -27,6 +27,7 @@ __all__ = [
     "render_files",
     "render_html",
     "render_markdown",
+    "search_rows",
     "summary_rows",
 ]
 
@@ -111,6 +112,20 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     "",
                     f"{t['median_ms']:.4g}",
                     f"{t['median_ms'] / o['median_ms']:.2f}x vs ORT original" if o["median_ms"] else "",
+                )
+            )
+        d = lat.get("device")
+        if d:
+            # Timed on the device (a board of the tracker), so the ratio compares two machines
+            # when the device is not this one.
+            servers = ", ".join(x["server"] for x in d.get("devices", []))
+            rows.append(
+                (
+                    f"device '{d['key']}' ({d.get('target') or ''}; {servers} via tracker {d['tracker']}), "
+                    f"batch {d['batch']} (median ms, {d['runs']} runs)",
+                    "",
+                    f"{d['median_ms']:.4g}",
+                    f"{d['median_ms'] / o['median_ms']:.2f}x vs ORT original here" if o["median_ms"] else "",
                 )
             )
     return rows
@@ -205,6 +220,10 @@ def plots(report: dict[str, Any]) -> dict[str, bytes]:
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         save(fig, "accuracy.png")
+    if report.get("search"):
+        fig = _pareto_figure(plt, report["search"])
+        if fig is not None:
+            save(fig, "pareto.png")
     lat = report.get("latency")
     if lat:
         fig, ax = plt.subplots(figsize=(6, 3))
@@ -213,13 +232,111 @@ def plots(report: dict[str, Any]) -> dict[str, bytes]:
         if lat.get("tvm_compiled"):
             labels.append("TVM compiled")
             vals.append(lat["tvm_compiled"]["median_ms"])
-        ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0", "#3e8e5e"][: len(vals)])
+        if lat.get("device"):
+            labels.append(f"device '{lat['device']['key']}'")
+            vals.append(lat["device"]["median_ms"])
+        ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0", "#3e8e5e", "#b0662f"][: len(vals)])
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=9)
         ax.set_ylabel(f"median ms, batch {lat['ort_original']['batch']}")
         ax.set_title("Latency")
         save(fig, "latency.png")
     return out
+
+
+_OBJECTIVE_LABEL = {"latency": "latency (ms)", "bytes": "bytes on disk", "macs": "MACs"}
+
+
+def _objective_value(sec: dict[str, Any], row: dict[str, Any]) -> Any:
+    return row["latency_ms"] if sec["objective"] == "latency" else row[sec["objective"]]
+
+
+def _pareto_figure(plt: Any, sec: dict[str, Any]) -> Any:
+    """Every trial (objective vs metric), the Pareto front, the budget and the chosen model."""
+    hist = [h for h in sec.get("history", []) if h[3] is not None]
+    if not hist and not sec["front"]:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = [h for h in hist if h[4]]
+    bad = [h for h in hist if not h[4]]
+    if bad:
+        ax.scatter([h[3] for h in bad], [h[1] for h in bad], s=14, color="#d0d5dd", label="trials over the budget")
+    if ok:
+        ax.scatter([h[3] for h in ok], [h[1] for h in ok], s=14, color="#9aa5b1", label="trials within the budget")
+    front = [r for r in sec["front"] if _objective_value(sec, r) is not None]
+    front.sort(key=lambda r: _objective_value(sec, r))
+    if front:
+        ax.plot(
+            [_objective_value(sec, r) for r in front],
+            [r["accuracy"] for r in front],
+            "o-",
+            color="#2f6fb0",
+            label="Pareto front",
+        )
+        measured = [r for r in front if r.get("latency_source") == "measured"]
+        if sec["objective"] == "latency" and measured:
+            ax.plot(
+                [_objective_value(sec, r) for r in measured],
+                [r["accuracy"] for r in measured],
+                "s",
+                ms=10,
+                mfc="none",
+                color="#2f6fb0",
+                label="latency measured end to end (others: estimates)",
+            )
+    ref = sec["metric"]["reference"]
+    ax.axhline(ref, color="#3e8e5e", lw=0.8, ls=":", label="original")
+    ax.axhline(ref - sec["max_accuracy_drop"] / 100, color="#b42318", lw=0.8, ls="--", label="budget")
+    chosen = sec["chosen"]
+    if _objective_value(sec, chosen) is not None:
+        ax.plot([_objective_value(sec, chosen)], [chosen["accuracy"]], "*", ms=14, color="#b42318", label="chosen")
+    ax.set_xlabel(_OBJECTIVE_LABEL[sec["objective"]] + (f", {sec['runtime']}" if sec["objective"] == "latency" else ""))
+    ax.set_ylabel(sec["metric"]["name"])
+    # Far-off trials would flatten the interesting part: show the band around the budget.
+    low = ref - max(3 * sec["max_accuracy_drop"], 2.0) / 100
+    hidden = sum(1 for h in hist if h[1] < low)
+    ax.set_ylim(bottom=low)
+    ax.set_title(f"Search: {sec['trials']} trials" + (f" ({hidden} below the plotted range)" if hidden else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def search_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The search's Pareto front as table rows (trial, metric, points lost, bytes, MACs, latency)."""
+    sec = report.get("search") or {}
+    rows = []
+    for r in sec.get("front", []):
+        lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.4g} ({r['latency_source']})"
+        rows.append(
+            [
+                "original" if r["trial"] is None else str(r["trial"]),
+                f"{r['accuracy']:.4f}",
+                _fmt(r["drop_points"]),
+                _fmt(r["bytes"]),
+                _fmt(r["macs"]),
+                lat,
+                "yes" if r["within_budget"] else "no",
+                r["pipeline"],
+            ]
+        )
+    return rows
+
+
+_SEARCH_HEADER = ["trial", "metric", "points lost", "bytes", "MACs", "latency ms", "within budget", "pipeline"]
+
+
+def _search_summary(sec: dict[str, Any]) -> str:
+    c = sec["chosen"]
+    return (
+        f"{sec['trials']} trials ({sec['evaluations']} evaluated, {sec['sensitivity']['evaluations']} one-knob "
+        f"sensitivity candidates), objective {sec['objective']} on {sec['runtime']}, metric {sec['metric']['name']} "
+        f"on {sec['metric']['samples']} held-out samples (original {sec['metric']['reference']:.4f}), budget "
+        f"{sec['max_accuracy_drop']} points. Chosen: "
+        + ("the original" if c["trial"] is None else f"trial {c['trial']}")
+        + f" ({c.get('why', '')}). Latencies marked 'estimate' come from the per-layer table; 'measured' ones "
+        "were timed end to end, interleaved with the original."
+    )
 
 
 def _metric_name(report: dict[str, Any]) -> str:
@@ -309,6 +426,12 @@ def render_markdown(report: dict[str, Any], images: dict[str, bytes] | None = No
                 f"{_fmt(r['params_before'])} → {_fmt(r['params_after'])} | {sparsity} | "
                 f"{_fmt(r['rank'])} | {r['precision_after'] or '-'} |"
             )
+    sec = report.get("search")
+    if sec:
+        lines += ["", "## Search", "", _search_summary(sec), "", "Pareto front:", ""]
+        lines += ["| " + " | ".join(_SEARCH_HEADER) + " |", "|---|---:|---:|---:|---:|---:|---|---|"]
+        lines += ["| " + " | ".join(r[:-1] + [f"`{r[-1]}`"]) + " |" for r in search_rows(report)]
+        lines += ["", f"Recipe: `{sec['recipe']}`; reproduce with `{sec.get('reproduce', '')}`."]
     lines += ["", "## Passes", "", "| pass | changed | seconds | stats |", "|---|---|---:|---|"]
     for p in report["passes"]:
         stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items() if not isinstance(v, list | dict))
@@ -357,7 +480,15 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
             for n, b in budgets.items()
         )
         parts.append(f"<h2>Budgets</h2><ul>{items}</ul>")
+    sec = report.get("search")
+    if sec:
+        parts.append(f"<h2>Search</h2><p>{e(_search_summary(sec))}</p>")
+        parts.append(_table(_SEARCH_HEADER, search_rows(report), {1, 2, 3, 4, 5}))
+        parts.append(
+            f"<p>Recipe: <code>{e(sec['recipe'])}</code>; reproduce with <code>{e(sec.get('reproduce', ''))}</code>.</p>"
+        )
     for name, title in (
+        ("pareto.png", "Search: Pareto front"),
         ("accuracy.png", "Accuracy vs compression"),
         ("latency.png", "Latency"),
         ("layers.png", "Parameters per layer"),

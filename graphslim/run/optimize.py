@@ -99,7 +99,13 @@ def data_roles(model: onnx.ModelProto, opts: RunOptions) -> DataRoles:
 
 
 def optimize(
-    model_path: str | Path, out_dir: str | Path | None = None, options: RunOptions | None = None, **kwargs: Any
+    model_path: str | Path,
+    out_dir: str | Path | None = None,
+    options: RunOptions | None = None,
+    *,
+    report_extra: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    **kwargs: Any,
 ) -> OptimizeResult:
     """Optimize the model at ``model_path`` and (if ``out_dir``) write ``model.onnx``,
     ``report.json``, ``report.md`` and ``report.html`` there (replaced whole or not at all).
@@ -111,6 +117,10 @@ def optimize(
 
     ``report["cache"]["key"]`` hashes everything the result depends on; with ``cache_dir`` a run
     whose key is already there copies the stored outputs instead of running the pipeline.
+
+    ``report_extra`` adds top-level report sections (``graphslim search`` adds ``search``) and
+    ``extra_files`` more files to OUT_DIR (its ``recipe.json``); a run with either neither reads
+    nor stores a cache entry.
     """
     opts = RunOptions.build(options, **kwargs)
     src, out = Path(model_path), Path(out_dir) if out_dir is not None else None
@@ -122,7 +132,7 @@ def optimize(
             if out is not None
             else None
         )
-        return _optimize(src, dest, opts, stack)
+        return _optimize(src, dest, opts, stack, report_extra, extra_files)
 
 
 def _inputs(src: Path, opts: RunOptions) -> list[str | os.PathLike[str]]:
@@ -136,7 +146,14 @@ def _inputs(src: Path, opts: RunOptions) -> list[str | os.PathLike[str]]:
     return paths
 
 
-def _optimize(src: Path, dest: OutputDir | None, opts: RunOptions, stack: contextlib.ExitStack) -> OptimizeResult:
+def _optimize(
+    src: Path,
+    dest: OutputDir | None,
+    opts: RunOptions,
+    stack: contextlib.ExitStack,
+    report_extra: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> OptimizeResult:
     out = dest.path if dest is not None else None
     pipe = _pipeline(opts.pipeline)
     original = load_model(src)
@@ -151,7 +168,7 @@ def _optimize(src: Path, dest: OutputDir | None, opts: RunOptions, stack: contex
     sizes = [len(d) for d in (roles.train, roles.report) if d is not None]
     check_memory(original, batch=min(256, max(sizes, default=8)), what=str(src))
     key = _key(model_hash, pipe, roles, opts)
-    if opts.cache_dir is not None:
+    if opts.cache_dir is not None and not (report_extra or extra_files):
         hit = _from_cache(Path(opts.cache_dir) / key, key, dest, opts)
         if hit is not None:
             return hit
@@ -180,13 +197,16 @@ def _optimize(src: Path, dest: OutputDir | None, opts: RunOptions, stack: contex
     report["budgets"] = _budgets(report, opts)
     report["cache"] = {"key": key, "hit": False}
     files = _files(result, report, compiled)
-    if opts.cache_dir is not None:
+    if opts.cache_dir is not None and not (report_extra or extra_files):
         try:  # entries are named by their key inside the cache folder, which is graphslim's
             write_output_dir(Path(opts.cache_dir) / key, files, kind="cache", inputs=_inputs(src, opts), force=True)
         except OutputBusy:
             log.info("another run is writing cache entry %s; not stored again", key)
+    if report_extra:
+        report.update(report_extra)
+        files = _files(result, report, compiled)
     if dest is not None:
-        dest.write(files)
+        dest.write({**files, **(extra_files or {})})
     return OptimizeResult(result, report, out)
 
 
@@ -208,6 +228,8 @@ def _key(model_hash: str, pipe: Pipeline, roles: DataRoles, opts: RunOptions) ->
     )
     if opts.metric != "auto":  # passes decide by the metric: a different one is a different run
         extra = {**(extra or {}), "metric": opts.metric}
+    if c.target and c.rpc is not None:  # tuned and timed on that device: a run for another is not this one
+        extra = {**(extra or {}), "device": {"tracker": c.rpc[0], "key": c.rpc[1]}}
     return cache_key(model_hash, str(pipe), roles.given, seed=opts.seed, target=target, verify=opts.verify, extra=extra)
 
 
@@ -297,17 +319,23 @@ def _compile(
     if scratch and "tuning" in meta:
         meta["tuning"]["database"] = "compiled/tuning"
     report["compiled"] = {"folder": "compiled", **meta}
-    if opts.measure_latency and target.startswith("x86"):
+    if opts.measure_latency and (target.startswith("x86") or c.rpc is not None):
+        sample = data if data is not None else random_inputs(_static_inputs(meta), 1, opts.seed)
         with scratch_dir("tvm") as tmp:
             export(Path(tmp))
-            try:
-                runner = load_artifact(tmp)
-            except InputError as e:  # e.g. an AVX-512 build on an AVX2 host
-                report["compiled"]["not_timed"] = str(e)
-            else:
-                sample = data if data is not None else random_inputs(_static_inputs(meta), 1, opts.seed)
-                report.setdefault("latency", None)
-                report["latency"] = {**(report["latency"] or {}), "tvm_compiled": measure_tvm(runner, sample)}
+            report.setdefault("latency", None)
+            if c.rpc is not None:  # on a device of the tracker (first: TVM's thread pool here would compete)
+                from graphslim.backend.remote import measure_artifact
+
+                device = measure_artifact(tmp, c.rpc, sample, wait_s=c.rpc_timeout)
+                report["latency"] = {**(report["latency"] or {}), "device": device}
+            if target.startswith("x86"):
+                try:
+                    runner = load_artifact(tmp)
+                except InputError as e:  # e.g. an AVX-512 build on an AVX2 host
+                    report["compiled"]["not_timed"] = str(e)
+                else:
+                    report["latency"] = {**(report["latency"] or {}), "tvm_compiled": measure_tvm(runner, sample)}
 
     def write(folder: Path) -> None:
         (folder / "compiled").mkdir()

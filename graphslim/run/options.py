@@ -20,7 +20,7 @@ from graphslim.core.errors import InputError
 from graphslim.core.metrics import METRICS
 from graphslim.pipeline import Pipeline
 
-__all__ = ["Budgets", "CompileOptions", "DataSource", "RunOptions"]
+__all__ = ["TECHNIQUES", "Budgets", "CompileOptions", "DataSource", "RunOptions", "SearchOptions"]
 
 #: A data set given as a path (``.npz``, a folder of shards, ``module:function``) or in memory.
 DataSource = str | os.PathLike[str] | Dataset | None
@@ -105,3 +105,41 @@ class RunOptions:
         if comp:
             direct["compile"] = replace(opts.compile, **comp)
         return replace(opts, **direct)
+
+
+#: The knob families ``graphslim search`` combines (each exists where its pass applies).
+TECHNIQUES = ("prune", "heads", "svd", "int8", "sparse")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What ``graphslim search`` adds to a run: ``run`` holds the data, seed, budgets and target
+    that ``optimize`` takes (its ``pipeline`` is ignored: the search writes it)."""
+
+    run: RunOptions = field(default_factory=RunOptions)
+    objective: str = "latency"  # latency | bytes | macs
+    trials: int = 100  # full evaluations in the study, all workers together
+    timeout: float | None = None  # seconds per worker
+    storage: str | None = None  # an Optuna storage URL; None: sqlite:///<OUT>.search/study.db
+    study: str | None = None  # None: a name derived from the model, data and settings
+    resume: bool = False  # the study must exist already
+    workers: int = 1  # processes on this machine sharing the study
+    techniques: tuple[str, ...] = TECHNIQUES
+    sampler: str = "tpe"  # tpe | nsga2
+    sensitivity_samples: int = 500  # held-out samples for the one-knob-at-a-time pass
+    validate: int = 8  # best candidates within the budgets (by estimate) timed end to end
+    batch: int = 1  # the batch size latency is timed at
+    threads: int | None = None  # runtime threads when timing (None: the runtime's default)
+    clock: str = "wall"  # wall | cpu (single-thread CPU time: for shared machines)
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("latency", "bytes", "macs"):
+            raise InputError(f"--objective must be latency, bytes or macs, got {self.objective!r}")
+        if min(self.trials, self.workers, self.validate, self.sensitivity_samples, self.batch) < 1:
+            raise InputError("--trials, --workers, --validate, --sensitivity-samples and --batch must be >= 1")
+        _finite("--timeout", self.timeout, positive=True)
+        bad = sorted(set(self.techniques) - set(TECHNIQUES))
+        if bad or not self.techniques:
+            raise InputError(f"--techniques: choose from {', '.join(TECHNIQUES)} (got {', '.join(bad) or 'none'})")
+        if self.sampler not in ("tpe", "nsga2"):
+            raise InputError(f"--sampler must be tpe or nsga2, got {self.sampler!r}")

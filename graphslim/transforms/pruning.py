@@ -245,11 +245,20 @@ class Rounding:
 
 
 def keep_counts(
-    groups: list[Group], scores: dict[int, np.ndarray], ratio: float, scope: str, rounding: Rounding
+    groups: list[Group],
+    scores: dict[int, np.ndarray],
+    ratio: float,
+    scope: str,
+    rounding: Rounding,
+    group_ratios: dict[int, float] | None = None,
 ) -> dict[int, int]:
-    """How many units each group keeps at pruning ``ratio``."""
+    """How many units each group keeps at pruning ``ratio`` (``scope=local``: per group, or at
+    ``group_ratios[group id]`` where given)."""
     if scope == "local":
-        return {g.id: rounding.keep(g, g.size - int(math.floor(ratio * g.size + 1e-9))) for g in groups}
+        ratios = group_ratios or {}
+        return {
+            g.id: rounding.keep(g, g.size - int(math.floor(ratios.get(g.id, ratio) * g.size + 1e-9))) for g in groups
+        }
     # Global: one ranking of all units by normalized score; ties broken by group, then index.
     entries = [(float(s), g.id, i) for g in groups for i, s in enumerate(scores[g.id])]
     entries.sort()
@@ -476,6 +485,9 @@ class PruneRequest:
     target_params: float | None = None
     samples: int = 64  # calibration samples for the activation criterion
     unit_name: str = "channels"  # what the stats call a unit ("channels", "heads")
+    # (producer node name, ratio): a group any of whose producers is named here prunes at that
+    # ratio instead of ``ratio`` (scope=local only; what a searched recipe writes per group)
+    layer_ratios: tuple[tuple[str, float], ...] = ()
 
 
 _OTHER_PASS = {
@@ -522,6 +534,9 @@ def prune(
         if data is None:
             raise ValueError("criterion=activation needs calibration data (--data)")
         activations = activation_norms(graph, an, groups, data, samples=req.samples)
+    group_ratios, unmatched = _group_ratios(an, groups, dict(req.layer_ratios))
+    for name in unmatched:
+        skipped.append((name, "layer_ratios names no prunable group of this pass (a group is named by its producers)"))
     rounding = Rounding(req.round_to, req.min_channels)
     scores, fallbacks = group_scores(graph, an, groups, criterion, rng, activations)
     stats: dict = {"groups": len(an.groups), "prunable_groups": len(groups), "criterion": criterion}
@@ -537,7 +552,7 @@ def prune(
             skipped.append(("model", "the target cannot be met: every prunable group is at its minimum"))
         counts = keep_counts(groups, scores, ratio, "global", rounding)
     else:
-        counts = keep_counts(groups, scores, req.ratio, req.scope, rounding)
+        counts = keep_counts(groups, scores, req.ratio, req.scope, rounding, group_ratios)
     kept = {g.id: select_units(g, scores[g.id], counts[g.id]) for g in groups}
     before = sum(g.size for g in groups)
     after = sum(len(kept[g.id]) for g in groups)
@@ -564,6 +579,28 @@ def prune(
         }
     )
     return removed, stats, skipped
+
+
+def _group_ratios(
+    an: ChannelAnalysis, groups: list[Group], by_name: dict[str, float]
+) -> tuple[dict[int, float], list[str]]:
+    """Group id -> ratio for the prunable ``groups`` one of whose producers ``by_name`` names; and
+    the names that match no group at all (frozen, excluded or other-kind groups are skipped with
+    their own reason). Two names of one group with different ratios are an error."""
+    out: dict[int, float] = {}
+    used: set[str] = set()
+    prunable = {g.id for g in groups}
+    for g in an.groups:
+        named = [(n, by_name[n]) for n in (an.roots[r].origin for r in g.roots) if n in by_name]
+        used.update(n for n, _ in named)
+        if not named or g.id not in prunable:
+            continue
+        if len({v for _, v in named}) > 1:
+            raise ValueError(
+                "layer_ratios gives one group different ratios: " + ", ".join(f"{n}={v:g}" for n, v in named)
+            )
+        out[g.id] = named[0][1]
+    return out, sorted(set(by_name) - used)
 
 
 def _search_ratio(
