@@ -433,7 +433,7 @@ class _Work:
                 self.o.reduce_range,
                 QuantType.QInt8,
                 QuantType.QUInt8,
-                self.ranges,
+                _with_softmax_ranges(self.ranges, model),
                 nodes,
                 [],
                 ops,
@@ -449,6 +449,21 @@ class _Work:
     def real_drop(self, g: Graph) -> float:
         ev = self.evaluator
         return ev.drop_points(ev.score(g.to_model()))
+
+
+def _with_softmax_ranges(ranges: Any, model: onnx.ModelProto) -> Any:
+    """``ranges`` with [0, 1] for every Softmax output it lacks. ONNX Runtime's quantizer sets the
+    range of every Softmax output in the model to [0, 1] and fails on one the calibration did not
+    cover (calibration covers only what the quantized op types read: with op_types=[Gemm] a
+    transformer's attention Softmax is not among them)."""
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+    missing = [n.output[0] for n in model.graph.node if n.op_type == "Softmax" and n.output[0] not in ranges]
+    if not missing:
+        return ranges
+    data = dict(ranges.items())
+    data.update({m: TensorData(lowest=np.float32(0.0), highest=np.float32(1.0)) for m in missing})
+    return TensorsData(ranges.calibration_method, data)
 
 
 def _entropy_ranges(calibrator: Any) -> Any:
@@ -470,22 +485,33 @@ def _restore_meta(model: onnx.ModelProto, like: Graph) -> onnx.ModelProto:
     return model
 
 
+class _RootToModule(logging.Filter):
+    """Moves what a library logs through the root logger below ERROR into this module's logger at
+    INFO (shown with -v). The root logger's level is never changed: other threads and the user's
+    own logging configuration are left as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root" and record.levelno < logging.ERROR:
+            log.info("onnxruntime.quantization: %s", record.getMessage())
+            return False
+        return True
+
+
 class _quiet:
     """onnxruntime.quantization logs advice at WARNING through the root logger and its
-    calibrators print() progress to stdout (which ``--json`` owns): both go to the debug log
-    (the advice is shown with -v)."""
+    calibrators print() progress to stdout (which ``--json`` owns): both go to this module's log
+    at INFO (shown with -v)."""
 
     def __enter__(self) -> None:
-        self.prev = logging.getLogger().level
-        if not log.isEnabledFor(logging.INFO):
-            logging.getLogger().setLevel(logging.ERROR)
+        self.filter = _RootToModule()
+        logging.getLogger().addFilter(self.filter)
         self.buf = io.StringIO()
         self.redirect = contextlib.redirect_stdout(self.buf)
         self.redirect.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         self.redirect.__exit__(*exc)
-        logging.getLogger().setLevel(self.prev)
-        for line in self.buf.getvalue().splitlines():  # the calibrators' progress prints, shown with -v
+        logging.getLogger().removeFilter(self.filter)
+        for line in self.buf.getvalue().splitlines():  # the calibrators' progress prints
             if line.strip():
                 log.info("%s", line.strip())

@@ -447,14 +447,12 @@ class Timing:
 
             sess = ort_session(model, optimize=True, threads=self.n_threads or 0)
             return lambda: sess.run(None, feeds)
-        if self.n_threads:
-            os.environ["TVM_NUM_THREADS"] = str(self.n_threads)  # read when TVM's pool starts
         from graphslim.backend import build, load_artifact
 
         export, _ = build(_fixed_inputs(model, sample), self.target, batch=len(sample))
         tmp = tempfile.TemporaryDirectory(prefix="graphslim-search-tvm-")
         export(Path(tmp.name))
-        runner = load_artifact(tmp.name)
+        runner = load_artifact(tmp.name, threads=self.n_threads or None)  # TVM's thread-pool API, not the environment
         call = lambda: runner(feeds)  # noqa: E731
         call.keep = tmp  # type: ignore[attr-defined] - the library's folder lives as long as the call
         return call
