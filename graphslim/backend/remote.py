@@ -25,6 +25,7 @@ runner (``graphslim.kernels.tuning``) uses the same pair for tuning.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
@@ -261,8 +262,11 @@ def open_session(
     try:
         yield session
     finally:
-        # The server ends the session (and offers the device again) when the last handle goes.
+        # The server ends the session (and offers the device again) when the last handle goes;
+        # handles caught in reference cycles (remote modules, functions) go only with a collection,
+        # which would leave the device busy for an unbounded time: collect now.
         session.rpc = sess = None
+        gc.collect()
 
 
 def _short(e: BaseException) -> str:

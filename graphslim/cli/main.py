@@ -407,7 +407,7 @@ def _cmd_search(args: argparse.Namespace) -> tuple[int, Any]:
         f"wrote {Path(args.output) / 'model.onnx'}, recipe.json, report.json and report.html",
         f"  study {sec['study']['name']}: {sec['trials']} trials ({sec['evaluations']} evaluated, "
         f"{sec['sensitivity']['evaluations']} sensitivity candidates), {len(sec['front'])} on the Pareto front",
-        f"  chosen: trial {chosen['trial']}, {sec['metric']['name']} {chosen['accuracy']:.4f} "
+        f"  chosen: trial {chosen['trial']}, {sec['metric'].get('description') or sec['metric']['name']} {chosen['accuracy']:.4f} "
         f"(drop {chosen['drop_points']} points), {chosen['bytes']:,} bytes, {chosen['macs']:,} MACs"
         + (
             f", {chosen['latency_ms']} ms ({chosen['latency_source']}, {sec['runtime']})"

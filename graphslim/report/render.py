@@ -291,7 +291,7 @@ def _pareto_figure(plt: Any, sec: dict[str, Any]) -> Any:
     if _objective_value(sec, chosen) is not None:
         ax.plot([_objective_value(sec, chosen)], [chosen["accuracy"]], "*", ms=14, color="#b42318", label="chosen")
     ax.set_xlabel(_OBJECTIVE_LABEL[sec["objective"]] + (f", {sec['runtime']}" if sec["objective"] == "latency" else ""))
-    ax.set_ylabel(sec["metric"]["name"])
+    ax.set_ylabel(sec["metric"].get("description") or sec["metric"]["name"])
     # Far-off trials would flatten the interesting part: show the band around the budget.
     low = ref - max(3 * sec["max_accuracy_drop"], 2.0) / 100
     hidden = sum(1 for h in hist if h[1] < low)
@@ -330,7 +330,7 @@ def _search_summary(sec: dict[str, Any]) -> str:
     c = sec["chosen"]
     return (
         f"{sec['trials']} trials ({sec['evaluations']} evaluated, {sec['sensitivity']['evaluations']} one-knob "
-        f"sensitivity candidates), objective {sec['objective']} on {sec['runtime']}, metric {sec['metric']['name']} "
+        f"sensitivity candidates), objective {sec['objective']} on {sec['runtime']}, metric {sec['metric'].get('description') or sec['metric']['name']} "
         f"on {sec['metric']['samples']} held-out samples (original {sec['metric']['reference']:.4f}), budget "
         f"{sec['max_accuracy_drop']} points. Chosen: "
         + ("the original" if c["trial"] is None else f"trial {c['trial']}")

@@ -254,40 +254,24 @@ def quantize_pass(graph: Graph, layers: set[str], factorized: set[str]) -> Pass:
 
 
 class Judge:
-    """The model's metric on held-out data, from :mod:`graphslim.core.metrics`: its ``Evaluator``
-    where that exists (the metric chosen for the model's outputs), else top-1 accuracy with
-    labels, top-1 agreement with the original for classifier outputs, or the cosine of the
-    outputs. ``drop`` is in points: ``100 * (reference - value)``, as the report's budget."""
+    """The model's metric on held-out data: :class:`graphslim.core.metrics.Evaluator` with the
+    run's ``--metric`` (auto: accuracy with labels, agreement for classifier outputs, mask-pooled
+    cosine for hidden states, cosine otherwise). ``drop`` is in points, ``100 * (reference -
+    value)``, as the report's budget."""
 
-    def __init__(self, original: onnx.ModelProto, data: Dataset):
-        from graphslim.core import metrics
+    def __init__(self, original: onnx.ModelProto, data: Dataset, metric: str = "auto"):
+        from graphslim.core.metrics import Evaluator
         from graphslim.core.runtime import ort_session, run_model
 
-        self.data = data
+        self.data, self.metric = data, metric
         self.ref = run_model(ort_session(original), data)
-        evaluator = getattr(metrics, "Evaluator", None)
-        self._ev = evaluator(original, data, reference_outputs=self.ref) if evaluator is not None else None
-        if self._ev is not None:
-            self.name, self.reference = self._ev.spec.describe(), float(self._ev.reference_value)
-            return
-        acc = metrics.accuracy(original, data) if data.labels is not None else None
-        if acc is not None:
-            self.kind, self.name, self.reference = "accuracy", "top-1 accuracy", acc
-        elif metrics.compare_outputs(self.ref, self.ref).top1_agreement is not None:
-            self.kind, self.name, self.reference = "agreement", "top-1 agreement with the original", 1.0
-        else:
-            self.kind, self.name, self.reference = "cosine", "cosine to the original's outputs", 1.0
+        self._ev = Evaluator(original, data, metric=metric, reference_outputs=self.ref)
+        self.kind = self._ev.spec.name  # accuracy, agreement, pooled_cosine, cosine, mse
+        self.name = self._ev.spec.describe()
+        self.reference = float(self._ev.reference_value)
 
     def value(self, model: onnx.ModelProto) -> float:
-        from graphslim.core import metrics
-        from graphslim.core.runtime import ort_session, run_model
-
-        if self._ev is not None:
-            return float(self._ev.score(model).value)
-        if self.kind == "accuracy":
-            return float(metrics.accuracy(model, self.data))
-        fid = metrics.compare_outputs(self.ref, run_model(ort_session(model), self.data))
-        return float(fid.top1_agreement if self.kind == "agreement" else fid.cosine)
+        return float(self._ev.score(model).value)
 
     def drop(self, value: float) -> float:
         return round(100.0 * (self.reference - value), 4)
@@ -656,7 +640,7 @@ def _setup(src: Path, opts: SearchOptions, workdir: Path) -> _Setup:
         canonical,
         DEFAULT_PIPELINE,
         roles,
-        Judge(original, held),
+        Judge(original, held, opts.run.metric),
         base_params,
         bindings or {},
         sample,
@@ -778,7 +762,7 @@ def _sensitivity(ev: _Evaluator, knobs: list[Knob], progress: bool) -> tuple[lis
 
     s = ev.s
     n = min(s.opts.sensitivity_samples, len(s.judge.data))
-    judge = s.judge if n >= len(s.judge.data) else Judge(s.original, s.judge.data.take(n))
+    judge = s.judge if n >= len(s.judge.data) else Judge(s.original, s.judge.data.take(n), s.judge.metric)
     budget = _max_drop(s.opts)
     # One sample of n is 100/n points: allow the budget plus two samples' worth of noise.
     limit = budget + max(0.5 * budget, 200.0 / n)
@@ -1265,7 +1249,12 @@ def _finish(
     section = {
         "objective": opts.objective,
         "runtime": _timing(opts).label,
-        "metric": {"name": setup.judge.name, "reference": setup.judge.reference, "samples": len(setup.judge.data)},
+        "metric": {
+            "name": setup.judge.kind,
+            "description": setup.judge.name,
+            "reference": setup.judge.reference,
+            "samples": len(setup.judge.data),
+        },
         "max_accuracy_drop": _max_drop(opts),
         "study": {
             "name": study.study_name,
