@@ -164,7 +164,15 @@ def test_bench_compares_artifact_with_baseline(tmp_path, capsys):
     )
     rows = json.loads(capsys.readouterr().out)["results"]
     assert [r["runtime"] for r in rows] == ["onnxruntime", "tvm (x86)"]
-    assert rows[1]["vs_baseline"] > 0 and rows[0]["vs_baseline"] == 1.0
+    ort, tvm_row = rows
+    # --repeat 5: five rounds of one timed call each, interleaved. vs_baseline is the median of
+    # the per-round ratios (TVM's round median / ORT's, same round), not a ratio of two medians.
+    assert ort["runs"] == tvm_row["runs"] == 5
+    assert ort["vs_baseline"] == 1.0 and "round_ratios" not in ort
+    assert len(tvm_row["round_ratios"]) == len(tvm_row["round_medians_ms"]) == len(ort["round_medians_ms"]) == 5
+    for ratio, t, b in zip(tvm_row["round_ratios"], tvm_row["round_medians_ms"], ort["round_medians_ms"], strict=True):
+        assert ratio == pytest.approx(t / b, rel=1e-2)  # medians are rounded to 0.1 us
+    assert tvm_row["vs_baseline"] == pytest.approx(float(np.median(tvm_row["round_ratios"])), abs=1e-4)
     for r in rows:  # peak memory the model added (Linux /proc), and the process peak during it
         assert r["memory"]["peak_rss_mb"] > 10 and 0 <= r["memory"]["extra_mb"] <= r["memory"]["peak_rss_mb"]
 

@@ -94,9 +94,30 @@ def test_energy_bound_on_residual_network():
     model = ARCHITECTURES["resnet"]()
     out, recs = apply(model, "fold-batchnorm,factorize-svd{energy=0.8}", verify=True)
     layers = recs[-1].stats["layers"]
-    assert layers and all(lay["energy_kept"] >= 0.8 for lay in layers)
-    assert _n_params(out) < _n_params(model)
-    assert recs[-1].verification["cosine"] > 0.5  # random weights, 6 factorized layers in a row
+    assert len(layers) == 7  # every Conv and the Gemm: all save parameters at this energy
+    # Each rank is the smallest that keeps 80% of sum(S^2) of the folded weight.
+    folded, _ = apply(model, "fold-batchnorm")
+    weights = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}
+    by_name = {n.name: n for n in folded.graph.node}
+    out_weights = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    out_nodes = {n.name: n for n in out.graph.node}
+    for lay in layers:
+        w = weights[by_name[lay["name"]].input[1]]
+        s = np.linalg.svd(w.reshape(w.shape[0], -1).astype(np.float64), compute_uv=False)
+        cum = np.cumsum(s**2) / np.sum(s**2)
+        k = lay["rank"]
+        assert lay["energy_kept"] == pytest.approx(cum[k - 1], abs=1e-6) and cum[k - 1] >= 0.8
+        assert k == 1 or cum[k - 2] < 0.8, lay
+        if lay["op"] == "Conv":  # the two convolutions multiply back to the rank-k truncation
+            second = out_nodes[lay["name"]]
+            first = out_nodes[f"{lay['name']}_spatial"]
+            wk = out_weights[second.input[1]].reshape(w.shape[0], k) @ out_weights[first.input[1]].reshape(k, -1)
+            err = np.sum((w.reshape(w.shape[0], -1) - wk) ** 2) / np.sum(w**2)
+            assert err == pytest.approx(1 - lay["energy_kept"], abs=1e-5)
+    # Measured: 0.620 of the parameters, output cosine 0.747 (random weights, 7 factorized layers
+    # in a row, each losing ~20% of its output energy); bounds with ~20% slack on the error.
+    assert _n_params(out) < 0.7 * _n_params(model)
+    assert recs[-1].verification["cosine"] > 0.69
 
 
 def test_output_error_follows_energy_on_one_layer():

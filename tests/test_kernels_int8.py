@@ -110,17 +110,21 @@ def test_qdq_layers_run_on_the_int8_kernel_and_match_onnx_runtime(target, tmp_pa
     assert art.meta["rewrites"] == ["int8-dense", "int8-requantize"]
     int8 = [k for k, v in art.meta["kernel_schedules"].items() if v == "kernel:int8_dense"]
     assert len(int8) == 2 and all(k.startswith(f"int8_dense{_flavor(target)}") for k in int8), int8
-    feeds = sample_inputs(model, 4)
-    got, ref = load_artifact(art.folder)(feeds)[0], run(model, feeds)[0]
+    runner = load_artifact(art.folder)
+    batches = [sample_inputs(model, 4, seed) for seed in range(16)]  # 64 samples
+    got = np.concatenate([runner(feeds)[0] for feeds in batches])
+    ref = np.concatenate([run(model, feeds)[0] for feeds in batches])
     # integer accumulation is exact where ORT's QDQ float math rounds: at most one step of the
-    # output's quantization scale apart
+    # output's quantization scale apart; measured: every output bit-identical to ORT (64 samples,
+    # both targets), so nearly all must be, and the top-1 answers with them
     out_scale = next(
         onnx.numpy_helper.to_array(i)
         for i in model.graph.initializer
         if i.name == [n for n in model.graph.node if n.op_type == "DequantizeLinear"][-1].input[1]
     )
     np.testing.assert_allclose(got, ref, rtol=0, atol=float(out_scale) * 1.01)
-    assert np.mean(np.argmax(got, 1) == np.argmax(ref, 1)) >= 0.75
+    assert np.mean(got == ref) >= 0.98
+    assert np.mean(np.argmax(got, 1) == np.argmax(ref, 1)) >= 0.98
 
 
 def test_arm_target_keeps_qdq_on_the_float_path(tmp_path):

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import onnx
 import pytest
-from conftest import EXAMPLE, ROOT
+from conftest import EXAMPLE, ROOT, assert_same_outputs
 
 import graphslim
 
@@ -26,9 +26,19 @@ def _pip_install_target(src, target) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
+def _tree(folder) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
 def test_example_plugin_installs_and_runs_in_a_pipeline(tmp_path):
+    # pip builds in the source folder (build/, *.egg-info): build a copy, leave the checkout alone.
+    example = ROOT / "examples" / "plugin"
+    before = _tree(example)
+    src = tmp_path / "plugin"
+    shutil.copytree(example, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     site = tmp_path / "site"
-    _pip_install_target(ROOT / "examples" / "plugin", site)
+    _pip_install_target(src, site)
+    assert _tree(example) == before
     env = {**os.environ, "PYTHONPATH": str(site)}
 
     def run(*a):
@@ -154,18 +164,44 @@ def test_cache_dir_reuses_outputs(tmp_path):
     assert c.report["cache"]["key"] != a.report["cache"]["key"] and c.report["cache"]["hit"] is False
 
 
-def test_public_api_is_listed_and_documented():
-    for name in graphslim.__all__:
-        obj = getattr(graphslim, name)
-        if callable(obj) and not isinstance(obj, type(graphslim)):
-            assert obj.__doc__, name
+# Public dataclasses without a docstring of their own (only the one @dataclass writes).
+_UNDOCUMENTED = {"OptimizeResult", "SearchResult"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="no docstring of its own"))
+        if n in _UNDOCUMENTED
+        else n
+        for n in graphslim.__all__
+    ],
+)
+def test_public_api_is_listed_and_documented(name):
+    obj = getattr(graphslim, name)
+    if name == "__version__":
+        assert isinstance(obj, str) and obj
+        return
+    # A class's own docstring (not inherited), and not the signature @dataclass writes when
+    # there is none.
+    doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else obj.__doc__
+    assert doc and doc.strip() and not doc.startswith(f"{obj.__name__}("), name
+
+
+def test_public_api_runs_a_pipeline(tmp_path):
     for name in ("optimize", "PassManager", "load", "save", "Pipeline", "register_pass", "Graph", "PassContext"):
         assert name in graphslim.__all__
     model = graphslim.load(EXAMPLE / "model.onnx")
     g = graphslim.Graph.from_model(model)
     g.infer_shapes()
     records = graphslim.PassManager("fold-batchnorm").run(g, graphslim.PassContext())
-    assert records[0].changed
+    assert records[0].changed and records[0].name == "fold-batchnorm"
+    graphslim.save(g.to_model(), tmp_path / "folded.onnx")
+    folded = graphslim.load(tmp_path / "folded.onnx")
+    ops = [n.op_type for n in folded.graph.node]
+    assert "BatchNormalization" in [n.op_type for n in model.graph.node] and "BatchNormalization" not in ops
+    x = {"input": np.load(EXAMPLE / "data.npz")["input"][:32]}
+    assert_same_outputs(model, folded, rtol=1e-4, atol=1e-5, feeds=x)
 
 
 def test_sigterm_leaves_previous_output_intact_or_complete(tmp_path):

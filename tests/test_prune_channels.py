@@ -5,6 +5,7 @@ import onnx
 import pytest
 from conftest import apply, assert_same_outputs, op_types
 from models import ARCHITECTURES, ZOO_STYLE, ModelBuilder, run, sample_inputs
+from onnx import numpy_helper
 
 from graphslim.analysis.channels import channel_groups
 from graphslim.core.ir import Graph
@@ -113,17 +114,52 @@ def test_groups_of_resnet_couple_residual_and_projection():
     assert sum(1 for grp in an.groups if grp.prunable) == 4
 
 
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def _kept(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Indices (along axis 0) of the slices of ``before`` that ``after`` kept, in order; the test
+    models' random weights make every slice unique."""
+    flat = before.reshape(len(before), -1)
+    idx = [int(np.flatnonzero((flat == row).all(axis=1))[0]) for row in after.reshape(len(after), -1)]
+    assert len(set(idx)) == len(idx)
+    return np.array(idx)
+
+
 def test_concat_offsets_and_depthwise_group_attribute():
-    out, _ = apply(ARCHITECTURES["densenet"](), "prune-channels{ratio=0.5}")
-    concat_inputs = [n for n in out.graph.node if n.op_type == "Concat"]
-    assert concat_inputs  # concatenations stay, with smaller inputs
-    out, _ = apply(ARCHITECTURES["mobilenetv2"](), "prune-channels{ratio=0.5}")
-    m = onnx.shape_inference.infer_shapes(out)
-    inits = {i.name: i for i in m.graph.initializer}
-    for n in m.graph.node:
-        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+    model = ARCHITECTURES["densenet"]()
+    out, _ = apply(model, "prune-channels{ratio=0.5}")
+    a, b = _inits(model), _inits(out)
+    nodes = {n.name: n for n in out.graph.node}
+    # Each concatenation's kept channels are its inputs' kept channels, shifted by the input's
+    # offset in the original concatenation: the stem (16 channels), then 8 per dense layer.
+    concat, offset = _kept(a["b2"], b["b2"]), 16
+    for conv, grown in (("conv12", "conv22"), ("conv22", "conv32"), ("conv32", "conv42")):
+        bias = nodes[conv].input[2]
+        assert len(b[bias]) == 4  # 8 channels, half pruned
+        concat, offset = np.concatenate([concat, offset + _kept(a[bias], b[bias])]), offset + 8
+        # The layer reading the concatenation keeps exactly those input columns, in that order.
+        w_in, bias_in = nodes[grown].input[1], nodes[grown].input[2]
+        rows = _kept(a[bias_in], b[bias_in])
+        np.testing.assert_array_equal(b[w_in], a[w_in][rows][:, concat])
+    assert [len(b[nodes[c].input[1]][0]) for c in ("conv22", "conv32", "conv42")] == [12, 16, 20]
+    model = ARCHITECTURES["mobilenetv2"]()
+    out, _ = apply(model, "prune-channels{ratio=0.5}")
+    a, b = _inits(model), _inits(out)
+    producers = {o: n for n in out.graph.node for o in n.output}
+    depthwise = {}
+    for n in out.graph.node:
+        group = next((at.i for at in n.attribute if at.name == "group"), 1)
         if n.op_type == "Conv" and group > 1:
-            assert inits[n.input[1]].dims[0] == group  # depthwise: group follows the channels
+            w = b[n.input[1]]
+            depthwise[n.name] = (group, w.shape)
+            # The group follows the channels, and the depthwise filters kept are those of the
+            # channels the expanding 1x1 conv kept (its BatchNorm's scale tells which).
+            bn = producers[producers[n.input[0]].input[0]]  # Clip <- BatchNormalization
+            assert bn.op_type == "BatchNormalization"
+            np.testing.assert_array_equal(_kept(a[n.input[1]], w), _kept(a[bn.input[1]], b[bn.input[1]]))
+    assert depthwise == {"conv22": (32, (32, 1, 3, 3)), "conv50": (32, (32, 1, 3, 3)), "conv77": (48, (48, 1, 3, 3))}
 
 
 def test_grouped_conv_keeps_equal_channels_per_group():

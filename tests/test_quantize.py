@@ -48,19 +48,37 @@ def test_dynamic_mode_needs_no_data(arch):
     model = ARCHITECTURES[arch]()
     out, _ = apply(model, "quantize-int8{mode=dynamic}")
     assert "MatMulInteger" in op_types(out) or "ConvInteger" in op_types(out)
-    assert_same_outputs(model, out, rtol=0.1, atol=0.1)  # runs in this ONNX Runtime, close to float
+    # Runs in this ONNX Runtime, close to float: the worst output error measured was 1.5% (mlp)
+    # and 1.7% (plain_cnn) of the largest output, with the same seeds.
+    assert_same_outputs(model, out, rtol=0, atol=0.02)
 
 
 def test_sensitivity_keeps_worst_layers_in_float_until_budget():
     model, _ = apply(ARCHITECTURES["plain_cnn"](), "fold-batchnorm")
     data = _data(model, 400, labels=True)
-    out, recs = apply(model, "quantize-int8{max_drop=0.0,calibration=percentile,percentile=99.0}", data=data)
+    out, recs = apply(model, "quantize-int8{max_drop=4.0,calibration=percentile,percentile=99.0}", data=data)
     st = recs[0].stats
-    assert st["all_layers_drop_points"] > 0  # quantizing everything costs something here
-    assert st["kept_float"], st
-    assert st["final_drop_points"] <= 0.0 or any("cannot be met" in s.reason for s in recs[0].skipped)
-    assert all("kept in float" in s.reason for s in recs[0].skipped if s.where in st["kept_float"])
-    assert set(st["sensitivity_points"]) >= set(st["kept_float"])
+    # Measured on this model and data: every layer in int8 loses 8.33 points; alone, conv2 and
+    # conv11 cost 4.17 each, gemm23 and gemm27 2.08 each; with the two convs in float, 3.47.
+    assert st["all_layers_drop_points"] > 4.0  # over the budget: the scan has to choose
+    costs = st["sensitivity_points"]
+    assert set(costs) == {lay["name"] for lay in st["layers"]} | set(st["kept_float"])
+    kept, quantized = st["kept_float"], [lay["name"] for lay in st["layers"]]
+    assert len(kept) == 2 and len(quantized) == 2 == st["quantized"]
+    # The most sensitive layers go back to float, worst first, and only as many as the budget needs.
+    assert kept == sorted(kept, key=lambda n: -costs[n])
+    assert min(costs[n] for n in kept) >= max(costs[n] for n in quantized)
+    assert st["final_drop_points"] <= 4.0
+    assert not any("cannot be met" in s.reason for s in recs[0].skipped)
+    assert {s.where for s in recs[0].skipped if "kept in float" in s.reason} == set(kept)
+    # The model agrees: the kept layers read float weights, the others int8 ones through a DequantizeLinear.
+    dq_outputs = {n.output[0] for n in out.graph.node if n.op_type == "DequantizeLinear"}
+    weight_dq = {n.name for n in out.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dq_outputs}
+    assert weight_dq == set(quantized)
+    # Its accuracy against the float model's answers on all 400 samples is within the budget too
+    # (measured: 96.5%, a 3.5 point drop; 91.5% with every layer in int8).
+    agree = float(np.mean(np.argmax(run(out, dict(data.inputs))[0], axis=1) == data.labels))
+    assert 100 * (1 - agree) <= 4.0
 
 
 def test_binary_is_exact_on_weights_already_binary():
