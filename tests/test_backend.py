@@ -167,7 +167,7 @@ def test_bench_compares_artifact_with_baseline(tmp_path, capsys):
     ort, tvm_row = rows
     # --repeat 5: five rounds of one timed call each, interleaved. vs_baseline is the median of
     # the per-round ratios (TVM's round median / ORT's, same round), not a ratio of two medians.
-    assert ort["runs"] == tvm_row["runs"] == 5
+    assert ort["runs"] == tvm_row["runs"] == 5 and ort["rounds"] == tvm_row["rounds"] == 5  # not --rounds' 7
     assert ort["vs_baseline"] == 1.0 and "round_ratios" not in ort
     assert len(tvm_row["round_ratios"]) == len(tvm_row["round_medians_ms"]) == len(ort["round_medians_ms"]) == 5
     for ratio, t, b in zip(tvm_row["round_ratios"], tvm_row["round_medians_ms"], ort["round_medians_ms"], strict=True):

@@ -43,6 +43,7 @@ def test_spiral_without_distill_rolls_back_past_the_budget(digits):
     assert st["final_r_params"] == curve[0]["r_params"] and st["final_drop_points"] == 0.0
     assert st["target_reached"] is False
     assert any(s.where == "step 1" and s.reason.startswith("rolled back") for s in recs[-1].skipped)
+    assert recs[-1].changed is False  # rolled back to where it started: no change (the version moved)
     # The result is the model before the rolled-back step: fold-batchnorm's output, unchanged.
     folded, _ = apply(model, "fold-batchnorm")
     assert [i.dims for i in out.graph.initializer] == [i.dims for i in folded.graph.initializer]

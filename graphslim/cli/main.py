@@ -920,7 +920,7 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
         )
     if baseline is not None:
         lines.append(
-            f"vs base: median over {args.rounds} rounds of (model / baseline), the two alternating in each round"
+            f"vs base: median over {rows[-1]['rounds']} rounds of (model / baseline), the two alternating in each round"
         )
     lines += [f"skipped: {s['what']} at batch {s['batch']} ({s['reason']})" for s in skipped]
     return EXIT_OK, "\n".join(lines)
@@ -1047,7 +1047,8 @@ def _interleave(contenders: list[Any], runs: dict[str, Any]) -> list[dict[str, A
     rows = measure_interleaved(contenders, baseline=base, **runs)
     for c, r in zip(contenders, rows, strict=True):
         r["what"] = c.label
-        r["rounds"] = runs["rounds"]
+        # the rounds that ran: measure_interleaved runs at most one per timed call
+        r["rounds"] = len(r.get("round_medians_ms") or []) or min(runs["rounds"], runs["repeat"])
         if base is None:
             r.pop("vs_baseline", None)
             r["vs_baseline"] = None

@@ -415,6 +415,7 @@ class Graph:
     def copy(self) -> Graph:
         """An independent copy. Constant arrays are shared, which is safe: they are never mutated."""
         g = Graph(self._g.copy(), dict(self._meta))
+        g._copied_from = (id(self), self.version)
         return g
 
     # ---- read access
@@ -576,6 +577,16 @@ class Graph:
         self._meta = dict(snap._meta)
         self._names = None
         self._touch()
+        origin = getattr(other, "_copied_from", None)
+        # (version now, version of the snapshot): while the version stays this, the graph holds
+        # what it held at the snapshot's version (a rollback is no change; see restored_from).
+        self._restored = (self.version, origin[1]) if origin is not None and origin[0] == id(self) else None
+
+    def restored_from(self) -> int | None:
+        """The version whose content the graph holds again after :meth:`assign` of a snapshot
+        :meth:`copy` took of this graph, as long as nothing changed it since; else None."""
+        r = getattr(self, "_restored", None)
+        return r[1] if r is not None and r[0] == self.version else None
 
     def replace_model(self, model: onnx.ModelProto) -> None:
         """Make this graph the given model (for passes that delegate to a library working on

@@ -199,8 +199,9 @@ class PassManager:
             fingerprint = graph.fingerprint() if verifier is not None else None
             try:
                 result = p.run(graph, ctx)
-                # A pass that edited the graph through the facade changed it, whatever it says.
-                changed = result.changed or graph.version != version
+                # A pass that edited the graph through the facade changed it, whatever it says,
+                # unless it rolled it back to a snapshot of where it started.
+                changed = result.changed or (graph.version != version and graph.restored_from() != version)
                 if changed:
                     graph.version += 1
                     graph.infer_shapes()

@@ -51,6 +51,9 @@ _REPORT_SAMPLES = 2000  # evaluation samples the report uses at most
 
 @dataclass
 class OptimizeResult:
+    """What :func:`optimize` returns: the compressed model, its report (the report.json
+    document) and the output folder it was written to (None without one)."""
+
     model: onnx.ModelProto
     report: dict[str, Any]
     out_dir: Path | None

@@ -1129,6 +1129,9 @@ def pareto_front(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[di
 
 @dataclass
 class SearchResult:
+    """What :func:`search` returns: the chosen model, its report (with the ``search`` section),
+    the output folder and the recipe written there (recipe.json)."""
+
     model: onnx.ModelProto
     report: dict[str, Any]
     out_dir: Path
