@@ -21,6 +21,7 @@ unscheduled. This one, for LLVM targets:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def cpu_pipeline(
     progress: bool = False,
     measure_threads: int | None = None,
     schedule_report: dict[str, Any] | None = None,
-    rewrites: dict[str, Any] | None = None,
+    rewrites: Mapping[str, Any] | None = None,
     spec: dict[str, Any] | None = None,
     rewrites_applied: list[str] | None = None,
 ) -> Any:
@@ -62,6 +63,7 @@ def cpu_pipeline(
     :func:`apply_schedule_rules`) and ``tuning_report`` what tuning did; tuning measures on
     ``measure_threads`` threads (local runs)."""
     import tvm
+    from graphslim.kernels import import_stage
     from graphslim.kernels.schedules import default_cpu_rules
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -69,8 +71,10 @@ def cpu_pipeline(
     @tvm.transform.module_pass(opt_level=0, name="GraphslimCPUPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
-            early = {n: r for n, r in (rewrites or {}).items() if getattr(r, "stage", "") == "import"}
-            late = {n: r for n, r in (rewrites or {}).items() if n not in early}
+            # in the order ``rewrites`` gives (graphslim.kernels.REWRITES: the order of its
+            # IMPORT_REWRITES and FOLDED_REWRITES), split by stage
+            early = [(n, r) for n, r in (rewrites or {}).items() if import_stage(n)]
+            late = [(n, r) for n, r in (rewrites or {}).items() if not import_stage(n)]
             mod = _apply_rewrites(bound_gathers(unstack_reductions(mod)), early, spec, rewrites_applied)
             mod = convert_layout(mod)
             mod = relax.transform.DeadCodeElimination()(cancel_transposes(sink_transposes(mod)))
@@ -140,8 +144,10 @@ def convert_layout(mod: Any) -> Any:
         return mod
 
 
-def _apply_rewrites(mod: Any, rewrites: dict[str, Any], spec: dict[str, Any] | None, applied: list[str] | None) -> Any:
-    for name, rewrite in rewrites.items():
+def _apply_rewrites(
+    mod: Any, rewrites: Sequence[tuple[str, Any]], spec: dict[str, Any] | None, applied: list[str] | None
+) -> Any:
+    for name, rewrite in rewrites:
         mod, changed = rewrite(mod, spec or {})
         if changed and applied is not None:
             applied.append(name)
