@@ -222,7 +222,10 @@ def qdense_func(
     With ``zero_points`` (1, or ``m``: one per row), the activations' zero points are a run-time
     input instead (dynamic quantization): PrimFunc ``(q[m,k], zp[zero_points] int32, w, wsum[n]
     int32, y[m,n] int32)`` with ``y = sum_k (q - zp) * W`` exactly, ``ONNX MatMulInteger``'s
-    result; ``wsum[n] = sum_k W[n, k]``."""
+    result; ``wsum[n] = sum_k W[n, k]``.
+
+    Long: one TVMScript kernel definition, whose two entry points share the packing and
+    register-tile macros and the tile geometry they close over, so it reads as one piece."""
     from tvm.script import tirx as T
 
     epilogue = epilogue or (lambda v: v)
@@ -329,7 +332,10 @@ def qconv2d_func(
     over the padded window is exact and the zero-point correction a per-output constant (in
     ``offset``). Then per output row and tile of ``T`` channels, ``wt`` output pixels accumulate in
     int32 registers, one instruction per vector per tap and word. ``bias`` [K], ``out_dtype`` and
-    ``epilogue`` as in :func:`qdense_func`."""
+    ``epilogue`` as in :func:`qdense_func`.
+
+    Long: one TVMScript kernel definition (the repacking pass and the register-tiled loop nest
+    that reads its words), which reads as one piece."""
     from tvm.script import tirx as T
 
     epilogue = epilogue or (lambda v: v)
