@@ -98,12 +98,13 @@ IMPORT_REWRITES: tuple[tuple[str, Rewrite], ...] = (
 #: The rewrites that run after layout conversion and constant folding (CPU targets), in order.
 FOLDED_REWRITES: tuple[tuple[str, Rewrite], ...] = (
     # the two compression-aware rewrites that key on the values of a folded float32 weight; they
-    # take disjoint weights except a binary weight whose rows are mostly zero, which also has
-    # zero blocks: the BSR kernel takes that one
+    # take disjoint weights except a binary weight with enough all-zero rows to be block-sparse,
+    # which the BSR kernel, first, takes
     ("bsr-dense", _bsr_dense),
     ("binary", _binary),
-    # after constant folding (scales, zero points and bias are constants by then) and after the
-    # import stage, whose int8 kernels it extends with the requantization that follows them
+    # extends the import stage's int8 kernels with the ops that follow them; after constant
+    # folding, because the bias it moves into a kernel is a constant only then (QDQ models
+    # dequantize it from int32)
     ("int8-requantize", _int8_requantize),
     ("row-kernels", _row_kernels),  # softmax, LayerNorm, reductions: no other rewrite takes them
     # last: the fp32 matmuls with constant weights that no compression-aware kernel took
