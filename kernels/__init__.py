@@ -11,21 +11,27 @@
 * :mod:`graphslim.kernels.dense`: fp32 matmuls with constant weights on packed weight panels;
 * :mod:`graphslim.kernels.rows`: softmax and LayerNorm over the last axis as row kernels.
 
-``REWRITES`` maps a name to ``f(mod, target_spec) -> (mod, changed)``; the backend
+A rewrite is ``f(mod, target_spec) -> (mod, changed)``. :data:`IMPORT_REWRITES` and
+:data:`FOLDED_REWRITES` list them, as (name, rewrite) pairs in the order they run, by stage: the
+first see the module as imported from ONNX (e.g. QDQ weights still int8), the others run on CPU
+targets after the layout conversion and constant folding (NHWC convolutions, folded weights).
+``REWRITES`` maps each name to its rewrite in that same order (import stage first); the backend
 (:mod:`graphslim.backend`) applies every rewrite before lowering and lists the ones that changed
-something in ``artifact.json``. A rewrite whose ``stage`` attribute is ``"import"`` sees the
-module as imported from ONNX (e.g. QDQ weights still int8); the others run on CPU targets after
-the layout conversion and constant folding (NHWC convolutions, folded weights). A rewrite must
-leave every pattern it does not fully handle as it was: the dense path is always correct.
-Importing this package does not import TVM; each rewrite imports it when called.
+something in ``artifact.json``. A rewrite must leave every pattern it does not fully handle as it
+was: the dense path is always correct. Importing this package does not import TVM; each
+rewrite imports it when called.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
-__all__ = ["REWRITES"]
+__all__ = ["FOLDED_REWRITES", "IMPORT_REWRITES", "REWRITES", "Rewrite", "import_stage"]
+
+#: ``f(mod, target_spec) -> (mod, changed)``.
+Rewrite = Callable[[Any, dict[str, Any]], tuple[Any, bool]]
 
 
 def _bsr_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
@@ -76,17 +82,40 @@ def _packed_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     return rewrite_packed_dense(mod, spec)
 
 
-_int8_dense.stage = "import"  # type: ignore[attr-defined] - runs before constants fold
-_int8_conv.stage = "import"  # type: ignore[attr-defined]
-_int8_integer.stage = "import"  # type: ignore[attr-defined]
+#: The rewrites that see the module as imported, before the CPU pipeline converts layouts and
+#: folds constants, in the order they run. They need the QDQ weights as int8 constants behind
+#: ``dequantize``, which constant folding would turn into float32 weights. Their patterns are
+#: disjoint (float ``matmul`` / ``conv2d`` of dequantized operands, int32 ``matmul``), so their
+#: order among themselves does not change what they match.
+IMPORT_REWRITES: tuple[tuple[str, Rewrite], ...] = (
+    ("int8-dense", _int8_dense),
+    # NCHW as imported: it adds transposes to and from NHWC around its kernel, which the layout
+    # step that follows moves down and cancels between layers
+    ("int8-conv", _int8_conv),
+    ("int8-integer", _int8_integer),  # MatMulInteger (dynamic quantization)
+)
 
-REWRITES: dict[str, Callable[[Any, dict[str, Any]], tuple[Any, bool]]] = {
-    "int8-dense": _int8_dense,
-    "int8-conv": _int8_conv,
-    "int8-integer": _int8_integer,
-    "bsr-dense": _bsr_dense,
-    "binary": _binary,
-    "int8-requantize": _int8_requantize,
-    "row-kernels": _row_kernels,
-    "packed-dense": _packed_dense,  # last: the fp32 matmuls no compression-aware kernel took
-}
+#: The rewrites that run after layout conversion and constant folding (CPU targets), in order.
+FOLDED_REWRITES: tuple[tuple[str, Rewrite], ...] = (
+    # the two compression-aware rewrites that key on the values of a folded float32 weight; they
+    # take disjoint weights except a binary weight with enough all-zero rows to be block-sparse,
+    # which the BSR kernel, first, takes
+    ("bsr-dense", _bsr_dense),
+    ("binary", _binary),
+    # extends the import stage's int8 kernels with the ops that follow them; after constant
+    # folding, because the bias it moves into a kernel is a constant only then (QDQ models
+    # dequantize it from int32)
+    ("int8-requantize", _int8_requantize),
+    ("row-kernels", _row_kernels),  # softmax, LayerNorm, reductions: no other rewrite takes them
+    # last: the fp32 matmuls with constant weights that no compression-aware kernel took
+    ("packed-dense", _packed_dense),
+)
+
+#: Every rewrite by name, in the order the backend applies them (import stage first). Read-only:
+#: the order lives in :data:`IMPORT_REWRITES` and :data:`FOLDED_REWRITES`.
+REWRITES: Mapping[str, Rewrite] = MappingProxyType(dict(IMPORT_REWRITES + FOLDED_REWRITES))
+
+
+def import_stage(name: str) -> bool:
+    """Whether the rewrite called ``name`` runs on the module as imported (:data:`IMPORT_REWRITES`)."""
+    return any(name == n for n, _ in IMPORT_REWRITES)

@@ -31,6 +31,7 @@ dense float path (correct, not faster).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "Isa",
     "conv_tile",
     "dense_tile",
+    "fuse_requantization",
     "has_vnni",
     "isa_for",
     "pack_conv_weights",
@@ -54,6 +56,8 @@ __all__ = [
     "rewrite_int8_dense",
     "rewrite_int8_integer",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -218,7 +222,10 @@ def qdense_func(
     With ``zero_points`` (1, or ``m``: one per row), the activations' zero points are a run-time
     input instead (dynamic quantization): PrimFunc ``(q[m,k], zp[zero_points] int32, w, wsum[n]
     int32, y[m,n] int32)`` with ``y = sum_k (q - zp) * W`` exactly, ``ONNX MatMulInteger``'s
-    result; ``wsum[n] = sum_k W[n, k]``."""
+    result; ``wsum[n] = sum_k W[n, k]``.
+
+    Long: one TVMScript kernel definition, whose two entry points share the packing and
+    register-tile macros and the tile geometry they close over, so it reads as one piece."""
     from tvm.script import tirx as T
 
     epilogue = epilogue or (lambda v: v)
@@ -325,7 +332,10 @@ def qconv2d_func(
     over the padded window is exact and the zero-point correction a per-output constant (in
     ``offset``). Then per output row and tile of ``T`` channels, ``wt`` output pixels accumulate in
     int32 registers, one instruction per vector per tap and word. ``bias`` [K], ``out_dtype`` and
-    ``epilogue`` as in :func:`qdense_func`."""
+    ``epilogue`` as in :func:`qdense_func`.
+
+    Long: one TVMScript kernel definition (the repacking pass and the register-tiled loop nest
+    that reads its words), which reads as one piece."""
     from tvm.script import tirx as T
 
     epilogue = epilogue or (lambda v: v)
@@ -400,6 +410,13 @@ def qconv2d_func(
     return qconv2d
 
 
+def _relax_ops(*names: str) -> dict[str, Any]:
+    """``{name: tvm.ir.Op.get("relax.<name>")}`` for the ops a rewrite looks at."""
+    import tvm
+
+    return {name: tvm.ir.Op.get(f"relax.{name}") for name in names}
+
+
 def _const(expr: Any) -> np.ndarray | None:
     from tvm.ir.expr import Constant
 
@@ -442,7 +459,7 @@ def _int8_rewrite(mod: Any, spec: dict[str, Any], op: str, build: Any) -> tuple[
     isa = isa_for(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else None
     if isa is None:
         return mod, False
-    ops = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "dequantize", "permute_dims")}
+    ops = _relax_ops("matmul", "dequantize", "permute_dims")
     target_op = tvm.ir.Op.get(f"relax.{op}")
     changed: list[str] = []
 
@@ -587,6 +604,121 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     return _int8_rewrite(mod, spec, "nn.conv2d", build)
 
 
+@dataclass(frozen=True, eq=False)
+class _IntegerMatmul:
+    """What :func:`rewrite_int8_integer` replaces: ``q`` [*lead, K] (uint8/int8), its zero point
+    ``zp`` (None: none subtracted), the int8 weight ``w`` [K, N], and ``rows``, the number of
+    zero points (1: per tensor, ``m``: one per row)."""
+
+    q: Any
+    zp: Any | None
+    w: np.ndarray
+    lead: tuple[int, ...]
+    rows: int
+
+    @property
+    def m(self) -> int:
+        return int(np.prod(self.lead))
+
+    @property
+    def qdtype(self) -> str:
+        return str(self.q.ty.dtype)
+
+
+def _static_shape(expr: Any) -> list[int] | None:
+    try:
+        return [int(d) for d in expr.ty.shape]
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _is_call(expr: Any, op: Any) -> bool:
+    from tvm import relax
+
+    return isinstance(expr, relax.Call) and expr.op == op
+
+
+def _widened(expr: Any, bound: Any, ops: dict[str, Any]) -> Any:
+    """``x`` where ``expr`` is ``astype(x, "int32")`` (through ``expand_dims``), else None."""
+    e = bound(expr)
+    if _is_call(e, ops["expand_dims"]):
+        e = bound(e.args[0])
+    return e.args[0] if _is_call(e, ops["astype"]) and str(e.attrs.dtype) == "int32" else None
+
+
+def _integer_operands(call: Any, bound: Any, ops: dict[str, Any]) -> tuple[Any, Any, np.ndarray] | None:
+    """Pattern: (q, zp or None, W) of an int32 ``matmul(astype(q) [- astype(zp)], astype(W) [-
+    astype(zp_w)])`` with a constant 2-D int8 ``W`` and zero ``zp_w``, or None."""
+    a, b = bound(call.args[0]), bound(call.args[1])
+    zp = None
+    if _is_call(a, ops["subtract"]):
+        zp = _widened(a.args[1], bound, ops)
+        a = bound(a.args[0])
+        if zp is None:
+            return None
+    q = a.args[0] if _is_call(a, ops["astype"]) and str(a.attrs.dtype) == "int32" else None
+    if _is_call(b, ops["subtract"]):
+        zw = _widened(b.args[1], bound, ops)
+        zw = None if zw is None else _const(zw)
+        if zw is None or np.any(zw):
+            return None
+        b = bound(b.args[0])
+    w = _const(b.args[0]) if _is_call(b, ops["astype"]) else None
+    if q is None or w is None or w.dtype != np.int8 or w.ndim != 2:
+        return None
+    return q, zp, w
+
+
+def _check_integer(q: Any, zp: Any, w: np.ndarray) -> _IntegerMatmul | None:
+    """Check: ``q`` of static rank >= 2 matching ``w``, N a multiple of 16, byte activations,
+    and a zero point per tensor or per row."""
+    xs = _static_shape(q)
+    k, n = w.shape
+    if xs is None or len(xs) < 2 or xs[-1] != k or n % 16 or str(q.ty.dtype) not in ("uint8", "int8"):
+        return None
+    lead, m = xs[:-1], int(np.prod(xs[:-1]))
+    zs = [] if zp is None else _static_shape(zp)
+    if zs is None:
+        return None
+    if int(np.prod(zs, dtype=np.int64)) == 1:
+        rows = 1
+    elif zs in ([*lead, 1], [m], [m, 1]):
+        rows = m
+    else:
+        return None
+    return _IntegerMatmul(q, zp, w, tuple(lead), rows)
+
+
+def _integer_call(builder: Any, match: _IntegerMatmul, isa: Isa) -> Any:
+    """Rewrite: :func:`qdense_func` with run-time zero points on ``match`` (flattened to 2-D
+    rows and back), the exact int32 product."""
+    from tvm import relax
+
+    q, lead, m = match.q, list(match.lead), match.m
+    k, n = match.w.shape
+    zp_arg = (
+        relax.const(np.zeros(1, np.int32))
+        if match.zp is None
+        else builder.emit(relax.op.reshape(relax.op.astype(match.zp, "int32"), (match.rows,)))
+    )
+    _, lanes, g = dense_tile(m, n, isa)
+    wn = np.ascontiguousarray(match.w.T)  # [N, K]
+    func = qdense_func(m, k, n, match.qdtype, isa, zero_points=match.rows)
+    gv = builder.add_func(func, f"int8_dense_{isa.name}")
+    flat = q if len(lead) == 1 else builder.emit(relax.op.reshape(q, (m, k)))
+    out = relax.call_tir(
+        gv,
+        [
+            flat,
+            zp_arg,
+            relax.const(pack_weights(wn, lanes * g, isa)),
+            relax.const(wn.astype(np.int32).sum(axis=1).astype(np.int32)),
+        ],
+        relax.TensorType((m, n), "int32"),
+    )
+    return out if len(lead) == 1 else relax.op.reshape(builder.emit(out), (*lead, n))
+
+
 def rewrite_int8_integer(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     """Relax rewrite (``graphslim.kernels.REWRITES["int8-integer"]``, on the module as imported):
     ONNX ``MatMulInteger`` with a constant int8 weight, which TVM imports as an int32 ``matmul`` of
@@ -597,103 +729,35 @@ def rewrite_int8_integer(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     result is the same exact int32 tensor; the scales that follow stay in the graph, where TVM
     fuses them into one elementwise kernel. Weight zero points must be zero (int8 symmetric
     weights), outputs a multiple of 16; ``q`` of any rank (a 2-D product over its rows). Targets
-    with an int8 instruction set (:func:`isa_for`)."""
+    with an int8 instruction set (:func:`isa_for`). Pattern :func:`_integer_operands`, check
+    :func:`_check_integer`, rewrite :func:`_integer_call`."""
     import tvm
     from tvm import relax
 
     isa = isa_for(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else None
     if isa is None:
         return mod, False
-    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("matmul", "astype", "subtract", "expand_dims")}
+    ops = _relax_ops("matmul", "astype", "subtract", "expand_dims")
     changed = [0]
-
-    def shape(expr: Any) -> list[int] | None:
-        try:
-            return [int(d) for d in expr.ty.shape]
-        except (AttributeError, TypeError, ValueError):
-            return None
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
         def bound(self, expr: Any) -> Any:
             return self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
 
-        def is_(self, expr: Any, op: str) -> bool:
-            return isinstance(expr, relax.Call) and expr.op == ops[op]
-
-        def widened(self, expr: Any) -> Any:
-            """``x`` where ``expr`` is ``astype(x, "int32")`` (through ``expand_dims``), else None."""
-            e = self.bound(expr)
-            if self.is_(e, "expand_dims"):
-                e = self.bound(e.args[0])
-            return e.args[0] if self.is_(e, "astype") and str(e.attrs.dtype) == "int32" else None
-
-        def operands(self, call: Any) -> tuple[Any, Any, np.ndarray] | None:
-            a, b = self.bound(call.args[0]), self.bound(call.args[1])
-            zp = None
-            if self.is_(a, "subtract"):
-                zp = self.widened(a.args[1])
-                a = self.bound(a.args[0])
-                if zp is None:
-                    return None
-            q = a.args[0] if self.is_(a, "astype") and str(a.attrs.dtype) == "int32" else None
-            if self.is_(b, "subtract"):
-                zw = _const(self.widened(b.args[1])) if self.widened(b.args[1]) is not None else None
-                if zw is None or np.any(zw):
-                    return None
-                b = self.bound(b.args[0])
-            w = _const(b.args[0]) if self.is_(b, "astype") else None
-            if q is None or w is None or w.dtype != np.int8 or w.ndim != 2:
-                return None
-            return q, zp, w
-
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
             if call.op != ops["matmul"] or str(call.ty.dtype) != "int32":
                 return call
             try:
-                found = self.operands(call)
+                found = _integer_operands(call, self.bound, ops)
             except (AttributeError, TypeError, ValueError):  # not the pattern
                 found = None
-            if found is None:
+            match = None if found is None else _check_integer(*found)
+            if match is None:
                 return call
-            q, zp, w = found
-            xs, qdtype = shape(q), str(q.ty.dtype)
-            k, n = w.shape
-            if xs is None or len(xs) < 2 or xs[-1] != k or n % 16 or qdtype not in ("uint8", "int8"):
-                return call
-            lead, m = xs[:-1], int(np.prod(xs[:-1]))
-            zs = [] if zp is None else shape(zp)
-            if zs is None:
-                return call
-            if int(np.prod(zs, dtype=np.int64)) == 1:
-                rows = 1
-            elif zs in ([*lead, 1], [m], [m, 1]):
-                rows = m
-            else:
-                return call
-            zp_arg = (
-                relax.const(np.zeros(1, np.int32))
-                if zp is None
-                else self.builder_.emit(relax.op.reshape(relax.op.astype(zp, "int32"), (rows,)))
-            )
-            _, lanes, g = dense_tile(m, n, isa)
-            wn = np.ascontiguousarray(w.T)  # [N, K]
-            func = qdense_func(m, k, n, qdtype, isa, zero_points=rows)
-            gv = self.builder_.add_func(func, f"int8_dense_{isa.name}")
-            flat = q if len(xs) == 2 else self.builder_.emit(relax.op.reshape(q, (m, k)))
-            out = relax.call_tir(
-                gv,
-                [
-                    flat,
-                    zp_arg,
-                    relax.const(pack_weights(wn, lanes * g, isa)),
-                    relax.const(wn.astype(np.int32).sum(axis=1).astype(np.int32)),
-                ],
-                relax.TensorType((m, n), "int32"),
-            )
             changed[0] += 1
-            return out if len(xs) == 2 else relax.op.reshape(self.builder_.emit(out), (*lead, n))
+            return _integer_call(self.builder_, match, isa)
 
     from graphslim.kernels.pipeline import visit_relax_functions
 
@@ -701,11 +765,6 @@ def rewrite_int8_integer(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     if not changed[0]:
         return mod, False
     return relax.transform.DeadCodeElimination()(new), True
-
-
-rewrite_int8_dense.stage = "import"  # type: ignore[attr-defined] - needs the int8 constants unfolded
-rewrite_int8_conv.stage = "import"  # type: ignore[attr-defined]
-rewrite_int8_integer.stage = "import"  # type: ignore[attr-defined]
 
 
 _ISAS = {isa.name: isa for isa in (VNNI, AVX2, NEON_DOT)}
@@ -736,6 +795,215 @@ def _scalar(expr: Any) -> float | int | None:
     return None if v is None or v.size != 1 else v.reshape(()).item()
 
 
+#: Relax ops :func:`fuse_requantization` looks at.
+_REQUANT_OPS = ("add", "quantize", "dequantize", "nn.relu", "call_tir", "reshape")
+
+
+@dataclass(frozen=True, eq=False)
+class _RequantStep:
+    """One op after an int8 kernel that moves into the kernel's epilogue; ``var`` is the variable
+    its result is bound to. ``kind`` and ``arg``: "reshape" (an N-D layer's reshape back from
+    [M, N], which moves after the kernel; no arg), "bias" (the per-channel float32 constant [N]),
+    "quantize" / "dequantize" ((scale as float32, zero point, out dtype)) or "relu" (no arg)."""
+
+    var: Any
+    kind: str
+    arg: Any = None
+
+
+@dataclass(frozen=True, eq=False)
+class _RequantMatch:
+    """What :func:`fuse_requantization` fuses: the ``call_tir`` of an int8 kernel (tagged by
+    :func:`_tagged`) and the steps after it, in order, the last one a quantize."""
+
+    kernel: Any
+    steps: tuple[_RequantStep, ...]
+
+    @property
+    def end(self) -> Any:
+        """The variable the fused kernel's result is bound to (the last step's)."""
+        return self.steps[-1].var
+
+    @property
+    def out_dtype(self) -> str:
+        """The dtype the fused kernel writes: the last quantize's."""
+        return next(s.arg[2] for s in reversed(self.steps) if s.kind == "quantize")
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return next((s.arg for s in self.steps if s.kind == "bias"), None)
+
+    @property
+    def reshaped(self) -> bool:
+        """Whether an N-D layer's reshape back from [M, N] moves after the fused kernel."""
+        return any(s.kind == "reshape" for s in self.steps)
+
+    @property
+    def epilogue_steps(self) -> tuple[_RequantStep, ...]:
+        """The steps applied per element (the bias is the kernel's own argument)."""
+        return tuple(s for s in self.steps if s.kind not in ("bias", "reshape"))
+
+
+def _requant_step(
+    call: Any, var: Any, chain: list[_RequantStep], k: int, ops: dict[str, Any]
+) -> tuple[str, Any] | None:
+    """Pattern: (kind, arg) of ``call``, the only user of ``var``, as the next step of ``chain``
+    (the steps after an int8 kernel with ``k`` outputs so far), or None where the chain stops."""
+    # PyTorch exports add the bias first: Add(bias, x)
+    commuted = call.op == ops["add"] and len(call.args) == 2 and call.args[1].same_as(var)
+    if not call.args[0].same_as(var) and not commuted:
+        return None
+    if call.op == ops["reshape"] and not chain:
+        # an N-D layer's reshape back from [M, N]: elementwise steps commute with it
+        return ("reshape", None) if int(call.ty.shape[-1]) == k else None
+    if call.op == ops["add"] and (not chain or chain[-1].kind == "reshape"):
+        # a bias add only right after the kernel (or its reshape back to N-D), not broadcasting
+        # the result to a higher rank
+        c = _const(call.args[0 if commuted else 1])
+        if c is not None and c.dtype == np.float32 and c.size == k and c.shape[-1] == k and c.ndim <= len(var.ty.shape):
+            return "bias", c.reshape(k)
+        return None
+    if commuted:
+        return None
+    if call.op == ops["quantize"] or call.op == ops["dequantize"]:
+        s_, z_ = _scalar(call.args[1]), _scalar(call.args[2])
+        out = str(call.attrs.out_dtype)
+        if s_ is not None and z_ is not None and (call.op == ops["dequantize"]) == (out == "float32"):
+            return ("quantize" if call.op == ops["quantize"] else "dequantize"), (np.float32(s_), int(z_), out)
+        return None
+    if call.op == ops["nn.relu"]:
+        return "relu", None
+    return None
+
+
+def _requant_chain(
+    var: Any, users: dict[Any, list[Any]], bound: dict[Any, Any], k: int, ops: dict[str, Any]
+) -> list[_RequantStep]:
+    """Pattern: the steps after ``var`` (an int8 kernel's result), each the only user of the one
+    before (:func:`_requant_step`)."""
+    from tvm import relax
+
+    chain: list[_RequantStep] = []
+    while True:
+        uses = users.get(var, [])
+        if len(uses) != 1:
+            return chain
+        nxt = uses[0]
+        call = bound.get(nxt)
+        if not isinstance(call, relax.Call) or not call.args:
+            return chain
+        step = _requant_step(call, var, chain, k, ops)
+        if step is None:
+            return chain
+        chain.append(_RequantStep(nxt, *step))
+        var = nxt
+
+
+def _check_requant(kernel: Any, chain: list[_RequantStep]) -> _RequantMatch | None:
+    """Check: the chain, cut back to its last quantize (stopping on a float tensor would gain
+    little), or None where it has none."""
+    while chain and chain[-1].kind != "quantize":
+        chain = chain[:-1]
+    if not chain:
+        log.debug("int8-requantize: %s: no quantize after the kernel, left as it is", kernel.args[0].name_hint)
+        return None
+    return _RequantMatch(kernel, tuple(chain))
+
+
+def _requant_matches(mod: Any, func: Any, ops: dict[str, Any]) -> tuple[_RequantMatch, ...]:
+    """Every int8 kernel call in ``func``'s dataflow blocks whose chain passes
+    :func:`_check_requant`."""
+    from tvm import relax
+
+    matches = []
+    for block in func.body.blocks:
+        if not isinstance(block, relax.DataflowBlock):
+            continue
+        users = {v: list(us) for v, us in relax.analysis.udchain(block).items()}
+        bound = {b.var: b.value for b in block.bindings if isinstance(b, relax.VarBinding)}
+        for var, value in bound.items():
+            if not (isinstance(value, relax.Call) and value.op == ops["call_tir"]):
+                continue
+            attrs = getattr(mod[value.args[0]], "attrs", None)
+            if attrs is None or "graphslim.int8_kernel" not in attrs:
+                continue
+            chain = _requant_chain(var, users, bound, int(value.ty.shape[-1]), ops)
+            match = _check_requant(value, chain)
+            if match is not None:
+                matches.append(match)
+    return tuple(matches)
+
+
+def _requant_epilogue(steps: tuple[_RequantStep, ...]) -> Any:
+    """The TIR epilogue applying ``steps`` to a kernel's float32 result, as TVM legalizes them."""
+    from tvm.script import tirx as T
+
+    def epilogue(v: Any) -> Any:
+        for step in steps:
+            if step.kind == "quantize":
+                s_, z_, out = step.arg
+                info = np.iinfo(out)
+                v = T.Cast(
+                    out,
+                    T.max(T.min(T.round(v / T.float32(s_)) + T.float32(z_), T.float32(info.max)), T.float32(info.min)),
+                )
+            elif step.kind == "dequantize":
+                s_, z_, _ = step.arg
+                v = T.Cast("float32", T.Cast("int32", v) - z_) * T.float32(s_)
+            elif step.kind == "relu":
+                v = T.max(v, T.float32(0))
+        return v
+
+    return epilogue
+
+
+def _fused_kernel_call(builder: Any, visit: Any, mod: Any, match: _RequantMatch) -> Any:
+    """Rewrite: the call of ``match``'s kernel rebuilt with its steps as the epilogue (the bias
+    as the kernel's argument; the reshape back to N-D after it), to bind to ``match.end``."""
+    from tvm import relax
+
+    call = match.kernel
+    kernel = builder.add_func(
+        _rebuild(
+            str(mod[call.args[0]].attrs["graphslim.int8_kernel"]),
+            match.out_dtype,
+            _requant_epilogue(match.epilogue_steps),
+        ),
+        f"{call.args[0].name_hint}_requant",
+    )
+    args = list(call.args[1].fields)
+    if match.bias is not None:
+        args[-1] = relax.const(match.bias.astype(np.float32))
+    new = relax.call_tir(
+        kernel,
+        [visit(a) for a in args],
+        relax.TensorType(tuple(int(d) for d in call.ty.shape), match.out_dtype),
+    )
+    if match.reshaped:  # the N-D shape, after the fused chain
+        new = relax.op.reshape(builder.emit(new), match.end.ty.shape)
+    return new
+
+
+def _fuse_requant_matches(mod: Any, gv: Any, func: Any, matches: tuple[_RequantMatch, ...]) -> Any:
+    """``mod`` with ``func`` (bound to ``gv``) rewritten: each match's end variable bound to its
+    fused kernel call (:func:`_fused_kernel_call`); the unfused chain is left for dead-code
+    elimination."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Fuse(relax.PyExprMutator):
+        def visit_var_binding_(self, binding: Any) -> None:
+            match = next((m for m in matches if m.end.same_as(binding.var)), None)
+            if match is None:
+                return super().visit_var_binding_(binding)
+            new = _fused_kernel_call(self.builder_, self.visit_expr, mod, match)
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
+
+    mutator = Fuse(mod)
+    mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     """Relax rewrite (``graphslim.kernels.REWRITES["int8-requantize"]``, after constants fold):
     the elementwise ops that follow an int8 kernel, up to the next layer's input (a per-channel
@@ -745,144 +1013,24 @@ def fuse_requantization(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     int8 tensor the next int8 layer reads instead of a float32 tensor that a separate kernel
     reads back. The epilogue repeats TVM's legalization of those ops (same float operations in the
     same order: ``clip(round(v / s) + zp)``, ``(int32(q) - zp) * s``), so results are bit-identical
-    to the unfused path (a test compares them)."""
-    import tvm
+    to the unfused path (a test compares them).
+
+    In three steps, state passed as values: pattern (:func:`_requant_chain`: the ops after each
+    int8 kernel call), check (:func:`_check_requant`: a chain that ends in a quantize, as a
+    :class:`_RequantMatch`), rewrite (:func:`_fuse_requant_matches`)."""
     from tvm import relax
-    from tvm.script import tirx as T
 
     if spec.get("kind") != "llvm":
         return mod, False
-    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("add", "quantize", "dequantize", "nn.relu", "call_tir", "reshape")}
-    fused: list[str] = []
-
-    def steps_after(var: Any, users: dict[Any, list[Any]], bound: dict[Any, Any], k: int) -> list[tuple[Any, Any]]:
-        """(binding var, step) pairs of the chain after ``var``."""
-        chain: list[tuple[Any, Any]] = []
-        first = True  # a bias add only right after the kernel (or its reshape back to N-D)
-        while True:
-            uses = users.get(var, [])
-            if len(uses) != 1:
-                return chain
-            nxt = uses[0]
-            call = bound.get(nxt)
-            if not isinstance(call, relax.Call) or not call.args:
-                return chain
-            # PyTorch exports add the bias first: Add(bias, x)
-            commuted = call.op == ops["add"] and len(call.args) == 2 and call.args[1].same_as(var)
-            if not call.args[0].same_as(var) and not commuted:
-                return chain
-            step = None
-            if call.op == ops["reshape"] and not chain:
-                # an N-D layer's reshape back from [M, N]: elementwise steps commute with it
-                if int(call.ty.shape[-1]) == k:
-                    step = ("reshape", None)
-            elif call.op == ops["add"] and first:
-                c = _const(call.args[0 if commuted else 1])
-                if (
-                    c is not None
-                    and c.dtype == np.float32
-                    and c.size == k
-                    and c.shape[-1] == k
-                    and c.ndim <= len(var.ty.shape)
-                ):  # not broadcasting the result to a higher rank
-                    step = ("bias", c.reshape(k))
-            elif commuted:
-                return chain
-            elif call.op == ops["quantize"] or call.op == ops["dequantize"]:
-                s_, z_ = _scalar(call.args[1]), _scalar(call.args[2])
-                out = str(call.attrs.out_dtype)
-                if s_ is not None and z_ is not None and (call.op == ops["dequantize"]) == (out == "float32"):
-                    step = ("quantize" if call.op == ops["quantize"] else "dequantize", (np.float32(s_), int(z_), out))
-            elif call.op == ops["nn.relu"]:
-                step = ("relu", None)
-            if step is None:
-                return chain
-            chain.append((nxt, step))
-            var, first = nxt, step[0] == "reshape"
-
-    def make_epilogue(steps: list[tuple[str, Any]]) -> Any:
-        def epilogue(v: Any) -> Any:
-            for kind, arg in steps:
-                if kind == "quantize":
-                    s_, z_, out = arg
-                    info = np.iinfo(out)
-                    v = T.Cast(
-                        out,
-                        T.max(
-                            T.min(T.round(v / T.float32(s_)) + T.float32(z_), T.float32(info.max)), T.float32(info.min)
-                        ),
-                    )
-                elif kind == "dequantize":
-                    s_, z_, _ = arg
-                    v = T.Cast("float32", T.Cast("int32", v) - z_) * T.float32(s_)
-                elif kind == "relu":
-                    v = T.max(v, T.float32(0))
-            return v
-
-        return epilogue
-
-    def apply_plans(mod: Any, gv: Any, func: Any, plans: dict[Any, tuple[Any, list[tuple[Any, Any]]]]) -> Any:
-        """Bind each chain's last variable to a call of the kernel rebuilt with the chain as epilogue."""
-
-        @relax.expr_functor.mutator
-        class Fuse(relax.PyExprMutator):
-            def visit_var_binding_(self, binding: Any) -> None:
-                plan = next((p for v, p in plans.items() if v.same_as(binding.var)), None)
-                if plan is None:
-                    return super().visit_var_binding_(binding)
-                call, chain = plan
-                steps = [step for _, step in chain]
-                bias = next((arg for kind, arg in steps if kind == "bias"), None)
-                out_dtype = next(arg[2] for kind, arg in reversed(steps) if kind == "quantize")
-                kernel = self.builder_.add_func(
-                    _rebuild(
-                        str(mod[call.args[0]].attrs["graphslim.int8_kernel"]),
-                        out_dtype,
-                        make_epilogue([st for st in steps if st[0] not in ("bias", "reshape")]),
-                    ),
-                    f"{call.args[0].name_hint}_requant",
-                )
-                args = list(call.args[1].fields)
-                if bias is not None:
-                    args[-1] = relax.const(bias.astype(np.float32))
-                new = relax.call_tir(
-                    kernel,
-                    [self.visit_expr(a) for a in args],
-                    relax.TensorType(tuple(int(d) for d in call.ty.shape), out_dtype),
-                )
-                if any(kind == "reshape" for kind, _ in steps):  # the N-D shape, after the fused chain
-                    new = relax.op.reshape(self.builder_.emit(new), binding.var.ty.shape)
-                fused.append(kernel.name_hint)
-                self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
-
-        mutator = Fuse(mod)
-        mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
+    ops = _relax_ops(*_REQUANT_OPS)
+    fused = 0
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, relax.Function):
             continue
-        plans: dict[Any, tuple[Any, list[tuple[Any, Any]]]] = {}  # end var -> (kernel call, chain)
-        for block in func.body.blocks:
-            if not isinstance(block, relax.DataflowBlock):
-                continue
-            users = {v: list(us) for v, us in relax.analysis.udchain(block).items()}
-            bound = {b.var: b.value for b in block.bindings if isinstance(b, relax.VarBinding)}
-            for var, value in bound.items():
-                if not (isinstance(value, relax.Call) and value.op == ops["call_tir"]):
-                    continue
-                attrs = getattr(mod[value.args[0]], "attrs", None)
-                if attrs is None or "graphslim.int8_kernel" not in attrs:
-                    continue
-                k = int(value.ty.shape[-1])
-                chain = steps_after(var, users, bound, k)
-                # the chain must end in a quantize: stopping on a float tensor would gain little
-                while chain and chain[-1][1][0] != "quantize":
-                    chain.pop()
-                if chain:
-                    plans[chain[-1][0]] = (value, chain)
-        if plans:
-            mod = apply_plans(mod, gv, func, plans)
+        matches = _requant_matches(mod, func, ops)
+        if matches:
+            mod = _fuse_requant_matches(mod, gv, func, matches)
+            fused += len(matches)
     if not fused:
         return mod, False
     return relax.transform.DeadCodeElimination()(mod), True

@@ -21,6 +21,7 @@ unscheduled. This one, for LLVM targets:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def cpu_pipeline(
     progress: bool = False,
     measure_threads: int | None = None,
     schedule_report: dict[str, Any] | None = None,
-    rewrites: dict[str, Any] | None = None,
+    rewrites: Mapping[str, Any] | None = None,
     spec: dict[str, Any] | None = None,
     rewrites_applied: list[str] | None = None,
 ) -> Any:
@@ -62,6 +63,7 @@ def cpu_pipeline(
     :func:`apply_schedule_rules`) and ``tuning_report`` what tuning did; tuning measures on
     ``measure_threads`` threads (local runs)."""
     import tvm
+    from graphslim.kernels import import_stage
     from graphslim.kernels.schedules import default_cpu_rules
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -69,8 +71,10 @@ def cpu_pipeline(
     @tvm.transform.module_pass(opt_level=0, name="GraphslimCPUPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
-            early = {n: r for n, r in (rewrites or {}).items() if getattr(r, "stage", "") == "import"}
-            late = {n: r for n, r in (rewrites or {}).items() if n not in early}
+            # in the order ``rewrites`` gives (graphslim.kernels.REWRITES: the order of its
+            # IMPORT_REWRITES and FOLDED_REWRITES), split by stage
+            early = [(n, r) for n, r in (rewrites or {}).items() if import_stage(n)]
+            late = [(n, r) for n, r in (rewrites or {}).items() if not import_stage(n)]
             mod = _apply_rewrites(bound_gathers(unstack_reductions(mod)), early, spec, rewrites_applied)
             mod = convert_layout(mod)
             mod = relax.transform.DeadCodeElimination()(cancel_transposes(sink_transposes(mod)))
@@ -140,8 +144,10 @@ def convert_layout(mod: Any) -> Any:
         return mod
 
 
-def _apply_rewrites(mod: Any, rewrites: dict[str, Any], spec: dict[str, Any] | None, applied: list[str] | None) -> Any:
-    for name, rewrite in rewrites.items():
+def _apply_rewrites(
+    mod: Any, rewrites: Sequence[tuple[str, Any]], spec: dict[str, Any] | None, applied: list[str] | None
+) -> Any:
+    for name, rewrite in rewrites:
         mod, changed = rewrite(mod, spec or {})
         if changed and applied is not None:
             applied.append(name)
@@ -317,6 +323,61 @@ _UNARY = (
 _BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum")
 
 
+def _rank(expr: Any) -> int | None:
+    try:
+        return len(expr.ty.shape)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _pool_in_nhwc(call: Any, x: Any, p: list[int], pool: Any) -> Any:
+    """NCHW max/avg pooling ``call`` of NHWC data ``x`` made NCHW by ``permute_dims(x, p)``: the
+    same pooling in NHWC on ``x``, or None."""
+    a = call.attrs
+    if p != [0, 3, 1, 2] or (a.layout, a.out_layout or a.layout) != ("NCHW", "NCHW"):
+        return None
+    return pool(
+        x,
+        [int(v) for v in a.pool_size],
+        [int(v) for v in a.strides],
+        [int(v) for v in a.padding],
+        [int(v) for v in a.dilation],
+        bool(a.ceil_mode),
+        bool(a.count_include_pad),
+        "NHWC",
+        "NHWC",
+    )
+
+
+def _qdq_unpermuted(call: Any, x: Any, p: list[int], qdq: Any) -> Any:
+    """QDQ ``call`` (per-tensor or per-axis scale and zero point) of ``permute_dims(x, p)``, on
+    ``x`` with its channel axis remapped, or None."""
+    if any(_rank(a) not in (0, 1) for a in call.args[1:]):
+        return None
+    axis = int(call.attrs.axis) % len(p)
+    return qdq(x, call.args[1], call.args[2], p[axis], str(call.attrs.out_dtype))
+
+
+def _other_operand(builder: Any, y: Any, y_permuted: tuple[Any, list[int]] | None, p: list[int]) -> Any:
+    """The second operand ``y`` of a binary op whose first is ``permute_dims(x, p)``, as the
+    operand of the op on ``x``: ``y``'s own input where ``y`` is permuted alike (``y_permuted``),
+    else ``y`` of static shape (a broadcast operand) permuted back; None otherwise."""
+    from tvm import relax
+
+    if y_permuted is not None:
+        return y_permuted[0] if y_permuted[1] == p else None
+    try:
+        shape = [int(d) for d in y.ty.shape]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(shape) > len(p):
+        return None
+    full = [1] * (len(p) - len(shape)) + shape
+    inverse = [p.index(i) for i in range(len(p))]
+    y = relax.op.reshape(y, full) if full != shape else y
+    return builder.emit(relax.op.permute_dims(y, inverse))
+
+
 def sink_transposes(mod: Any) -> Any:
     """Move ``permute_dims`` below elementwise ops: ``f(permute_dims(x, p))`` ->
     ``permute_dims(f(x), p)`` for unary ops, QDQ ``quantize``/``dequantize`` (their channel axis
@@ -339,12 +400,6 @@ def sink_transposes(mod: Any) -> Any:
     }
     moved = [0]
 
-    def rank(expr: Any) -> int | None:
-        try:
-            return len(expr.ty.shape)
-        except (AttributeError, TypeError):
-            return None
-
     @relax.expr_functor.mutator
     class Sink(relax.PyExprMutator):
         def permuted(self, expr: Any) -> tuple[Any, list[int]] | None:
@@ -362,49 +417,18 @@ def sink_transposes(mod: Any) -> Any:
                 return call
             x, p = first
             if call.op in pools:  # NCHW pooling of NHWC data made NCHW: pool in NHWC instead
-                a = call.attrs
-                if p != [0, 3, 1, 2] or (a.layout, a.out_layout or a.layout) != ("NCHW", "NCHW"):
-                    return call
-                new = pools[call.op](
-                    x,
-                    [int(v) for v in a.pool_size],
-                    [int(v) for v in a.strides],
-                    [int(v) for v in a.padding],
-                    [int(v) for v in a.dilation],
-                    bool(a.ceil_mode),
-                    bool(a.count_include_pad),
-                    "NHWC",
-                    "NHWC",
-                )
+                new = _pool_in_nhwc(call, x, p, pools[call.op])
             elif call.op in unary:
                 new = relax.Call(call.op, [x, *call.args[1:]], call.attrs)
             elif call.op in qdq:
-                if any(rank(a) not in (0, 1) for a in call.args[1:]):
-                    return call
-                axis = int(call.attrs.axis) % len(p)
-                new = qdq[call.op](x, call.args[1], call.args[2], p[axis], str(call.attrs.out_dtype))
+                new = _qdq_unpermuted(call, x, p, qdq[call.op])
             else:
-                other = self._other(call.args[1], p)
-                if other is None:
-                    return call
-                new = relax.Call(call.op, [x, other], call.attrs)
+                other = _other_operand(self.builder_, call.args[1], self.permuted(call.args[1]), p)
+                new = None if other is None else relax.Call(call.op, [x, other], call.attrs)
+            if new is None:
+                return call
             moved[0] += 1
             return relax.op.permute_dims(self.builder_.emit(new), p)
-
-        def _other(self, y: Any, p: list[int]) -> Any:
-            same = self.permuted(y)
-            if same is not None:
-                return same[0] if same[1] == p else None
-            try:
-                shape = [int(d) for d in y.ty.shape]
-            except (AttributeError, TypeError, ValueError):
-                return None
-            if len(shape) > len(p):
-                return None
-            full = [1] * (len(p) - len(shape)) + shape
-            inverse = [p.index(i) for i in range(len(p))]
-            y = relax.op.reshape(y, full) if full != shape else y
-            return self.builder_.emit(relax.op.permute_dims(y, inverse))
 
     for _ in range(64):  # each round moves every transpose past at least one op
         moved[0] = 0

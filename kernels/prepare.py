@@ -70,6 +70,113 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in model.graph.input if vi.name not in inits]
 
 
+def _dims(vi: onnx.ValueInfoProto) -> list[onnx.TensorShapeProto.Dimension]:
+    return list(vi.type.tensor_type.shape.dim)
+
+
+def _static(d: onnx.TensorShapeProto.Dimension) -> bool:
+    return d.HasField("dim_value") and d.dim_value > 0
+
+
+class _DimBindings:
+    """Values of named symbolic dimensions (``dim_param`` -> value), each with what bound it, so
+    that a conflict names both sources."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.sources: dict[str, str] = {}
+
+    def bind(self, param: str, value: int, source: str) -> None:
+        if not param:
+            return
+        if param in self.values and self.values[param] != value:
+            raise InputError(
+                f"dimension '{param}' is {self.values[param]} by {self.sources[param]} but {value} by {source}"
+            )
+        self.values[param], self.sources[param] = value, source
+
+
+def _bind_dims(
+    inputs: list[onnx.ValueInfoProto], shapes: dict[str, Sequence[int]], batch: int | None
+) -> tuple[dict[str, int], int]:
+    """(value of each named symbolic dimension, the batch for leading dimensions left) from
+    ``shapes`` (checked against the inputs' static dimensions), then ``batch``, then the
+    default batch (see :func:`fix_shapes`)."""
+    bound = _DimBindings()
+    for vi in inputs:
+        if vi.name not in shapes:
+            continue
+        given, dims = list(shapes[vi.name]), _dims(vi)
+        if len(given) != len(dims):
+            raise InputError(
+                f"--shape {vi.name}: the input has rank {len(dims)}, the shape given has {len(given)} dimensions"
+            )
+        for i, (d, v) in enumerate(zip(dims, given, strict=True)):
+            if _static(d) and d.dim_value != v:
+                raise InputError(f"--shape {vi.name}: dimension {i} is {d.dim_value} in the model, not {v}")
+            if not _static(d):
+                bound.bind(d.dim_param, v, f"--shape {vi.name}")
+    if batch is not None:
+        for vi in inputs:
+            dims = _dims(vi)
+            if dims and not _static(dims[0]):
+                if vi.name in shapes and shapes[vi.name][0] != batch:
+                    raise InputError(
+                        f"--batch {batch} conflicts with --shape {vi.name} (leading dimension {shapes[vi.name][0]})"
+                    )
+                bound.bind(dims[0].dim_param, batch, f"--batch {batch}")
+    default_batch = batch
+    if default_batch is None:
+        given_lead = [
+            shapes[vi.name][0] for vi in inputs if vi.name in shapes and _dims(vi) and not _static(_dims(vi)[0])
+        ]
+        default_batch = given_lead[0] if given_lead else 1
+    for vi in inputs:  # named leading dimensions not given: the batch, wherever else they appear
+        dims = _dims(vi)
+        if dims and not _static(dims[0]) and vi.name not in shapes and dims[0].dim_param not in bound.values:
+            bound.bind(dims[0].dim_param, default_batch, "the batch size")
+    return bound.values, default_batch
+
+
+def _set_dims(
+    m: onnx.ModelProto, shapes: dict[str, Sequence[int]], bound: dict[str, int], default_batch: int
+) -> list[str]:
+    """Give ``m``'s symbolic input dimensions their values (in place); returns the ones that have
+    none (``input[i] ('name')``)."""
+    unbound: list[str] = []
+    for vi in _graph_inputs(m):
+        given = shapes.get(vi.name)
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if _static(d):
+                continue
+            if given is not None:
+                value = given[i]
+            elif d.dim_param in bound:
+                value = bound[d.dim_param]
+            elif i == 0:
+                value = default_batch
+            else:
+                unbound.append(f"{vi.name}[{i}]" + (f" ('{d.dim_param}')" if d.dim_param else ""))
+                continue
+            d.Clear()
+            d.dim_value = value
+    return unbound
+
+
+def _unbound_error(inputs: list[onnx.ValueInfoProto], unbound: list[str], default_batch: int) -> InputError:
+    """The error naming every dimension left without a value, with a ``--shape`` to give."""
+    first = next(vi for vi in inputs if any(u.startswith(f"{vi.name}[") for u in unbound))
+    example = "x".join(
+        str(d.dim_value) if _static(d) else str(default_batch) if i == 0 else f"<{d.dim_param or '?'}>"
+        for i, d in enumerate(_dims(first))
+    )
+    return InputError(
+        f"symbolic input dimensions without a value: {', '.join(unbound)}; compiling needs static "
+        f"shapes: give them with --shape NAME=DIMS (here --shape {first.name}={example} with numbers "
+        "for the <...>); a named dimension given once applies to every input that uses the name"
+    )
+
+
 def fix_shapes(
     model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None, batch: int | None = None
 ) -> tuple[onnx.ModelProto, int]:
@@ -88,86 +195,12 @@ def fix_shapes(
         raise InputError(f"--shape names no model input: {', '.join(unknown)} (inputs: {', '.join(names)})")
     if batch is not None and batch < 1:
         raise InputError("--batch must be >= 1")
-
-    def dims_of(vi: onnx.ValueInfoProto) -> list[onnx.TensorShapeProto.Dimension]:
-        return list(vi.type.tensor_type.shape.dim)
-
-    def static(d: onnx.TensorShapeProto.Dimension) -> bool:
-        return d.HasField("dim_value") and d.dim_value > 0
-
-    bound: dict[str, int] = {}  # dim_param -> value
-    where: dict[str, str] = {}  # dim_param -> what bound it (for conflict messages)
-
-    def bind(param: str, value: int, source: str) -> None:
-        if not param:
-            return
-        if param in bound and bound[param] != value:
-            raise InputError(f"dimension '{param}' is {bound[param]} by {where[param]} but {value} by {source}")
-        bound[param], where[param] = value, source
-
-    for vi in inputs:
-        if vi.name not in shapes:
-            continue
-        given, dims = list(shapes[vi.name]), dims_of(vi)
-        if len(given) != len(dims):
-            raise InputError(
-                f"--shape {vi.name}: the input has rank {len(dims)}, the shape given has {len(given)} dimensions"
-            )
-        for i, (d, v) in enumerate(zip(dims, given, strict=True)):
-            if static(d) and d.dim_value != v:
-                raise InputError(f"--shape {vi.name}: dimension {i} is {d.dim_value} in the model, not {v}")
-            if not static(d):
-                bind(d.dim_param, v, f"--shape {vi.name}")
-    if batch is not None:
-        for vi in inputs:
-            dims = dims_of(vi)
-            if dims and not static(dims[0]):
-                if vi.name in shapes and shapes[vi.name][0] != batch:
-                    raise InputError(
-                        f"--batch {batch} conflicts with --shape {vi.name} (leading dimension {shapes[vi.name][0]})"
-                    )
-                bind(dims[0].dim_param, batch, f"--batch {batch}")
-    default_batch = batch
-    if default_batch is None:
-        given_lead = [
-            shapes[vi.name][0] for vi in inputs if vi.name in shapes and dims_of(vi) and not static(dims_of(vi)[0])
-        ]
-        default_batch = given_lead[0] if given_lead else 1
-    for vi in inputs:  # named leading dimensions not given: the batch, wherever else they appear
-        dims = dims_of(vi)
-        if dims and not static(dims[0]) and vi.name not in shapes and dims[0].dim_param not in bound:
-            bind(dims[0].dim_param, default_batch, "the batch size")
-
+    bound, default_batch = _bind_dims(inputs, shapes, batch)
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    unbound: list[str] = []
-    for vi in _graph_inputs(m):
-        given = shapes.get(vi.name)
-        for i, d in enumerate(vi.type.tensor_type.shape.dim):
-            if static(d):
-                continue
-            if given is not None:
-                value = given[i]
-            elif d.dim_param in bound:
-                value = bound[d.dim_param]
-            elif i == 0:
-                value = default_batch
-            else:
-                unbound.append(f"{vi.name}[{i}]" + (f" ('{d.dim_param}')" if d.dim_param else ""))
-                continue
-            d.Clear()
-            d.dim_value = value
+    unbound = _set_dims(m, shapes, bound, default_batch)
     if unbound:
-        first = next(vi for vi in inputs if any(u.startswith(f"{vi.name}[") for u in unbound))
-        example = "x".join(
-            str(d.dim_value) if static(d) else str(default_batch) if i == 0 else f"<{d.dim_param or '?'}>"
-            for i, d in enumerate(dims_of(first))
-        )
-        raise InputError(
-            f"symbolic input dimensions without a value: {', '.join(unbound)}; compiling needs static "
-            f"shapes: give them with --shape NAME=DIMS (here --shape {first.name}={example} with numbers "
-            "for the <...>); a named dimension given once applies to every input that uses the name"
-        )
+        raise _unbound_error(inputs, unbound, default_batch)
     for vi in _graph_inputs(m):
         if not vi.type.tensor_type.HasField("shape"):
             raise InputError(f"input '{vi.name}' declares no shape: give it with --shape {vi.name}=DIMS")
@@ -176,7 +209,7 @@ def fix_shapes(
     del m.graph.value_info[:]
     for o in m.graph.output:
         for d in o.type.tensor_type.shape.dim:
-            if not static(d):
+            if not _static(d):
                 param = d.dim_param
                 d.Clear()
                 if param in bound:

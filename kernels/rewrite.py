@@ -68,13 +68,53 @@ def _static_shape(expr: Any) -> list[int] | None:
         return None
 
 
+def _dense_operands(call: Any) -> tuple[list[int], np.ndarray] | None:
+    """Pattern: (x's static shape [..., K], the constant float32 weight [K, N]) of a ``matmul``
+    ``call`` with float32 ``x`` of rank >= 2, else None."""
+    from tvm.ir.expr import Constant
+
+    if not isinstance(call.args[1], Constant):
+        return None
+    x = call.args[0]
+    xs, ws = _static_shape(x), _static_shape(call.args[1])
+    if xs is None or ws is None or len(xs) < 2 or len(ws) != 2 or str(x.ty.dtype) != "float32":
+        return None
+    w = call.args[1].value.numpy()
+    if w.dtype != np.float32 or xs[-1] != w.shape[0]:
+        return None
+    return xs, w
+
+
+def _conv_operands(call: Any) -> tuple[ConvShape, np.ndarray, tuple[int, ...]] | None:
+    """Pattern: (its shape, the constant float32 HWIO weight, the padding (top, left, bottom,
+    right)) of an NHWC ``conv2d`` ``call`` with groups 1 and no dilation, else None."""
+    from tvm.ir.expr import Constant
+
+    a = call.attrs
+    if not isinstance(call.args[1], Constant) or str(call.args[0].ty.dtype) != "float32":
+        return None
+    if (a.data_layout, a.kernel_layout, a.out_layout or a.data_layout) != ("NHWC", "HWIO", "NHWC"):
+        return None
+    if int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation):
+        return None
+    xs, w = _static_shape(call.args[0]), call.args[1].value.numpy()
+    if xs is None or w.dtype != np.float32:
+        return None
+    kh, kw, _, kout = w.shape
+    pt, pl, pb, pr = (int(p) for p in a.padding)
+    sh, sw = (int(s) for s in a.strides)
+    n, h, wd, c = xs
+    hp, wp = h + pt + pb, wd + pl + pr
+    shape = ConvShape(n, hp, wp, c, kh, kw, sh, sw, (hp - kh) // sh + 1, (wp - kw) // sw + 1, kout)
+    return shape, w, (pt, pl, pb, pr)
+
+
 def rewrite_contractions(mod: Any, dense: DenseChooser | None, conv: ConvChooser | None) -> tuple[Any, list[str]]:
     """Apply ``dense`` to every float32 ``matmul`` with a constant 2-D weight and ``conv`` to every
     NHWC/HWIO ``conv2d`` with a constant weight; returns the module and the labels of the layers
     replaced (empty: ``mod`` returned unchanged)."""
     import tvm
     from tvm import relax
-    from tvm.ir.expr import Constant
 
     mod = relax.transform.FoldConstant()(mod)  # permute_dims(W) of a Gemm folds into W^T
     matmul = tvm.ir.Op.get("relax.matmul")
@@ -88,9 +128,7 @@ def rewrite_contractions(mod: Any, dense: DenseChooser | None, conv: ConvChooser
             call = super().visit_call_(call)
             if call.op == matmul and dense is not None:
                 return self._matmul(call)
-            if call.op == conv2d and conv is not None:
-                return self._conv2d(call)
-            return call
+            return self._conv2d(call) if call.op == conv2d and conv is not None else call
 
         def _emit(self, kc: KernelCall, x: Any, out_shape: tuple[int, ...]) -> Any:
             gv = self.builder_.add_func(kc.make(), kc.name)
@@ -102,55 +140,60 @@ def rewrite_contractions(mod: Any, dense: DenseChooser | None, conv: ConvChooser
             )
 
         def _matmul(self, call: Any) -> Any:
-            if not isinstance(call.args[1], Constant):
+            found = _dense_operands(call)
+            if found is None:
                 return call
-            x = call.args[0]
-            xs, ws = _static_shape(x), _static_shape(call.args[1])
-            if xs is None or ws is None or len(xs) < 2 or len(ws) != 2 or str(x.ty.dtype) != "float32":
-                return call
-            w = call.args[1].value.numpy()
-            if w.dtype != np.float32 or xs[-1] != w.shape[0]:
-                return call
-            m = int(np.prod(xs[:-1]))
+            xs, w = found
+            x, m = call.args[0], int(np.prod(xs[:-1]))
             kc = dense(m, np.ascontiguousarray(w.T))  # [N, K]: outputs x inputs
             if kc is None:
                 return call
             if len(xs) == 2:
                 return self._emit(kc, x, (m, w.shape[1]))
+            # an N-D layer: a 2-D product over its flattened rows, reshaped back
             rows = self.builder_.emit(relax.op.reshape(x, (m, xs[-1])))
             out = self.builder_.emit(self._emit(kc, rows, (m, w.shape[1])))
             return relax.op.reshape(out, (*xs[:-1], w.shape[1]))
 
         def _conv2d(self, call: Any) -> Any:
-            a = call.attrs
-            if not isinstance(call.args[1], Constant) or str(call.args[0].ty.dtype) != "float32":
+            found = _conv_operands(call)
+            if found is None:
                 return call
-            if (a.data_layout, a.kernel_layout, a.out_layout or a.data_layout) != ("NHWC", "HWIO", "NHWC"):
-                return call
-            if int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation):
-                return call
-            xs, w = _static_shape(call.args[0]), call.args[1].value.numpy()
-            if xs is None or w.dtype != np.float32:
-                return call
-            kh, kw, _, kout = w.shape
-            pt, pl, pb, pr = (int(p) for p in a.padding)
-            sh, sw = (int(s) for s in a.strides)
-            n, h, wd, c = xs
-            hp, wp = h + pt + pb, wd + pl + pr
-            shape = ConvShape(n, hp, wp, c, kh, kw, sh, sw, (hp - kh) // sh + 1, (wp - kw) // sw + 1, kout)
+            shape, w, (pt, pl, pb, pr) = found
             kc = conv(shape, w)
             if kc is None:
                 return call
             x = call.args[0]
-            if pt or pb or pl or pr:
+            if pt or pb or pl or pr:  # the kernels read padded input
                 x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, pt, pb, pl, pr, 0, 0]))
-            return self._emit(kc, x, (n, shape.ho, shape.wo, kout))
+            return self._emit(kc, x, (shape.n, shape.ho, shape.wo, shape.k))
 
     new = visit_relax_functions(Rewriter(mod), mod)
     if not labels:
         return mod, []
     new = _fuse_epilogues(new, kernels)
     return relax.transform.DeadCodeElimination()(new), labels
+
+
+def _base_name(kernel: str) -> str:
+    """A kernel's name without the ``_relu`` of its ReLU variant."""
+    return kernel[: -len("_relu")] if kernel.endswith("_relu") else kernel
+
+
+def _epilogue_bias(bias_arg: Any, kernel_args: list[Any], k: int, out_rank: int) -> np.ndarray | None:
+    """Check: the float32 constant bias [k] that an ``add`` of ``bias_arg`` brings into a kernel
+    whose bias argument (last of ``kernel_args``) is still zero, and that does not broadcast the
+    result (rank ``out_rank``) to a higher rank; else None."""
+    from tvm.ir.expr import Constant
+
+    if not isinstance(bias_arg, Constant):
+        return None
+    b = bias_arg.value.numpy()
+    if b.size != k or b.shape[-1] != k or b.dtype != np.float32 or np.any(kernel_args[-1].value.numpy()):
+        return None
+    if b.ndim > out_rank:
+        return None
+    return b.reshape(k)
 
 
 def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
@@ -161,7 +204,6 @@ def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
     left for dead-code elimination."""
     import tvm
     from tvm import relax
-    from tvm.ir.expr import Constant
 
     add, relu, call_tir, reshape = (
         tvm.ir.Op.get(n) for n in ("relax.add", "relax.nn.relu", "relax.call_tir", "relax.reshape")
@@ -171,7 +213,7 @@ def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
     @relax.expr_functor.mutator
     class Epilogue(relax.PyExprMutator):
         def kernel_call(self, expr: Any) -> tuple[Any, Any] | None:
-            """(the kernel's call_tir, the reshape after it or None) behind ``expr``."""
+            """Pattern: (the kernel's call_tir, the reshape after it or None) behind ``expr``."""
             if not isinstance(expr, relax.Var):
                 return None
             inner = self.lookup_binding(expr)
@@ -184,9 +226,24 @@ def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
                     return None
             if not isinstance(inner, relax.Call) or inner.op != call_tir:
                 return None
+            return (inner, after) if _base_name(inner.args[0].name_hint) in kernels else None
+
+        def fused(self, call: Any, inner: Any, after: Any, bias_arg: Any) -> Any:
+            """Rewrite: ``inner`` (the kernel call) with ``call`` (the add or relu) fused, or None."""
             name = inner.args[0].name_hint
-            base = name[: -len("_relu")] if name.endswith("_relu") else name
-            return (inner, after) if base in kernels else None
+            args = list(inner.args[1].fields)
+            if name.endswith("_relu"):
+                return None  # a ReLU variant is the end of the epilogue
+            if call.op == add:
+                rank = len((after if after is not None else inner).ty.shape)
+                bias = _epilogue_bias(bias_arg, args, int(inner.ty.shape[-1]), rank)
+                if bias is None:
+                    return None
+                args[-1] = relax.const(bias)
+                return relax.call_tir(inner.args[0], args, inner.ty)
+            if name not in with_relu:
+                with_relu[name] = self.builder_.add_func(kernels[name](relu=True), f"{name}_relu")
+            return relax.call_tir(with_relu[name], args, inner.ty)
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
@@ -198,29 +255,9 @@ def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
             if found is None:
                 return call
             inner, after = found
-            name = inner.args[0].name_hint
-            base = name[: -len("_relu")] if name.endswith("_relu") else name
-            args = list(inner.args[1].fields)
-            out_ty = inner.ty
-            if call.op == add:
-                if name.endswith("_relu") or not isinstance(bias_arg, Constant):
-                    return call
-                b = bias_arg.value.numpy()
-                k = int(out_ty.shape[-1])
-                if b.size != k or b.shape[-1] != k or b.dtype != np.float32 or np.any(args[-1].value.numpy()):
-                    return call
-                if b.ndim > len((after if after is not None else inner).ty.shape):
-                    return call  # the bias would broadcast the result to a higher rank
-                args[-1] = relax.const(b.reshape(k))
-                fused = relax.call_tir(inner.args[0], args, out_ty)
-            else:
-                if name.endswith("_relu"):
-                    return call
-                if base not in with_relu:
-                    with_relu[base] = self.builder_.add_func(kernels[base](relu=True), f"{base}_relu")
-                fused = relax.call_tir(with_relu[base], args, out_ty)
-            if after is None:
-                return fused
-            return relax.op.reshape(self.builder_.emit(fused), after.args[1])
+            fused = self.fused(call, inner, after, bias_arg)
+            if fused is None:
+                return call
+            return fused if after is None else relax.op.reshape(self.builder_.emit(fused), after.args[1])
 
     return visit_relax_functions(Epilogue(mod), mod)

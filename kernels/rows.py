@@ -194,9 +194,56 @@ def reduce_rows_func(rows: int, cols: int, lanes: int, op: str) -> Any:
     return reduce_rows
 
 
+def _float32_shape(expr: Any) -> list[int] | None:
+    """The static shape of a float32 ``expr``, else None."""
+    try:
+        return [int(d) for d in expr.ty.shape] if str(expr.ty.dtype) == "float32" else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _reduction_rows(call: Any, lanes: int) -> tuple[int, int] | None:
+    """(rows, cols) of a max / min / sum ``call`` over the last axis or over all axes (dynamic
+    quantization's ranges: per token or per tensor) with whole vectors per row, else None."""
+    xs, out = _float32_shape(call.args[0]), _float32_shape(call)
+    if not xs or out is None or xs[-1] % lanes:
+        return None
+    axes = None if call.attrs.axis is None else sorted(int(a) % len(xs) for a in call.attrs.axis)
+    if axes is None or axes == list(range(len(xs))):
+        rows, cols = 1, int(np.prod(xs))
+    elif axes == [len(xs) - 1]:
+        rows, cols = int(np.prod(xs[:-1])), xs[-1]
+    else:
+        return None
+    if cols % lanes:
+        return None
+    return rows, cols
+
+
+def _row_kernel(call: Any, is_softmax: bool, lanes: int) -> tuple[Any, list[Any], list[int]] | None:
+    """(kernel PrimFunc, its inputs, the input's shape) for a last-axis ``softmax`` or
+    ``layer_norm`` (with ``center`` and ``scale``) ``call`` with whole vectors per row, else None."""
+    xs = _float32_shape(call.args[0])
+    if not xs or xs[-1] % lanes:
+        return None
+    rank, cols = len(xs), xs[-1]
+    rows = int(np.prod(xs[:-1]))
+    if is_softmax:
+        if int(call.attrs.axis) not in (-1, rank - 1):
+            return None
+        return softmax_func(rows, cols, lanes), [call.args[0]], xs
+    a = call.attrs
+    if [int(x) % rank for x in a.axes] != [rank - 1] or not (bool(a.center) and bool(a.scale)):
+        return None
+    if _float32_shape(call.args[1]) != [cols] or _float32_shape(call.args[2]) != [cols]:
+        return None
+    return layer_norm_func(rows, cols, lanes, float(a.epsilon)), [call.args[0], call.args[1], call.args[2]], xs
+
+
 def rewrite_row_ops(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     """Relax rewrite (``graphslim.kernels.REWRITES["row-kernels"]``, CPU targets): last-axis
-    ``softmax`` and ``layer_norm`` -> :func:`softmax_func` / :func:`layer_norm_func` (see the
+    ``softmax`` and ``layer_norm`` -> :func:`softmax_func` / :func:`layer_norm_func`, and
+    max / min / sum over the last axis or the whole tensor -> :func:`reduce_rows_func` (see the
     module docstring); anything else is left to TVM."""
     if spec.get("kind") != "llvm":
         return mod, False
@@ -210,34 +257,18 @@ def rewrite_row_ops(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     reductions = {tvm.ir.Op.get(f"relax.{op}"): op for op in ("max", "min", "sum")}
     changed = [0]
 
-    def static(expr: Any) -> list[int] | None:
-        try:
-            return [int(d) for d in expr.ty.shape] if str(expr.ty.dtype) == "float32" else None
-        except (AttributeError, TypeError, ValueError):
-            return None
-
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
         def reduction(self, call: Any, op: str) -> Any:
-            """max / min / sum over the last axis or over all axes (dynamic quantization's
-            ranges: per token or per tensor)."""
-            xs, out = static(call.args[0]), static(call)
-            if not xs or out is None or xs[-1] % lanes:
+            found = _reduction_rows(call, lanes)
+            if found is None:
                 return call
-            axes = None if call.attrs.axis is None else sorted(int(a) % len(xs) for a in call.attrs.axis)
-            if axes is None or axes == list(range(len(xs))):
-                rows, cols = 1, int(np.prod(xs))
-            elif axes == [len(xs) - 1]:
-                rows, cols = int(np.prod(xs[:-1])), xs[-1]
-            else:
-                return call
-            if cols % lanes:
-                return call
+            rows, cols = found
             gv = self.builder_.add_func(reduce_rows_func(rows, cols, lanes, op), f"reduce_{op}")
             flat = self.builder_.emit(relax.op.reshape(call.args[0], (rows, cols)))
             res = self.builder_.emit(relax.call_tir(gv, [flat], relax.TensorType((rows,), "float32")))
             changed[0] += 1
-            return relax.op.reshape(res, out)
+            return relax.op.reshape(res, _float32_shape(call))
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
@@ -245,28 +276,16 @@ def rewrite_row_ops(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
                 return self.reduction(call, reductions[call.op])
             if call.op not in (softmax, layer_norm):
                 return call
-            xs = static(call.args[0])
-            if not xs or xs[-1] % lanes:
+            found = _row_kernel(call, call.op == softmax, lanes)
+            if found is None:
                 return call
-            rank, cols = len(xs), xs[-1]
-            rows = int(np.prod(xs[:-1]))
-            if call.op == softmax:
-                if int(call.attrs.axis) not in (-1, rank - 1):
-                    return call
-                func, args = softmax_func(rows, cols, lanes), [call.args[0]]
-            else:
-                a = call.attrs
-                if [int(x) % rank for x in a.axes] != [rank - 1] or not (bool(a.center) and bool(a.scale)):
-                    return call
-                if static(call.args[1]) != [cols] or static(call.args[2]) != [cols]:
-                    return call
-                func = layer_norm_func(rows, cols, lanes, float(a.epsilon))
-                args = [call.args[0], call.args[1], call.args[2]]
+            func, args, xs = found
+            rows, cols = int(np.prod(xs[:-1])), xs[-1]
             gv = self.builder_.add_func(func, "softmax" if call.op == softmax else "layer_norm")
-            flat = args[0] if rank == 2 else self.builder_.emit(relax.op.reshape(args[0], (rows, cols)))
+            flat = args[0] if len(xs) == 2 else self.builder_.emit(relax.op.reshape(args[0], (rows, cols)))
             out = relax.call_tir(gv, [flat, *args[1:]], relax.TensorType((rows, cols), "float32"))
             changed[0] += 1
-            return out if rank == 2 else relax.op.reshape(self.builder_.emit(out), xs)
+            return out if len(xs) == 2 else relax.op.reshape(self.builder_.emit(out), xs)
 
     new = visit_relax_functions(Rewriter(mod), mod)
     if not changed[0]:

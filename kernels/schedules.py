@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from tvm import s_tir, tirx
@@ -180,58 +181,25 @@ class ContractionCPU(_Rule):
 
     def _apply(self, func: Any, target: Any) -> Any:
         sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos:
+        c = _contraction(sch)
+        if c is None:
             return None
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1:
-            return None
-        main = reductions[0]
-        idx = infos.index(main)
-        # Everything after the reduction must be injective (the epilogue); before it, only
-        # injective producers (padding, layout copies).
-        epilogue = infos[idx + 1 :]
-        kinds = main.dom_kind()
-        if any(k not in "SR" for k in kinds):
-            return None
-        extents = [_int(d) for d in main.dom()]
-        if any(e is None for e in extents):
-            return None
-        block = main.block_rv
-        stmt = sch.get(block)
-        if len(stmt.writes) != 1:
-            return None
-        out_region = stmt.writes[0].region
-        spatial = [i for i, k in enumerate(kinds) if k == "S"]
-        reduce_ = [i for i, k in enumerate(kinds) if k == "R"]
-        if not spatial or not reduce_:
-            return None
-        # Which spatial iter indexes the innermost / second-innermost output dimension.
-        vars_ = [it.var for it in main.iters]
+        lanes = vector_lanes(target, c.dtype_bits)
+        tiles = self._tile_loops(sch, c, lanes, vector_bits(target))
+        _schedule_tiles(sch, c, tiles, lanes)
+        return sch
 
-        def iter_of_dim(d: int) -> int | None:
-            if d < 0 or d >= len(out_region):
-                return None
-            m = out_region[d].min
-            for i in spatial:
-                if m.same_as(vars_[i]):
-                    return i
-            return None
-
-        vec_i = iter_of_dim(len(out_region) - 1)
-        if vec_i is None:
-            return None
-        reg_i = iter_of_dim(len(out_region) - 2)
-        dtype_bits = stmt.writes[0].source.dtype.bits
-        lanes = vector_lanes(target, dtype_bits)
-
-        loops = main.get_loops()
+    def _tile_loops(self, sch: Any, c: _Contraction, lanes: int, bits: int) -> _Tiles:
+        """Split the vector and register axes into tiles, order the loops (tile loops outermost,
+        then the reduction, then the register tile and the vector) and fuse the tile loops."""
+        extents, spatial, vec_i, reg_i = c.extents, c.spatial, c.vec_i, c.reg_i
+        loops = c.main.get_loops()
         v_in, r_in = self._tile(
             extents[vec_i],
             extents[reg_i] if reg_i is not None else 1,
             lanes,
-            vector_bits(target),
-            _panel_width(stmt, vars_[vec_i]),
+            bits,
+            _panel_width(c.stmt, c.vars[vec_i]),
         )
         v_out, v_inner = sch.split(loops[vec_i], factors=[None, v_in])
         reg_tile = r_out = None
@@ -248,58 +216,143 @@ class ContractionCPU(_Rule):
         # fit half of L2; where they do not either (a transformer's FFN at batch 16: 2048 rows
         # of 1 KiB), the rows are cut into blocks that fit, with the columns walked per block
         # (the weight is then read once per block instead of the inputs once per column panel).
-        row_bytes = dtype_bits // 8
-        for i in reduce_:
+        row_bytes = c.dtype_bits // 8
+        for i in c.reduce:
             row_bytes *= extents[i]
         weight_bytes = extents[vec_i] * row_bytes
         if weight_bytes <= self.l2_bytes:
             outer.append(v_out)
         else:
             outer = self._block_rows(sch, outer, v_out, spatial, extents, vec_i, reg_i, r_in, row_bytes)
-        red = [loops[i] for i in reduce_]
+        red = [loops[i] for i in c.reduce]
         inner = ([reg_tile] if reg_tile is not None else []) + [v_inner]
         sch.reorder(*outer, *red, *inner)
         # Parallelize the outer spatial loops (all of them fused: enough work for the cores).
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        # The epilogue (bias, ReLU, residual add...) runs on each finished tile: its chain is
-        # inlined into the last block, which is computed at the tile loop, and the
-        # accumulator buffer shrinks to the tile. Without an epilogue the output is written
-        # through a tile-sized cache.
-        remaining = [b.block_rv for b in epilogue]
-        for b in remaining[:-1]:
-            sch.compute_inline(b)
-        if remaining:
-            tail = remaining[-1]
-        else:
-            tail = sch.cache_write(block, 0, "global")
-        sch.reverse_compute_at(tail, fused, preserve_unit_loops=True)
-        macs = 1
-        for e in extents:
-            macs *= e
-        if macs >= PARALLEL_MIN_MACS:
-            sch.parallel(fused)
-        if reg_tile is not None:
-            sch.unroll(reg_tile)
-        if v_in > 1:
-            sch.vectorize(v_inner)
-        sch.decompose_reduction(block, red[0])
-        # Vectorize the epilogue's innermost loop over the same width.
-        tail_loops = sch.get_loops(tail)
-        if len(tail_loops) > 1:
-            ext = _int(sch.get(tail_loops[-1]).extent)
-            if ext and ext > 1 and ext == v_in:
-                sch.vectorize(tail_loops[-1])
-        # Producers: plain copies are inlined; padding gets its own parallel, vectorized
-        # loop nest (inlined, its bounds check would sit in the inner loop).
-        for b in reversed(infos[:idx]):
-            if not _has_if_then_else(sch, b.block_rv):
-                try:
-                    sch.compute_inline(b.block_rv)
-                    continue
-                except Exception:  # noqa: BLE001 - not inlinable: scheduled on its own
-                    pass
-            _parallel_vectorize(sch, b.block_rv, lanes)
-        return sch
+        return _Tiles(fused, red, reg_tile, v_inner, v_in)
+
+
+@dataclass(frozen=True, eq=False)
+class _Contraction:
+    """What :class:`ContractionCPU` schedules: the one reduction block (``main``, its statement,
+    at ``index`` among all ``blocks``), its loop extents and variables, the spatial and reduction
+    loops, the loops over the innermost (vector) and second-innermost (register) output axes,
+    and the output's element width."""
+
+    blocks: list[Any]
+    index: int
+    main: Any
+    stmt: Any
+    extents: list[int]
+    vars: list[Any]
+    spatial: list[int]
+    reduce: list[int]
+    vec_i: int
+    reg_i: int | None
+    dtype_bits: int
+
+
+@dataclass(frozen=True, eq=False)
+class _Tiles:
+    """The loops :meth:`ContractionCPU._tile_loops` made: the fused (parallel) tile loop, the
+    reduction loops, the register tile (None: one row) and the vector loop of ``v_in``."""
+
+    fused: Any
+    red: list[Any]
+    reg_tile: Any
+    v_inner: Any
+    v_in: int
+
+
+def _contraction(sch: Any) -> _Contraction | None:
+    """Check: the function has exactly one reduction block, after which everything is injective
+    (the epilogue; before it only injective producers: padding, layout copies), with static
+    extents, one output, and its innermost output axis indexed by a spatial loop; else None."""
+    infos = normalize_prim_func(sch)
+    if not infos:
+        return None
+    reductions = [b for b in infos if not b.is_injective()]
+    if len(reductions) != 1:
+        return None
+    main = reductions[0]
+    kinds = main.dom_kind()
+    if any(k not in "SR" for k in kinds):
+        return None
+    extents = [_int(d) for d in main.dom()]
+    if any(e is None for e in extents):
+        return None
+    stmt = sch.get(main.block_rv)
+    if len(stmt.writes) != 1:
+        return None
+    out_region = stmt.writes[0].region
+    spatial = [i for i, k in enumerate(kinds) if k == "S"]
+    reduce_ = [i for i, k in enumerate(kinds) if k == "R"]
+    if not spatial or not reduce_:
+        return None
+    # Which spatial iter indexes the innermost / second-innermost output dimension.
+    vars_ = [it.var for it in main.iters]
+
+    def iter_of_dim(d: int) -> int | None:
+        if d < 0 or d >= len(out_region):
+            return None
+        m = out_region[d].min
+        for i in spatial:
+            if m.same_as(vars_[i]):
+                return i
+        return None
+
+    vec_i = iter_of_dim(len(out_region) - 1)
+    if vec_i is None:
+        return None
+    reg_i = iter_of_dim(len(out_region) - 2)
+    dtype_bits = stmt.writes[0].source.dtype.bits
+    return _Contraction(
+        infos, infos.index(main), main, stmt, extents, vars_, spatial, reduce_, vec_i, reg_i, dtype_bits
+    )
+
+
+def _schedule_tiles(sch: Any, c: _Contraction, t: _Tiles, lanes: int) -> None:
+    """The rest of the contraction schedule on the tiled loops: the epilogue per finished tile,
+    parallel / unrolled / vectorized loops, the reduction's init, the producers."""
+    block = c.main.block_rv
+    # The epilogue (bias, ReLU, residual add...) runs on each finished tile: its chain is
+    # inlined into the last block, which is computed at the tile loop, and the
+    # accumulator buffer shrinks to the tile. Without an epilogue the output is written
+    # through a tile-sized cache.
+    remaining = [b.block_rv for b in c.blocks[c.index + 1 :]]
+    for b in remaining[:-1]:
+        sch.compute_inline(b)
+    if remaining:
+        tail = remaining[-1]
+    else:
+        tail = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(tail, t.fused, preserve_unit_loops=True)
+    macs = 1
+    for e in c.extents:
+        macs *= e
+    if macs >= PARALLEL_MIN_MACS:
+        sch.parallel(t.fused)
+    if t.reg_tile is not None:
+        sch.unroll(t.reg_tile)
+    if t.v_in > 1:
+        sch.vectorize(t.v_inner)
+    sch.decompose_reduction(block, t.red[0])
+    # Vectorize the epilogue's innermost loop over the same width.
+    tail_loops = sch.get_loops(tail)
+    if len(tail_loops) > 1:
+        ext = _int(sch.get(tail_loops[-1]).extent)
+        if ext and ext > 1 and ext == t.v_in:
+            sch.vectorize(tail_loops[-1])
+    # Producers: plain copies are inlined; padding gets its own parallel, vectorized
+    # loop nest (inlined, its bounds check would sit in the inner loop).
+    for b in reversed(c.blocks[: c.index]):
+        if not _has_if_then_else(sch, b.block_rv):
+            try:
+                sch.compute_inline(b.block_rv)
+                continue
+            except Exception:  # noqa: BLE001 - not inlinable: scheduled on its own
+                pass
+        _parallel_vectorize(sch, b.block_rv, lanes)
 
 
 class InjectiveCPU(_Rule):

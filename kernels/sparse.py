@@ -122,6 +122,16 @@ def bsr_dense_func(
     nnz = max(nnzb, 1)
     rt = next(d for d in (4, 3, 2, 1) if m % d == 0)  # rows of X per pass over a block row
     loop = T.parallel if m * nnz * br * bc >= PARALLEL_MIN_MACS else T.serial  # see schedules.py
+    if br == 1 and m % lanes == 0 and m >= lanes:
+        # One output per block and whole vectors of rows: vectorize over the rows instead (x
+        # transposed once per call, so a block's input columns are contiguous rows of x^T), a
+        # register tile of up to 4 row vectors per output: one broadcast weight and 4 FMAs per
+        # block column, at the FMA rate of the dense kernel.
+        return _bsr_dense_rows(m, k, n, bc, nnz, lanes, dtype, lo, loop)
+    if br == 1:
+        # One output per block: vectorize over the block's bc contiguous inputs instead, and
+        # sum the lanes at the end (1x4 blocks: one 4-lane FMA per block instead of 4 scalar).
+        return _bsr_dense_inputs(m, k, n, bc, nnz, rt, dtype, lo, loop)
 
     @T.prim_func(private=True, s_tir=True)
     def bsr_dense(
@@ -148,43 +158,44 @@ def bsr_dense_func(
                     for j in T.vectorized(br):
                         y[ro * rt + r, io * br + j] = T.max(acc[r, j] + bias[io * br + j], T.cast(lo, dtype))
 
-    if br == 1 and m % lanes == 0 and m >= lanes:
-        # One output per block and whole vectors of rows: vectorize over the rows instead (x
-        # transposed once per call, so a block's input columns are contiguous rows of x^T), a
-        # register tile of up to 4 row vectors per output: one broadcast weight and 4 FMAs per
-        # block column, at the FMA rate of the dense kernel.
-        return _bsr_dense_rows(m, k, n, bc, nnz, lanes, dtype, lo, loop)
-    if br == 1:
-        # One output per block: vectorize over the block's bc contiguous inputs instead, and
-        # sum the lanes at the end (1x4 blocks: one 4-lane FMA per block instead of 4 scalar).
-        @T.prim_func(private=True, s_tir=True)
-        def bsr_dense_row(
-            x: T.Buffer((m, k), dtype),
-            data: T.Buffer((nnz, bc, 1), dtype),
-            indices: T.Buffer((nnz,), "int32"),
-            indptr: T.Buffer((nb + 1,), "int32"),
-            bias: T.Buffer((n,), dtype),
-            y: T.Buffer((m, n), dtype),
-        ):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
-            for io in loop(nb):
-                acc = T.alloc_buffer((rt, bc), dtype, scope="local")
-                for ro in range(m // rt):
+    return bsr_dense
+
+
+def _bsr_dense_inputs(m: int, k: int, n: int, bc: int, nnz: int, rt: int, dtype: str, lo: float, loop: Any) -> Any:
+    """1 x ``bc`` blocks vectorized over a block's ``bc`` contiguous inputs (see
+    :func:`bsr_dense_func`): ``rt`` rows of ``x`` per pass over a block row, each with ``bc``
+    partial sums added up when the block row is done."""
+    from tvm.script import tirx as T
+
+    nb = n  # one output per block row
+
+    @T.prim_func(private=True, s_tir=True)
+    def bsr_dense_row(
+        x: T.Buffer((m, k), dtype),
+        data: T.Buffer((nnz, bc, 1), dtype),
+        indices: T.Buffer((nnz,), "int32"),
+        indptr: T.Buffer((nb + 1,), "int32"),
+        bias: T.Buffer((n,), dtype),
+        y: T.Buffer((m, n), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
+        for io in loop(nb):
+            acc = T.alloc_buffer((rt, bc), dtype, scope="local")
+            for ro in range(m // rt):
+                for r in T.unroll(rt):
+                    for c in T.vectorized(bc):
+                        acc[r, c] = T.cast(0, dtype)
+                for p in range(indptr[io], indptr[io + 1]):
                     for r in T.unroll(rt):
                         for c in T.vectorized(bc):
-                            acc[r, c] = T.cast(0, dtype)
-                    for p in range(indptr[io], indptr[io + 1]):
-                        for r in T.unroll(rt):
-                            for c in T.vectorized(bc):
-                                acc[r, c] = acc[r, c] + x[ro * rt + r, indices[p] * bc + c] * data[p, c, 0]
-                    for r in T.unroll(rt):
-                        y[ro * rt + r, io] = bias[io]
-                        for c in T.unroll(bc):
-                            y[ro * rt + r, io] = y[ro * rt + r, io] + acc[r, c]
-                        y[ro * rt + r, io] = T.max(y[ro * rt + r, io], T.cast(lo, dtype))
+                            acc[r, c] = acc[r, c] + x[ro * rt + r, indices[p] * bc + c] * data[p, c, 0]
+                for r in T.unroll(rt):
+                    y[ro * rt + r, io] = bias[io]
+                    for c in T.unroll(bc):
+                        y[ro * rt + r, io] = y[ro * rt + r, io] + acc[r, c]
+                    y[ro * rt + r, io] = T.max(y[ro * rt + r, io], T.cast(lo, dtype))
 
-        return bsr_dense_row
-    return bsr_dense
+    return bsr_dense_row
 
 
 def _bsr_dense_rows(m: int, k: int, n: int, bc: int, nnz: int, lanes: int, dtype: str, lo: float, loop: Any) -> Any:

@@ -140,7 +140,6 @@ def tune(
 ) -> Any:
     """Tune ``mod``'s kernels; returns the JSON database in ``work_dir`` (see module docstring).
     Local measurements run on ``threads`` threads (TVM's own default when None)."""
-    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     work_dir = database_dir(work_dir, target, rpc)
@@ -166,68 +165,14 @@ def tune(
         return database
     if not rpc:  # measured in this process, so only for local tuning
         info["default_schedules_recorded"] = _seed_with_default_schedules(database, todo, target)
-    try:
-        import xgboost  # noqa: F401
-
-        cost_model = "xgb"
-    except ImportError:
-        cost_model = "random"
+    cost_model = _cost_model()
     # MetaSchedule prints its per-task table to stdout at INFO; keep it for --debug only (its
     # full logs go to work_dir/logs either way).
     if not logging.getLogger("graphslim").isEnabledFor(logging.DEBUG):
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    aarch64 = str((getattr(target, "attrs", {}) or {}).get("mtriple", "")).startswith("aarch64")
-    builder = ms.builder.LocalBuilder(
-        f_build=build_kernel,
-        f_export=export_kernel_aarch64 if aarch64 and shutil.which(AARCH64_CC) else None,
-        timeout_sec=120,
-    )
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
-    if rpc:
-        host, _, port = rpc[0].rpartition(":")
-        config = ms.runner.RPCConfig(
-            tracker_host=host or "127.0.0.1", tracker_port=int(port), tracker_key=rpc[1], session_timeout_sec=120
-        )
-        # One measurement per device of the key at a time, all devices in parallel.
-        devices = max(1, config.count_num_servers(allow_missing=True))
-        info["devices"] = devices
-        if "num-cores" not in (target.attrs or {}):
-            # MetaSchedule's CPU rules need the core count, which a cross target (arm) cannot
-            # know here: ask the board, and tune the tasks for a target that says it.
-            cores = _device_cores(config)
-            info["device_cores"] = cores
-            spec = {k: v for k, v in dict(target.export()).items() if not k.startswith("feature.")}
-            for derived in ("keys", "tag"):
-                spec.pop(derived, None)
-            names = {t.task_name for t in todo}
-            cored = tvm.target.Target({**spec, "num-cores": cores})
-            todo = [t for t in ms.relax_integration.extract_tasks(mod, cored) if t.task_name in names]
-        runner: Any = ms.runner.RPCRunner(
-            rpc_config=config,
-            evaluator_config=evaluator,
-            f_alloc_argument=alloc_arguments_rpc,
-            max_workers=devices,
-        )
-    else:
-        runner = ms.runner.LocalRunner(
-            evaluator_config=evaluator,
-            f_alloc_argument=alloc_arguments,
-            f_run_evaluator=_evaluator(threads),
-            timeout_sec=60,
-        )
-    # MetaSchedule builds its logging config from the names of the handlers already on its logger
-    # and fails on an unnamed one (pytest's capture handlers are such); they are detached for that call and put back.
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    unnamed = [h for h in ms_logger.handlers if h.get_name() is None]
-    for h in unnamed:
-        ms_logger.removeHandler(h)
-    try:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            extracted_tasks=todo, work_dir=str(work_dir), seed=seed, num_threads="logical"
-        )
-    finally:
-        for h in unnamed:
-            ms_logger.addHandler(h)
+    builder = _builder(target)
+    runner, todo = _runner(rpc, mod, target, todo, info, threads)
+    contexts, weights = _tune_contexts(todo, work_dir, seed)
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(trials, progress)]
     t0 = time.perf_counter()
     ms.tune.tune_tasks(
@@ -249,6 +194,103 @@ def tune(
     if report is not None:
         report.update(info)
     return database
+
+
+def _cost_model() -> str:
+    """MetaSchedule's XGBoost cost model where xgboost is installed, else random."""
+    try:
+        import xgboost  # noqa: F401
+
+        return "xgb"
+    except ImportError:
+        return "random"
+
+
+def _builder(target: Any) -> Any:
+    """The candidate builder: :func:`build_kernel`, and for AArch64 targets
+    :func:`export_kernel_aarch64` where the cross linker is installed."""
+    from tvm.s_tir import meta_schedule as ms
+
+    aarch64 = str((getattr(target, "attrs", {}) or {}).get("mtriple", "")).startswith("aarch64")
+    return ms.builder.LocalBuilder(
+        f_build=build_kernel,
+        f_export=export_kernel_aarch64 if aarch64 and shutil.which(AARCH64_CC) else None,
+        timeout_sec=120,
+    )
+
+
+def _runner(
+    rpc: tuple[str, str] | None, mod: Any, target: Any, todo: list[Any], info: dict[str, Any], threads: int | None
+) -> tuple[Any, list[Any]]:
+    """(the runner that measures candidates, the tasks to tune): local on ``threads`` threads, or
+    on ``rpc``'s devices (:func:`_rpc_runner`)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    if rpc:
+        return _rpc_runner(rpc, evaluator, mod, target, todo, info)
+    runner = ms.runner.LocalRunner(
+        evaluator_config=evaluator,
+        f_alloc_argument=alloc_arguments,
+        f_run_evaluator=_evaluator(threads),
+        timeout_sec=60,
+    )
+    return runner, todo
+
+
+def _rpc_runner(
+    rpc: tuple[str, str], evaluator: Any, mod: Any, target: Any, todo: list[Any], info: dict[str, Any]
+) -> tuple[Any, list[Any]]:
+    """(the runner measuring on the devices of ``rpc``'s key, the tasks to tune): one
+    measurement per device at a time, all devices in parallel; for a target that does not say
+    its core count, the tasks are extracted again for one that says the device's. Records the
+    device count (and cores) in ``info``."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    host, _, port = rpc[0].rpartition(":")
+    config = ms.runner.RPCConfig(
+        tracker_host=host or "127.0.0.1", tracker_port=int(port), tracker_key=rpc[1], session_timeout_sec=120
+    )
+    devices = max(1, config.count_num_servers(allow_missing=True))
+    info["devices"] = devices
+    if "num-cores" not in (target.attrs or {}):
+        # MetaSchedule's CPU rules need the core count, which a cross target (arm) cannot
+        # know here: ask the board, and tune the tasks for a target that says it.
+        cores = _device_cores(config)
+        info["device_cores"] = cores
+        spec = {k: v for k, v in dict(target.export()).items() if not k.startswith("feature.")}
+        for derived in ("keys", "tag"):
+            spec.pop(derived, None)
+        names = {t.task_name for t in todo}
+        cored = tvm.target.Target({**spec, "num-cores": cores})
+        todo = [t for t in ms.relax_integration.extract_tasks(mod, cored) if t.task_name in names]
+    runner = ms.runner.RPCRunner(
+        rpc_config=config,
+        evaluator_config=evaluator,
+        f_alloc_argument=alloc_arguments_rpc,
+        max_workers=devices,
+    )
+    return runner, todo
+
+
+def _tune_contexts(todo: list[Any], work_dir: Path, seed: int) -> tuple[Any, Any]:
+    """MetaSchedule's tune contexts and task weights for ``todo``. MetaSchedule builds its logging
+    config from the names of the handlers already on its logger and fails on an unnamed one
+    (pytest's capture handlers are such); they are detached for that call and put back."""
+    from tvm.s_tir import meta_schedule as ms
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in ms_logger.handlers if h.get_name() is None]
+    for h in unnamed:
+        ms_logger.removeHandler(h)
+    try:
+        return ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted_tasks=todo, work_dir=str(work_dir), seed=seed, num_threads="logical"
+        )
+    finally:
+        for h in unnamed:
+            ms_logger.addHandler(h)
 
 
 def _device_cores(config: Any) -> int:
