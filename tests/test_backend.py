@@ -308,8 +308,23 @@ def test_tuning_measures_through_an_rpc_tracker_on_loopback(tmp_path, capsys):
         stderr=subprocess.DEVNULL,
     )
     server = None
+
+    def free_loopback() -> int | None:  # None while the tracker does not answer
+        from graphslim.backend.remote import list_devices
+
+        try:
+            return next((k["free"] for k in list_devices(f"127.0.0.1:{port}") if k["key"] == "loopback"), 0)
+        except Exception:  # noqa: BLE001 - not up yet
+            return None
+
+    def wait_for(cond, what: str) -> None:  # a busy machine starts these slowly: poll, not sleep
+        deadline = time.monotonic() + 300
+        while not cond():
+            assert time.monotonic() < deadline, f"{what} did not come up"
+            time.sleep(0.5)
+
     try:
-        time.sleep(2)
+        wait_for(lambda: free_loopback() is not None, "the RPC tracker")
         server = subprocess.Popen(
             [
                 sys.executable,
@@ -326,7 +341,7 @@ def test_tuning_measures_through_an_rpc_tracker_on_loopback(tmp_path, capsys):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(4)
+        wait_for(lambda: (free_loopback() or 0) >= 1, "the RPC server")
         assert (
             main(
                 [
@@ -471,3 +486,15 @@ def test_artifacts_needing_missing_instruction_sets_are_refused(monkeypatch):
     assert backend._missing_cpu_features({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}) == []
     monkeypatch.setattr(backend, "host_cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
     assert backend._missing_cpu_features({"kind": "llvm", "mcpu": "cascadelake"}) == []
+
+
+def test_rewrites_run_in_the_order_their_stages_list():
+    from graphslim.kernels import FOLDED_REWRITES, IMPORT_REWRITES, REWRITES, import_stage
+
+    order = [n for n, _ in IMPORT_REWRITES + FOLDED_REWRITES]
+    assert list(REWRITES) == order and len(set(order)) == len(order)
+    assert order.index("bsr-dense") < order.index("binary")  # a block-sparse binary weight goes to BSR
+    assert order.index("int8-requantize") > order.index("int8-dense") and order[-1] == "packed-dense"
+    assert [n for n in order if import_stage(n)] == ["int8-dense", "int8-conv", "int8-integer"]
+    with pytest.raises(TypeError):
+        REWRITES["mine"] = REWRITES["binary"]  # read-only: the order lives in the two tuples
