@@ -396,6 +396,38 @@ def test_optimize_puts_the_device_latency_in_the_report(cluster, tmp_path, capsy
 
 
 @pytest.mark.slow
+def test_search_times_its_candidates_on_the_device(cluster, tmp_path, capsys):
+    """`graphslim search --objective latency --target x86 --rpc-tracker ... --rpc-key ...`: the
+    latency table and the end-to-end validation are timed on devices of the key (the report says
+    which), and the chosen model's report carries the device latency."""
+    pytest.importorskip("optuna", reason="search needs optuna (the search extra)")
+    from models import ARCHITECTURES
+
+    model = ARCHITECTURES["mlp"]()
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, str(path))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", input=rng.standard_normal((64, 32)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", input=rng.standard_normal((64, 32)).astype(np.float32))
+    rpc = ["--rpc-tracker", cluster.address, "--rpc-key", "loopback"]
+    argv = ["search", str(path), "-o", str(tmp_path / "out"), "--train-data", str(tmp_path / "train.npz")]
+    argv += ["--eval-data", str(tmp_path / "eval.npz"), "--objective", "latency", "--target", "x86", *rpc]
+    argv += ["--trials", "2", "--techniques", "prune", "--sensitivity-samples", "32", "--validate", "1", "--json"]
+    argv += ["--max-accuracy-drop", "60"]  # random weights: agreement falls fast; candidates must pass
+    assert main(["search", str(path), "-o", str(tmp_path / "x"), "--objective", "latency", *rpc]) == 2
+    assert "--target" in capsys.readouterr().err  # a device times compiled candidates only
+    cluster.wait_free("loopback", 2)
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["search"]["runtime"] == "tvm x86 on a device of key 'loopback'"
+    assert rep["search"]["latency_table"]["runtime"] == rep["search"]["runtime"]
+    assert rep["search"]["latency_table"]["timed_by_this_process"] > 0  # layers timed on the device
+    assert rep["search"]["latency_table"]["original_ms"] > 0
+    assert rep["latency"]["device"]["key"] == "loopback" and rep["latency"]["device"]["runs"] > 0
+
+
+@pytest.mark.slow
 def test_a_device_killed_mid_benchmark_has_its_share_timed_on_the_other(tmp_path):
     c = Cluster(tmp_path / "rpc")
     try:

@@ -329,6 +329,7 @@ def _add_search(sub: Any) -> None:
         help="knob families to search, comma-separated (default prune,heads,svd,int8,sparse; sparse only with --target)",
     )
     s.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe", help="Optuna sampler (default tpe)")
+    _add_rpc(s)  # latency measured on a device of the tracker (with --target)
     s.add_argument(
         "--sensitivity-samples",
         type=int,
@@ -369,7 +370,7 @@ def _cmd_search(args: argparse.Namespace) -> tuple[int, Any]:
         seed=args.seed,
         progress=not (args.quiet or args.json),
         budgets=Budgets(args.max_accuracy_drop, args.min_compression, args.max_latency_ms),
-        compile=CompileOptions(target=args.target),
+        compile=CompileOptions(target=args.target, rpc=_rpc_of(args), rpc_timeout=args.rpc_timeout),
         force=args.force,
     )
     opts = SearchOptions(

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import tempfile
 import time
@@ -400,10 +401,16 @@ class Timing:
     target: str | None = None
     threads: int | None = None
     clock: str = "wall"
+    rpc: tuple[str, str] | None = None  # (tracker, key): time on a device of the tracker instead
+    rpc_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.clock not in ("wall", "cpu"):
             raise InputError(f"--clock must be wall or cpu, got {self.clock!r}")
+        if self.rpc is not None and not self.target:
+            raise InputError("--rpc-tracker/--rpc-key time candidates on a device: give --target too")
+        if self.rpc is not None and self.clock == "cpu":
+            raise InputError("--clock cpu times this machine's thread; a device is timed by its own clock")
         if self.clock == "cpu" and self.threads not in (None, 1):
             raise InputError("--clock cpu times one thread: give --threads 1 (or leave it out)")
         if self.threads is not None and self.threads < 1:
@@ -416,12 +423,15 @@ class Timing:
     @property
     def label(self) -> str:
         runtime = f"tvm {self.target}" if self.target else "onnxruntime"
+        if self.rpc is not None:
+            return f"{runtime} on a device of key '{self.rpc[1]}'"
         threads = f", {self.n_threads} thread{'s' if self.n_threads != 1 else ''}" if self.n_threads else ""
         return runtime + threads + (", cpu clock" if self.clock == "cpu" else "")
 
     @property
     def key(self) -> str:
-        return f"{(self.target or 'ort').replace('/', '_')}-t{self.n_threads or 0}-{self.clock}"
+        device = f"-rpc-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.rpc[1])}" if self.rpc is not None else ""
+        return f"{(self.target or 'ort').replace('/', '_')}-t{self.n_threads or 0}-{self.clock}{device}"
 
     def runner(self, model: onnx.ModelProto, sample: Dataset) -> Callable[[], Any]:
         """A zero-argument call that runs ``model`` once on ``sample`` (one batch)."""
@@ -436,6 +446,8 @@ class Timing:
         export, _ = build(_fixed_inputs(model, sample), self.target, batch=len(sample))
         tmp = tempfile.TemporaryDirectory(prefix="graphslim-search-tvm-")
         export(Path(tmp.name))
+        if self.rpc is not None:
+            return _DeviceRun(tmp, sample, self.rpc, self.rpc_timeout)
         runner = load_artifact(tmp.name, threads=self.n_threads or None)  # TVM's thread-pool API, not the environment
         call = lambda: runner(feeds)  # noqa: E731
         call.keep = tmp  # type: ignore[attr-defined] - the library's folder lives as long as the call
@@ -443,6 +455,8 @@ class Timing:
 
     def median_ms(self, fn: Callable[[], Any], runs: int, warmup: int = 0, max_seconds: float = 1e9) -> float:
         """Median ms of ``runs`` calls (fewer, but at least 3, once ``max_seconds`` have passed)."""
+        if isinstance(fn, _DeviceRun):  # timed on the device, by its own clock
+            return fn.median_ms(runs, warmup, max_seconds)
         # One ORT thread computes on the calling thread; TVM's runtime may use a worker of its own.
         clock = time.perf_counter if self.clock == "wall" else (time.process_time if self.target else time.thread_time)
         for _ in range(warmup):
@@ -465,6 +479,31 @@ class Timing:
             for i, c in enumerate(calls):
                 per[i].append(self.median_ms(c, runs))
         return [round(float(np.median(p)), 5) for p in per]
+
+
+class _DeviceRun:
+    """A compiled candidate timed on a device of the tracker (TVM's time_evaluator there, through
+    :func:`graphslim.backend.remote.measure_artifact`); not callable here."""
+
+    def __init__(self, folder: Any, sample: Dataset, rpc: tuple[str, str], wait_s: float):
+        self.keep, self.sample, self.rpc, self.wait_s = folder, sample, rpc, wait_s  # keep: the artifact's folder
+
+    def __call__(self) -> Any:
+        raise RuntimeError("a device candidate is timed on the device, not called here")
+
+    def median_ms(self, runs: int, warmup: int, max_seconds: float) -> float:
+        from graphslim.backend.remote import measure_artifact
+
+        res = measure_artifact(
+            self.keep.name,
+            self.rpc,
+            self.sample,
+            warmup=max(1, warmup),
+            repeat=max(3, runs),
+            max_seconds=min(max_seconds, 30.0),
+            wait_s=self.wait_s,
+        )
+        return float(res["median_ms"])
 
 
 class LatencyTable:
@@ -678,7 +717,8 @@ def _settings(s: _Setup) -> dict[str, Any]:
 
 
 def _timing(opts: SearchOptions) -> Timing:
-    return Timing(opts.run.compile.target, opts.threads, opts.clock)
+    c = opts.run.compile
+    return Timing(c.target, opts.threads, opts.clock, c.rpc, c.rpc_timeout)
 
 
 def _max_drop(opts: SearchOptions) -> float:
