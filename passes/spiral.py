@@ -22,7 +22,7 @@ from graphslim.core.data import Dataset
 from graphslim.core.errors import InputError
 from graphslim.core.ir import Graph
 from graphslim.core.metrics import Evaluator
-from graphslim.pipeline import Pass, PassContext, PassManager, PassResult, Pipeline, Skip, register_pass
+from graphslim.pipeline import Pass, PassContext, PassManager, PassRecord, PassResult, Pipeline, Skip, register_pass
 
 
 @register_pass
@@ -155,7 +155,7 @@ class _Scorer:
         }
 
 
-def _merge_skips(records: list, skipped: list[Skip]) -> None:
+def _merge_skips(records: list[PassRecord], skipped: list[Skip]) -> None:
     """What the inner passes left alone reaches the report, once."""
     for r in records:
         for s in r.skipped:
