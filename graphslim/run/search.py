@@ -360,34 +360,48 @@ def _layers(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], with_val
                 if len(dqs) == 1 and dqs[0].op_type == "DequantizeLinear":
                     nodes += [after[0], dqs[0]]
                     y = dqs[0].output[0]
-            used = {i for m in nodes for i in m.input if i in inits}
-            graph = onnx.helper.make_graph(
-                nodes,
-                "layer",
-                [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, list(shapes[x]))],
-                [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None)],
-                initializer=[inits[i] for i in sorted(used)],
-            )
-            sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
-            sub.ir_version = model.ir_version
-            desc = {
-                "ops": [m.op_type for m in nodes],
-                "attrs": [
-                    sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in m.attribute) for m in nodes
-                ],
-                "x": list(shapes[x]),
-                "w": sorted((i, list(inits[i].dims), inits[i].data_type) for i in used),
-            }
-            if with_values:  # sparse kernels: the zeros matter, not just the shapes
-                desc["zeros"] = {
-                    i: round(float(np.mean(onnx.numpy_helper.to_array(inits[i]) == 0)), 2)
-                    for i in used
-                    if len(inits[i].dims) >= 2
-                }
-            sig = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
-            what = f"{'+'.join(sorted(set(desc['ops'])))} x{list(shapes[x])}"
+            sub, sig, what = _layer_model(model, nodes, x, y, shapes[x], inits, with_values)
             out.append(_Layer(n.name or y, sig, what, sub, x, tuple(shapes[x])))
     return out
+
+
+def _layer_model(
+    model: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    x: str,
+    y: str,
+    shape: tuple[int, ...],
+    inits: dict[str, onnx.TensorProto],
+    with_values: bool,
+) -> tuple[onnx.ModelProto, str, str]:
+    """One layer's ``nodes`` as a model from ``x`` (of ``shape``) to ``y``, with its signature
+    (a hash of the ops, attributes, shapes and, ``with_values``, weight zeros: layers with the
+    same signature time the same) and a short description."""
+    used = {i for m in nodes for i in m.input if i in inits}
+    graph = onnx.helper.make_graph(
+        nodes,
+        "layer",
+        [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, list(shape))],
+        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None)],
+        initializer=[inits[i] for i in sorted(used)],
+    )
+    sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+    sub.ir_version = model.ir_version
+    desc = {
+        "ops": [m.op_type for m in nodes],
+        "attrs": [sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in m.attribute) for m in nodes],
+        "x": list(shape),
+        "w": sorted((i, list(inits[i].dims), inits[i].data_type) for i in used),
+    }
+    if with_values:  # sparse kernels: the zeros matter, not just the shapes
+        desc["zeros"] = {
+            i: round(float(np.mean(onnx.numpy_helper.to_array(inits[i]) == 0)), 2)
+            for i in used
+            if len(inits[i].dims) >= 2
+        }
+    sig = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    what = f"{'+'.join(sorted(set(desc['ops'])))} x{list(shape)}"
+    return sub, sig, what
 
 
 @dataclass(frozen=True)
