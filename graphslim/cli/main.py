@@ -86,6 +86,11 @@ FORCE_HELP = (
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command-line parser: global flags and every command's options.
+
+    Long: a flat listing of argparse calls, one per option of each command (search's are in
+    :func:`_add_search`), read like the --help text it produces; splitting it would scatter
+    options that are documented together."""
     ap = argparse.ArgumentParser(
         prog="graphslim",
         description="Compress and compile ONNX models.",
@@ -264,6 +269,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_search(sub: Any) -> None:
+    """The ``search`` command's parser.
+
+    Long: a flat listing of argparse calls, one per option of ``search``, read like the --help
+    text it produces."""
     s = sub.add_parser(
         "search",
         help="search per-layer pruning, low-rank, int8 (and block sparsity) for the fastest model within a budget",
