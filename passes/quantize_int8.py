@@ -38,6 +38,7 @@ import contextlib
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -198,6 +199,24 @@ def _meet_budget(
             )
         )
     return plan, quantized, keep_float
+
+
+def _fewest_in_float(
+    order: list[str], plan: dict[str, str], drop: Callable[[dict[str, str]], float], max_drop: float
+) -> int:
+    """Smallest k such that keeping the first k layers of ``order`` in float brings ``drop`` of
+    the rest of ``plan`` within ``max_drop`` (binary search)."""
+    lo, hi = 0, len(order)
+    cache = {0: drop(plan)}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid not in cache:
+            cache[mid] = drop({n: plan[n] for n in order[mid:]})
+        if cache[mid] <= max_drop:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _describe(layer: Layer, variant: str, per_channel: bool, o: QuantizeInt8.Options) -> dict[str, Any]:
@@ -391,17 +410,7 @@ class _Work:
         self.order = sorted(plan, key=lambda n: (-self.costs[n], n))
         # Smallest k such that keeping the k most sensitive layers in float meets the budget
         # (binary search: the drop falls, roughly monotonically, as layers return to float).
-        lo, hi = 0, len(self.order)
-        cache = {0: drop(plan)}
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if mid not in cache:
-                cache[mid] = drop({n: plan[n] for n in self.order[mid:]})
-            if cache[mid] <= o.max_drop:
-                hi = mid
-            else:
-                lo = mid + 1
-        keep = self.order[:lo]
+        keep = self.order[: _fewest_in_float(self.order, plan, drop, o.max_drop)]
         return {n: v for n, v in plan.items() if n not in keep}, keep
 
     # ---- the real model

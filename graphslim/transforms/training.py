@@ -280,19 +280,7 @@ def _loss_block(onnxblock: Any, plan: _LossPlan) -> Any:
                     else:
                         loss = _masked_mse(b, s, TARGET_INPUT, plan.mask, plan.rank, 1.0 / max(plan.power, 1e-12))
             if plan.layers:
-                terms = []
-                for m in plan.layers:
-                    target = f"{LAYER_INPUT}{m.index}"
-                    b.add_input(target, TensorProto.FLOAT, ["N", "S", m.width_t])
-                    x = m.student
-                    if m.projection is not None:
-                        p = f"{PROJ_PARAM}{m.index}"
-                        g.initializer.append(numpy_helper.from_array(m.projection.astype(np.float32), p))
-                        x = b.op("MatMul", [x, p])
-                    factor = plan.layer_weight / len(plan.layers) / max(m.power, 1e-12)
-                    terms.append(_masked_mse(b, x, target, plan.mask, 3, factor))
-                for t in terms:
-                    loss = b.op("Add", [loss, t])
+                loss = _add_layer_terms(b, g, plan, loss)
             return loss
 
         def _kl(self, b: _Nodes, logits: str, out_vi: onnx.ValueInfoProto) -> str:
@@ -317,6 +305,25 @@ def _loss_block(onnxblock: Any, plan: _LossPlan) -> Any:
             return b.op("Add", [b.op("Mul", [ce, b.const(alpha)]), kd])
 
     return DistillLoss()
+
+
+def _add_layer_terms(b: _Nodes, g: onnx.GraphProto, plan: _LossPlan, loss: str) -> str:
+    """``loss`` plus the matched layers' token MSE terms (through the learned projections, whose
+    initial values become initializers of ``g``)."""
+    terms = []
+    for m in plan.layers:
+        target = f"{LAYER_INPUT}{m.index}"
+        b.add_input(target, TensorProto.FLOAT, ["N", "S", m.width_t])
+        x = m.student
+        if m.projection is not None:
+            p = f"{PROJ_PARAM}{m.index}"
+            g.initializer.append(numpy_helper.from_array(m.projection.astype(np.float32), p))
+            x = b.op("MatMul", [x, p])
+        factor = plan.layer_weight / len(plan.layers) / max(m.power, 1e-12)
+        terms.append(_masked_mse(b, x, target, plan.mask, 3, factor))
+    for t in terms:
+        loss = b.op("Add", [loss, t])
+    return loss
 
 
 # --------------------------------------------------------------------------- plumbing
