@@ -68,6 +68,43 @@ class QuantizeBinary(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         per_channel = o.scale == "per_channel"
+        chosen, skipped = self._choose_layers(graph, per_channel)
+        per_layer_cost: dict[str, float] = {}
+        stats: dict = {}
+        if ctx.data is not None and o.sensitivity and chosen:
+            per_layer_cost = self._layer_costs(graph, ctx, chosen, per_channel, stats)
+        layers = []
+        for node in chosen:
+            w = graph.constant(node.inputs[1])
+            axis = _out_axis(node, w.ndim)
+            signs, alpha = binarize(w, axis, per_channel)
+            self._rewrite(graph, node, signs, alpha, axis)
+            entry = {
+                "name": node.name,
+                "op": node.op,
+                "weights": int(w.size),
+                "alpha_mean": round(float(np.mean(alpha)), 6),
+            }
+            if node.name in per_layer_cost:
+                entry["drop_points_alone"] = round(per_layer_cost[node.name], 4)
+                # the key before the metric module, kept: points of the model's metric
+                entry["accuracy_drop_points_alone"] = entry["drop_points_alone"]
+            layers.append(entry)
+        not_run = None
+        if not chosen:
+            not_run = "no layer to binarize: " + (
+                "; ".join(sorted({s.reason for s in skipped})) or "no Conv/Gemm/MatMul with a constant float weight"
+            )
+        return PassResult(
+            changed=bool(chosen),
+            stats={"binarized": len(chosen), "layers": layers, **stats},
+            skipped=skipped,
+            not_run=not_run,
+        )
+
+    def _choose_layers(self, graph: Graph, per_channel: bool) -> tuple[list[Node], list[Skip]]:
+        """The layers to binarize (in graph order), and why each other candidate is left alone."""
+        o = self.options
         skipped: list[Skip] = []
         graph.toposort()
         weighted = [
@@ -107,38 +144,7 @@ class QuantizeBinary(Pass):
         skipped += [
             Skip(name, "no Conv/Gemm/MatMul with a constant float weight has this name") for name in sorted(missing)
         ]
-        per_layer_cost: dict[str, float] = {}
-        stats: dict = {}
-        if ctx.data is not None and o.sensitivity and chosen:
-            per_layer_cost = self._layer_costs(graph, ctx, chosen, per_channel, stats)
-        layers = []
-        for node in chosen:
-            w = graph.constant(node.inputs[1])
-            axis = _out_axis(node, w.ndim)
-            signs, alpha = binarize(w, axis, per_channel)
-            self._rewrite(graph, node, signs, alpha, axis)
-            entry = {
-                "name": node.name,
-                "op": node.op,
-                "weights": int(w.size),
-                "alpha_mean": round(float(np.mean(alpha)), 6),
-            }
-            if node.name in per_layer_cost:
-                entry["drop_points_alone"] = round(per_layer_cost[node.name], 4)
-                # the key before the metric module, kept: points of the model's metric
-                entry["accuracy_drop_points_alone"] = entry["drop_points_alone"]
-            layers.append(entry)
-        not_run = None
-        if not chosen:
-            not_run = "no layer to binarize: " + (
-                "; ".join(sorted({s.reason for s in skipped})) or "no Conv/Gemm/MatMul with a constant float weight"
-            )
-        return PassResult(
-            changed=bool(chosen),
-            stats={"binarized": len(chosen), "layers": layers, **stats},
-            skipped=skipped,
-            not_run=not_run,
-        )
+        return chosen, skipped
 
     @staticmethod
     def _rewrite(graph: Graph, node: Node, signs: np.ndarray, alpha: np.ndarray, axis: int) -> None:

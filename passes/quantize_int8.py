@@ -38,6 +38,7 @@ import contextlib
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -137,32 +138,7 @@ class QuantizeInt8(Pass):
             keep_float: list[str] = []
             quantized = work.build(plan)
             if ctx.data is not None and o.sensitivity:
-                # The real int8 model first: when it meets the budget, no scan is needed.
-                ts = time.perf_counter()
-                work.evaluator = work.make_evaluator(stats)
-                drop = work.real_drop(quantized)
-                stats["all_layers_drop_points"] = round(drop, 4)
-                if drop > o.max_drop:
-                    plan, keep_float = work.choose(plan, stats)
-                    quantized = work.build(plan)
-                    drop = work.real_drop(quantized)
-                fixups = 0
-                while drop > o.max_drop and fixups < _MAX_FIXUPS and len(keep_float) < len(work.order):
-                    keep_float.append(work.order[len(keep_float)])
-                    plan = {k: v for k, v in plan.items() if k not in keep_float}
-                    quantized = work.build(plan)
-                    drop = work.real_drop(quantized)
-                    fixups += 1
-                stats["final_drop_points"] = round(drop, 4)
-                stats["seconds_sensitivity"] = round(time.perf_counter() - ts, 3)
-                if drop > o.max_drop:
-                    skipped.append(
-                        Skip(
-                            "model",
-                            f"the budget cannot be met: {drop:.2f} points of {work.evaluator.spec.name} lost "
-                            f"with {len(keep_float)} layers in float",
-                        )
-                    )
+                plan, quantized, keep_float = _meet_budget(work, plan, quantized, stats, skipped, o)
         for name in keep_float:
             cost = work.costs.get(name)
             what = f"quantizing it alone costs {cost:.3f} points" if cost is not None else "the budget needed it"
@@ -183,6 +159,64 @@ class QuantizeInt8(Pass):
         )
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         return PassResult(changed=bool(plan), stats=stats, skipped=skipped)
+
+
+def _meet_budget(
+    work: _Work,
+    plan: dict[str, str],
+    quantized: Graph,
+    stats: dict[str, Any],
+    skipped: list[Skip],
+    o: QuantizeInt8.Options,
+) -> tuple[dict[str, str], Graph, list[str]]:
+    """Keep the most sensitive layers in float until the real int8 model's drop is within
+    ``max_drop`` (or say in ``skipped`` that it cannot be). Returns (plan, model, layers kept float)."""
+    keep_float: list[str] = []
+    # The real int8 model first: when it meets the budget, no scan is needed.
+    ts = time.perf_counter()
+    work.evaluator = work.make_evaluator(stats)
+    drop = work.real_drop(quantized)
+    stats["all_layers_drop_points"] = round(drop, 4)
+    if drop > o.max_drop:
+        plan, keep_float = work.choose(plan, stats)
+        quantized = work.build(plan)
+        drop = work.real_drop(quantized)
+    fixups = 0
+    while drop > o.max_drop and fixups < _MAX_FIXUPS and len(keep_float) < len(work.order):
+        keep_float.append(work.order[len(keep_float)])
+        plan = {k: v for k, v in plan.items() if k not in keep_float}
+        quantized = work.build(plan)
+        drop = work.real_drop(quantized)
+        fixups += 1
+    stats["final_drop_points"] = round(drop, 4)
+    stats["seconds_sensitivity"] = round(time.perf_counter() - ts, 3)
+    if drop > o.max_drop:
+        skipped.append(
+            Skip(
+                "model",
+                f"the budget cannot be met: {drop:.2f} points of {work.evaluator.spec.name} lost "
+                f"with {len(keep_float)} layers in float",
+            )
+        )
+    return plan, quantized, keep_float
+
+
+def _fewest_in_float(
+    order: list[str], plan: dict[str, str], drop: Callable[[dict[str, str]], float], max_drop: float
+) -> int:
+    """Smallest k such that keeping the first k layers of ``order`` in float brings ``drop`` of
+    the rest of ``plan`` within ``max_drop`` (binary search)."""
+    lo, hi = 0, len(order)
+    cache = {0: drop(plan)}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid not in cache:
+            cache[mid] = drop({n: plan[n] for n in order[mid:]})
+        if cache[mid] <= max_drop:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _describe(layer: Layer, variant: str, per_channel: bool, o: QuantizeInt8.Options) -> dict[str, Any]:
@@ -376,17 +410,7 @@ class _Work:
         self.order = sorted(plan, key=lambda n: (-self.costs[n], n))
         # Smallest k such that keeping the k most sensitive layers in float meets the budget
         # (binary search: the drop falls, roughly monotonically, as layers return to float).
-        lo, hi = 0, len(self.order)
-        cache = {0: drop(plan)}
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if mid not in cache:
-                cache[mid] = drop({n: plan[n] for n in self.order[mid:]})
-            if cache[mid] <= o.max_drop:
-                hi = mid
-            else:
-                lo = mid + 1
-        keep = self.order[:lo]
+        keep = self.order[: _fewest_in_float(self.order, plan, drop, o.max_drop)]
         return {n: v for n, v in plan.items() if n not in keep}, keep
 
     # ---- the real model

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 
 from graphslim.analysis.sparsity import block_norms, block_sparsity, expand_block_mask
-from graphslim.core.ir import Graph
+from graphslim.core.ir import Graph, Node
 from graphslim.core.ops import matrix_to_weight, weight_matrix
 from graphslim.pipeline import Pass, PassContext, PassResult, Skip, parse_layer_values, register_pass
 
@@ -78,24 +78,7 @@ class SparsifyBlocks(Pass):
                 )
                 continue
             layers.append((node, m, block_norms(m, block)))
-        if o.scope == "global" and layers:
-            everything = np.concatenate([n.reshape(-1) for _, _, n in layers])
-            k = int(np.floor(o.sparsity * everything.size))
-            threshold_rank = np.argsort(everything, kind="stable")[:k]
-            dead = np.zeros(everything.size, dtype=bool)
-            dead[threshold_rank] = True
-            masks, pos = [], 0
-            for _, _, norms in layers:
-                masks.append(dead[pos : pos + norms.size].reshape(norms.shape))
-                pos += norms.size
-        else:
-            masks = []
-            for node, _, norms in layers:
-                flat = norms.reshape(-1)
-                dead = np.zeros(flat.size, dtype=bool)
-                share = per_layer.get(node.name, o.sparsity)
-                dead[np.argsort(flat, kind="stable")[: int(np.floor(share * flat.size))]] = True
-                masks.append(dead.reshape(norms.shape))
+        masks = _dead_blocks(layers, o.scope, o.sparsity, per_layer)
         report, zeroed = [], 0
         for (node, m, _), dead in zip(layers, masks, strict=True):
             if not dead.any():
@@ -118,3 +101,29 @@ class SparsifyBlocks(Pass):
             skipped.append(Skip(name, f"layer_sparsity names no {'/'.join(o.ops)} node"))
         stats = {"block": list(block), "layers": report, "blocks_zeroed": zeroed, "layers_sparsified": len(report)}
         return PassResult(changed=zeroed > 0, stats=stats, skipped=skipped)
+
+
+def _dead_blocks(
+    layers: list[tuple[Node, np.ndarray, np.ndarray]], scope: str, sparsity: float, per_layer: dict[str, float]
+) -> list[np.ndarray]:
+    """Per layer, which blocks to zero: the lowest-norm ``sparsity`` share of all blocks together
+    (``scope=global``) or of each layer's own (its ``per_layer`` share where given)."""
+    if scope == "global" and layers:
+        everything = np.concatenate([n.reshape(-1) for _, _, n in layers])
+        k = int(np.floor(sparsity * everything.size))
+        threshold_rank = np.argsort(everything, kind="stable")[:k]
+        dead = np.zeros(everything.size, dtype=bool)
+        dead[threshold_rank] = True
+        masks, pos = [], 0
+        for _, _, norms in layers:
+            masks.append(dead[pos : pos + norms.size].reshape(norms.shape))
+            pos += norms.size
+    else:
+        masks = []
+        for node, _, norms in layers:
+            flat = norms.reshape(-1)
+            dead = np.zeros(flat.size, dtype=bool)
+            share = per_layer.get(node.name, sparsity)
+            dead[np.argsort(flat, kind="stable")[: int(np.floor(share * flat.size))]] = True
+            masks.append(dead.reshape(norms.shape))
+    return masks

@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphslim.analysis.cost import cost_model
+from graphslim.core.data import Dataset
 from graphslim.core.errors import InputError
 from graphslim.core.ir import Graph
 from graphslim.core.metrics import Evaluator
-from graphslim.pipeline import Pass, PassContext, PassManager, PassResult, Pipeline, Skip, register_pass
+from graphslim.pipeline import Pass, PassContext, PassManager, PassRecord, PassResult, Pipeline, Skip, register_pass
 
 
 @register_pass
@@ -60,26 +61,8 @@ class Spiral(Pass):
         if ctx.data is None:
             raise InputError("spiral measures every step on held-out data: give --data (model inputs are enough)")
         _, evalset = ctx.train_eval_split(o.eval_fraction)
-        original = cost_model(Graph.from_model(ctx.teacher))
-        ev = Evaluator(ctx.teacher, evalset, metric=ctx.metric)
-        metric_name = ev.spec.name
-
-        def metric(g: Graph) -> float:
-            return ev.score(g.to_model()).value
-
-        base = ev.reference_value
-
-        def point(step: int, g: Graph, m: float) -> dict:
-            c = cost_model(g)
-            return {
-                "step": step,
-                "r_params": round(c.params / original.params, 6),
-                "r_macs": round(c.macs / original.macs, 6) if original.macs else None,
-                metric_name: round(m, 6),
-                "drop_points": round(100 * (base - m), 4),
-            }
-
-        curve = [point(0, graph, metric(graph))]
+        score = _Scorer(ctx, evalset)
+        curve = [score.point(0, graph)]
         compress, distill = Pipeline.parse(o.passes), Pipeline.parse(o.distill)
         stop, skipped = "steps exhausted", []
         for step in range(1, o.steps + 1):
@@ -94,30 +77,25 @@ class Spiral(Pass):
                 if step == 1:
                     return PassResult(
                         changed=False,
-                        stats={"metric": metric_name, "curve": curve, "stopped": stop},
+                        stats={"metric": score.metric_name, "curve": curve, "stopped": stop},
                         skipped=skipped,
                         not_run=f"the compression passes changed nothing{': ' + why if why else ''}",
                     )
                 break
             if distill.passes:
                 inner = PassManager(distill).run(graph, ctx)
-                for r in inner:
-                    if r.not_run:  # a distill that cannot run here cannot in later steps either
-                        graph.assign(snapshot)
-                        return PassResult(
-                            changed=False,
-                            stats={"metric": metric_name, "curve": curve, "stopped": "distillation cannot run"},
-                            skipped=skipped,
-                            not_run=f"{r.text}: {r.not_run}",
-                        )
+                failed = next((r for r in inner if r.not_run), None)
+                if failed is not None:  # a distill that cannot run here cannot in later steps either
+                    graph.assign(snapshot)
+                    return PassResult(
+                        changed=False,
+                        stats={"metric": score.metric_name, "curve": curve, "stopped": "distillation cannot run"},
+                        skipped=skipped,
+                        not_run=f"{failed.text}: {failed.not_run}",
+                    )
                 records += inner
-            for r in records:  # what the inner passes left alone reaches the report, once
-                for s in r.skipped:
-                    inner = Skip(s.where, f"{r.name}: {s.reason}")
-                    if inner not in skipped:
-                        skipped.append(inner)
-            m = metric(graph)
-            p = point(step, graph, m)
+            _merge_skips(records, skipped)
+            p = score.point(step, graph)
             if p["drop_points"] > o.max_drop:
                 p["rolled_back"] = True
                 curve.append(p)
@@ -129,11 +107,15 @@ class Spiral(Pass):
         else:
             if self._target_met(curve[-1]):
                 stop = "target reached"
+        return self._result(score, curve, stop, skipped)
+
+    def _result(self, score: _Scorer, curve: list[dict], stop: str, skipped: list[Skip]) -> PassResult:
+        """The result of a finished run: the last point within budget is the model kept."""
         kept = [p for p in curve if not p.get("rolled_back")][-1]
         stats = {
-            "metric": metric_name,
-            "metric_description": ev.spec.describe(),
-            "teacher": round(base, 6),
+            "metric": score.metric_name,
+            "metric_description": score.ev.spec.describe(),
+            "teacher": round(score.base, 6),
             "curve": curve,
             "stopped": stop,
             "final_r_params": kept["r_params"],
@@ -149,3 +131,34 @@ class Spiral(Pass):
         if o.target_params is not None and p["r_params"] > o.target_params:
             return False
         return o.target_params is not None or o.target_macs is not None
+
+
+class _Scorer:
+    """Scores a model against the teacher on the held-out data and makes the curve's points."""
+
+    def __init__(self, ctx: PassContext, evalset: Dataset) -> None:
+        self.original = cost_model(Graph.from_model(ctx.teacher))
+        self.ev = Evaluator(ctx.teacher, evalset, metric=ctx.metric)
+        self.metric_name = self.ev.spec.name
+        self.base = self.ev.reference_value
+
+    def point(self, step: int, g: Graph) -> dict:
+        """The curve's point for ``g`` after ``step`` steps: size ratios, metric, drop in points."""
+        m = self.ev.score(g.to_model()).value
+        c = cost_model(g)
+        return {
+            "step": step,
+            "r_params": round(c.params / self.original.params, 6),
+            "r_macs": round(c.macs / self.original.macs, 6) if self.original.macs else None,
+            self.metric_name: round(m, 6),
+            "drop_points": round(100 * (self.base - m), 4),
+        }
+
+
+def _merge_skips(records: list[PassRecord], skipped: list[Skip]) -> None:
+    """What the inner passes left alone reaches the report, once."""
+    for r in records:
+        for s in r.skipped:
+            inner = Skip(s.where, f"{r.name}: {s.reason}")
+            if inner not in skipped:
+                skipped.append(inner)

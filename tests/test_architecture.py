@@ -95,3 +95,36 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+MAX_BODY_LINES = 60
+
+
+def _long_functions() -> list[str]:
+    """'path:line name (N lines)' of every function whose body, docstring excluded, is over
+    MAX_BODY_LINES lines and whose docstring gives no reason in a sentence starting "Long: "."""
+    out = []
+    for folder in ("graphslim", "passes", "kernels"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                doc = ast.get_docstring(node)
+                body = node.body[1:] if doc is not None and len(node.body) > 1 else node.body
+                length = node.end_lineno - body[0].lineno + 1
+                if length <= MAX_BODY_LINES:
+                    continue
+                sentences = " ".join((doc or "").split()).split(". ")
+                if not any(s.startswith("Long: ") and len(s) > len("Long: ") + 10 for s in sentences):
+                    out.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    return out
+
+
+def test_long_functions_say_why():
+    """A function over MAX_BODY_LINES lines (docstring excluded) is split into named steps, or its
+    docstring says why it reads best as one piece, in a sentence starting "Long: "."""
+    offenders = _long_functions()
+    assert not offenders, (
+        f"{len(offenders)} functions over {MAX_BODY_LINES} lines without a 'Long: <reason>' sentence in "
+        "their docstring (split them, or say why they read best as one piece):\n" + "\n".join(offenders)
+    )

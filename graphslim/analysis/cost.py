@@ -149,31 +149,14 @@ def cost_model(graph: Graph, ctx: Any = None, *, bindings: dict[str, int] | None
         bindings = bind_dims(graph, getattr(ctx, "shapes", None) or None) if ctx is not None else bind_dims(graph)
     layers: list[LayerCost] = []
     seen: set[int] = set()
-    total_params = total_bytes = total_zeros = total_float = 0
-    total_macs = total_other = 0
+    totals = _Totals()
     for node in graph.nodes:
-        params = nbytes = zeros = nfloat = 0
-        for t in node.inputs:
-            val = graph.constant(t)
-            if val is None or val.dtype.name in _NOT_PARAMS:
-                continue
-            params += val.size
-            nbytes += val.nbytes
-            if val.dtype.kind == "f":
-                nfloat += val.size
-                zeros += int(val.size - np.count_nonzero(val))
-            if id(t) not in seen:
-                seen.add(id(t))
-                total_params += val.size
-                total_bytes += val.nbytes
-                if val.dtype.kind == "f":
-                    total_float += val.size
-                    total_zeros += int(val.size - np.count_nonzero(val))
+        params, nbytes, zeros, nfloat = _count_constants(graph, node, seen, totals)
         if node.op == "Constant":
             continue  # its value is counted where it is used
         macs, other = node_macs(graph, node, bindings)
-        total_macs += macs
-        total_other += other
+        totals.macs += macs
+        totals.other += other
         shp = graph.shape(node.outputs[0]) if node.outputs else None
         layer = LayerCost(
             layer_name(node),
@@ -186,43 +169,81 @@ def cost_model(graph: Graph, ctx: Any = None, *, bindings: dict[str, int] | None
             nfloat,
             list(shp) if shp is not None else None,
         )
-        if node.op in ("Conv", "Gemm", "MatMul") and zeros:
-            m = weight_matrix(graph, node)
-            if m is not None:
-                layer.extra["block_sparsity"] = {
-                    f"{b[0]}x{b[1]}": round(block_sparsity(m, b), 6) for b in STANDARD_BLOCKS
-                }
-        info = op_info(node.op, node.domain)
-        weighted = info is not None and (info.weight is not None or "quantized" in info.roles)
-        if weighted and node.op != "Gather" and len(node.inputs) > 1:
-            layer.extra.update(_weight_info(graph, node))
+        _add_weight_extras(graph, node, layer)
         layers.append(layer)
-    io = []
-    for group in (graph.inputs, graph.outputs):
-        io.append(
-            [
-                {
-                    "name": t.name,
-                    "shape": list(graph.shape(t) or []),
-                    "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None,
-                }
-                for t in group
-            ]
-        )
     return CostReport(
-        params=total_params,
-        macs=total_macs,
-        other_ops=total_other,
+        params=totals.params,
+        macs=totals.macs,
+        other_ops=totals.other,
         size_bytes=graph.serialized_size(),
-        weight_bytes=total_bytes,
-        sparsity=total_zeros / total_float if total_float else 0.0,
+        weight_bytes=totals.bytes,
+        sparsity=totals.zeros / totals.floats if totals.floats else 0.0,
         nodes=len(graph.nodes),
         op_counts=dict(sorted(Counter(n.op for n in graph.nodes).items())),
         layers=layers,
-        inputs=io[0],
-        outputs=io[1],
+        inputs=_io_specs(graph, graph.inputs),
+        outputs=_io_specs(graph, graph.outputs),
         bindings=dict(sorted(bindings.items())),
     )
+
+
+@dataclass
+class _Totals:
+    """The whole model's sums; constants shared by several nodes count once."""
+
+    params: int = 0
+    bytes: int = 0
+    zeros: int = 0  # zero float weights
+    floats: int = 0  # float weights
+    macs: int = 0
+    other: int = 0
+
+
+def _count_constants(graph: Graph, node: Node, seen: set[int], totals: _Totals) -> tuple[int, int, int, int]:
+    """(params, bytes, zero floats, floats) of the node's constant inputs; adds those not ``seen``
+    yet to ``totals``."""
+    params = nbytes = zeros = nfloat = 0
+    for t in node.inputs:
+        val = graph.constant(t)
+        if val is None or val.dtype.name in _NOT_PARAMS:
+            continue
+        params += val.size
+        nbytes += val.nbytes
+        if val.dtype.kind == "f":
+            nfloat += val.size
+            zeros += int(val.size - np.count_nonzero(val))
+        if id(t) not in seen:
+            seen.add(id(t))
+            totals.params += val.size
+            totals.bytes += val.nbytes
+            if val.dtype.kind == "f":
+                totals.floats += val.size
+                totals.zeros += int(val.size - np.count_nonzero(val))
+    return params, nbytes, zeros, nfloat
+
+
+def _add_weight_extras(graph: Graph, node: Node, layer: LayerCost) -> None:
+    """Block sparsity of a sparse Conv/Gemm/MatMul weight, and a weighted layer's precision."""
+    if node.op in ("Conv", "Gemm", "MatMul") and layer.zeros:
+        m = weight_matrix(graph, node)
+        if m is not None:
+            layer.extra["block_sparsity"] = {f"{b[0]}x{b[1]}": round(block_sparsity(m, b), 6) for b in STANDARD_BLOCKS}
+    info = op_info(node.op, node.domain)
+    weighted = info is not None and (info.weight is not None or "quantized" in info.roles)
+    if weighted and node.op != "Gather" and len(node.inputs) > 1:
+        layer.extra.update(_weight_info(graph, node))
+
+
+def _io_specs(graph: Graph, group: Any) -> list[dict[str, Any]]:
+    """Name, shape and dtype of each graph input (or output) in ``group``."""
+    return [
+        {
+            "name": t.name,
+            "shape": list(graph.shape(t) or []),
+            "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None,
+        }
+        for t in group
+    ]
 
 
 def cost_by_type(graph: Graph, report: CostReport, types: dict[int, str]) -> dict[str, dict[str, int]]:

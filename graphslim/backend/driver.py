@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,13 +191,62 @@ def build(
     :func:`graphslim.backend.threads.default_threads`, which reads ``macs``, the model's
     multiply-adds per inference, also recorded) and is what tuning measures with."""
     tvm = require_tvm()
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-
     from graphslim.core.version import __version__
-    from graphslim.kernels import REWRITES
 
     spec = _target_spec(target)
+    _check_tuning(target, spec, tune, tuning_db, rpc)
+    from graphslim.kernels.prepare import prepare
+
+    static, batch = prepare(model, shapes, batch)
+    macs = _model_macs(static)
+    measure_threads = resolve_threads(threads, None, macs)[0]
+    if tune > 0 and not rpc:
+        use_threads(measure_threads)  # graphslim's default schedules are measured in this thread
+    tuning_meta: dict[str, Any] = {}
+    schedule_meta: dict[str, Any] = {}
+    ex, applied = _compile(
+        tvm,
+        static,
+        spec,
+        tune=tune,
+        tuning_db=tuning_db,
+        rpc=rpc,
+        progress=progress,
+        measure_threads=measure_threads,
+        tuning_meta=tuning_meta,
+        schedule_meta=schedule_meta,
+    )
+    options = {
+        "target": target,
+        "batch": batch,
+        "tune": tune,
+        **({"shapes": shapes} if shapes else {}),
+        **({"threads": threads} if threads is not None else {}),
+    }
+    meta: dict[str, Any] = {
+        "schema_version": 1,
+        "target": target,
+        "tvm_target": spec,
+        "batch": batch,
+        "threads": threads,
+        "macs": macs,
+        "inputs": _input_specs(static),
+        "outputs": [o.name for o in static.graph.output],
+        "rewrites": applied,
+        "schedules": schedule_meta.get("counts", {}) if spec["kind"] == "llvm" else "dlight GPU rules",
+        **({"kernel_schedules": schedule_meta["kernels"]} if schedule_meta else {}),
+        **({"tuning": tuning_meta} if tuning_meta else {}),
+        "versions": {"graphslim": __version__, "tvm": tvm.__version__},
+        "model_sha256": model_sha256,
+        "options_sha256": hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest(),
+    }
+    return _exporter(ex, meta, target, tuning_db), meta
+
+
+def _check_tuning(
+    target: str, spec: dict[str, Any], tune: int, tuning_db: str | Path | None, rpc: tuple[str, str] | None
+) -> None:
+    """Refuse (InputError, one line) tuning settings that cannot work for ``target``."""
     if tune > 0 and spec["kind"] != "llvm":
         raise InputError(f"--tune is supported for CPU targets; '{target}' compiles with TVM's default GPU schedules")
     if tune > 0 and spec.get("mtriple", "").startswith("aarch64") and rpc is None:
@@ -207,13 +257,29 @@ def build(
         from graphslim.backend.remote import check_key
 
         check_key(rpc)  # an unreachable tracker or unknown key: one line now, not a tuning run of failures
-    from graphslim.kernels.prepare import prepare
 
-    static, batch = prepare(model, shapes, batch)
-    macs = _model_macs(static)
-    measure_threads = resolve_threads(threads, None, macs)[0]
-    if tune > 0 and not rpc:
-        use_threads(measure_threads)  # graphslim's default schedules are measured in this thread
+
+def _compile(
+    tvm: Any,
+    static: onnx.ModelProto,
+    spec: dict[str, Any],
+    *,
+    tune: int,
+    tuning_db: str | Path | None,
+    rpc: tuple[str, str] | None,
+    progress: bool,
+    measure_threads: int,
+    tuning_meta: dict[str, Any],
+    schedule_meta: dict[str, Any],
+) -> tuple[Any, list[str]]:
+    """Import the static model into Relax and compile it: graphslim's CPU pipeline (schedules,
+    tuning) on llvm targets, the rewrites and TVM's default pipeline elsewhere. Returns (the
+    executable, the rewrites that changed the module); fills ``tuning_meta`` / ``schedule_meta``."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from graphslim.kernels import REWRITES
+
     try:
         mod = from_onnx(static, keep_params_in_input=False)
     except Exception as e:  # noqa: BLE001 - the frontend raises many types for unsupported ops
@@ -221,8 +287,6 @@ def build(
     mod = relax.transform.DecomposeOpsForInference()(mod)
     applied: list[str] = []
     tgt = tvm.target.Target(spec)
-    tuning_meta: dict[str, Any] = {}
-    schedule_meta: dict[str, Any] = {}
     with tgt:
         if spec["kind"] == "llvm":
             from graphslim.kernels.pipeline import cpu_pipeline
@@ -247,8 +311,13 @@ def build(
                 if changed:
                     applied.append(name)
             ex = tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+    return ex, applied
+
+
+def _input_specs(static: onnx.ModelProto) -> list[dict[str, Any]]:
+    """artifact.json's ``inputs``: name, static shape and numpy dtype of each graph input."""
     inits = {i.name for i in static.graph.initializer}
-    inputs = [
+    return [
         {
             "name": vi.name,
             "shape": [d.dim_value for d in vi.type.tensor_type.shape.dim],
@@ -257,30 +326,11 @@ def build(
         for vi in static.graph.input
         if vi.name not in inits
     ]
-    options = {
-        "target": target,
-        "batch": batch,
-        "tune": tune,
-        **({"shapes": shapes} if shapes else {}),
-        **({"threads": threads} if threads is not None else {}),
-    }
-    meta: dict[str, Any] = {
-        "schema_version": 1,
-        "target": target,
-        "tvm_target": spec,
-        "batch": batch,
-        "threads": threads,
-        "macs": macs,
-        "inputs": inputs,
-        "outputs": [o.name for o in static.graph.output],
-        "rewrites": applied,
-        "schedules": schedule_meta.get("counts", {}) if spec["kind"] == "llvm" else "dlight GPU rules",
-        **({"kernel_schedules": schedule_meta["kernels"]} if schedule_meta else {}),
-        **({"tuning": tuning_meta} if tuning_meta else {}),
-        "versions": {"graphslim": __version__, "tvm": tvm.__version__},
-        "model_sha256": model_sha256,
-        "options_sha256": hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest(),
-    }
+
+
+def _exporter(ex: Any, meta: dict[str, Any], target: str, tuning_db: str | Path | None) -> Callable[[Path], None]:
+    """The function that writes the library, its side files and artifact.json into a folder
+    (completing ``meta`` with what it wrote)."""
 
     def export(folder: Path) -> None:
         if target in ARM_TARGETS:
@@ -310,7 +360,7 @@ def build(
             meta["tuning_records"] = "tuning"
         (folder / "artifact.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    return export, meta
+    return export
 
 
 def _model_macs(model: onnx.ModelProto) -> int | None:

@@ -86,6 +86,11 @@ FORCE_HELP = (
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command-line parser: global flags and every command's options.
+
+    Long: a flat listing of argparse calls, one per option of each command (search's are in
+    :func:`_add_search`), read like the --help text it produces; splitting it would scatter
+    options that are documented together."""
     ap = argparse.ArgumentParser(
         prog="graphslim",
         description="Compress and compile ONNX models.",
@@ -264,6 +269,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_search(sub: Any) -> None:
+    """The ``search`` command's parser.
+
+    Long: a flat listing of argparse calls, one per option of ``search``, read like the --help
+    text it produces."""
     s = sub.add_parser(
         "search",
         help="search per-layer pruning, low-rank, int8 (and block sparsity) for the fastest model within a budget",
@@ -391,7 +400,7 @@ def _cmd_search(args: argparse.Namespace) -> tuple[int, Any]:
         clock=args.clock,
     )
     res = search(args.model, args.output, opts)
-    rep, sec = res.report, res.report["search"]
+    rep = res.report
     missed = [
         f"{name}: {b['measure']} = {b['value']}, limit {b['limit']}"
         for name, b in rep["budgets"].items()
@@ -402,6 +411,12 @@ def _cmd_search(args: argparse.Namespace) -> tuple[int, Any]:
     code = EXIT_BUDGET if missed else EXIT_OK
     if args.json:
         return code, rep
+    return code, _search_text(args, rep)
+
+
+def _search_text(args: argparse.Namespace, rep: dict[str, Any]) -> str:
+    """search's summary for people: the study, the chosen trial and how to reproduce it."""
+    sec = rep["search"]
     chosen = sec["chosen"]
     lat = (rep.get("latency") or {}).get("ort_compressed")
     lines = [
@@ -420,7 +435,7 @@ def _cmd_search(args: argparse.Namespace) -> tuple[int, Any]:
     if lat:
         lines.append(f"  ONNX Runtime batch 1: {rep['latency']['ort_original']['median_ms']} -> {lat['median_ms']} ms")
     lines.append(f"  reproduce: {sec['reproduce']}")
-    return code, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def _pipeline_from_args(args: argparse.Namespace):
@@ -606,27 +621,39 @@ def _cmd_inspect(args: argparse.Namespace) -> tuple[int, Any]:
         for kind, row in by_type.items():
             lines.append(f"  {kind:<12} {row['params']:>12,} {row['macs']:>16,} {row['bytes']:>14,}")
     if args.layers:
-        lines.append(f"  {'layer':<32} {'op':<20} {'params':>10} {'MACs':>14} {'sparsity':>9}  block sparsity")
-        for lc in rep.layers:
-            if lc.params or lc.macs:
-                blocks = " ".join(f"{k}:{v:.0%}" for k, v in lc.extra.get("block_sparsity", {}).items())
-                lines.append(
-                    f"  {lc.name[:32]:<32} {lc.op:<20} {lc.params:>10,} {lc.macs:>14,} {lc.sparsity:>9.2%}  {blocks}"
-                )
+        lines += _layer_lines(rep)
     if groups is not None:
-        n_ok = sum(1 for grp in groups if grp["prunable"])
-        lines.append(f"  channel groups: {len(groups)}, prunable: {n_ok}")
-        for grp in groups:
-            roots = ", ".join(m["root"] for m in grp["members"])
-            state = (
-                f"prunable ({grp['channels']} channels)"
-                if grp["prunable"]
-                else "frozen: " + "; ".join(grp["why_not"][:2])
-            )
-            lines.append(f"  group {grp['group']:>3}: [{roots}] {state}")
-            for m in grp["members"]:
-                lines.append(f"      {m['root']}: {', '.join(m['uses'])}")
+        lines += _group_lines(groups)
     return EXIT_OK, "\n".join(lines)
+
+
+def _layer_lines(rep: Any) -> list[str]:
+    """inspect --layers: one line per layer with parameters or MACs."""
+    lines = []
+    lines.append(f"  {'layer':<32} {'op':<20} {'params':>10} {'MACs':>14} {'sparsity':>9}  block sparsity")
+    for lc in rep.layers:
+        if lc.params or lc.macs:
+            blocks = " ".join(f"{k}:{v:.0%}" for k, v in lc.extra.get("block_sparsity", {}).items())
+            lines.append(
+                f"  {lc.name[:32]:<32} {lc.op:<20} {lc.params:>10,} {lc.macs:>14,} {lc.sparsity:>9.2%}  {blocks}"
+            )
+    return lines
+
+
+def _group_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """inspect --groups: each channel group, prunable or why not, and its members' uses."""
+    lines = []
+    n_ok = sum(1 for grp in groups if grp["prunable"])
+    lines.append(f"  channel groups: {len(groups)}, prunable: {n_ok}")
+    for grp in groups:
+        roots = ", ".join(m["root"] for m in grp["members"])
+        state = (
+            f"prunable ({grp['channels']} channels)" if grp["prunable"] else "frozen: " + "; ".join(grp["why_not"][:2])
+        )
+        lines.append(f"  group {grp['group']:>3}: [{roots}] {state}")
+        for m in grp["members"]:
+            lines.append(f"      {m['root']}: {', '.join(m['uses'])}")
+    return lines
 
 
 def _describe_options(cls: type) -> list[dict[str, Any]]:
@@ -792,17 +819,7 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
     # The artifact has a static batch: feed it whole batches (the tail is padded, then cut).
     template = ref_model or _model_for_inputs(meta)
     data = load_data(args.data, template)
-    feeds_list, sizes = [], []
-    for b in data.batches(batch):
-        n = len(b)
-        feeds_list.append(
-            {
-                k: np.concatenate([v, np.repeat(v[-1:], batch - n, axis=0)]) if n < batch else v
-                for k, v in b.inputs.items()
-                if k in names
-            }
-        )
-        sizes.append(n)
+    feeds_list, sizes = _padded_batches(data, batch, names)
     if runner is None:
         from graphslim.backend.remote import run_artifact
 
@@ -836,6 +853,23 @@ def _cmd_run(args: argparse.Namespace) -> tuple[int, Any]:
     return EXIT_OK, "\n".join(lines)
 
 
+def _padded_batches(data: Any, batch: int, names: list[str]) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """``data`` in whole batches of the artifact's static size (the tail padded with its last
+    sample), and the real sample count of each."""
+    feeds_list, sizes = [], []
+    for b in data.batches(batch):
+        n = len(b)
+        feeds_list.append(
+            {
+                k: np.concatenate([v, np.repeat(v[-1:], batch - n, axis=0)]) if n < batch else v
+                for k, v in b.inputs.items()
+                if k in names
+            }
+        )
+        sizes.append(n)
+    return feeds_list, sizes
+
+
 def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
     from graphslim.backend.bench import batch_of, ort_contender, tvm_contender
     from graphslim.backend.options import parse_shapes
@@ -845,16 +879,7 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
 
     if args.rpc_tracker or args.rpc_key or args.target:
         return _bench_on_device(args)
-    try:
-        batches = [int(b) for b in args.batch.split(",") if b.strip()]
-    except ValueError:
-        raise InputError(f"--batch: expected sizes like 1,32, got {args.batch[:80]!r}") from None
-    if not batches or min(batches) < 1 or max(batches) > 2**20:
-        raise InputError("--batch sizes must be from 1 to 1048576")
-    if args.repeat < 1 or args.warmup < 0 or args.rounds < 1:
-        raise InputError("--repeat and --rounds must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        raise InputError("--threads must be >= 1")
+    batches = _bench_batches(args)
     shapes = dict(parse_shapes(args.shape))
     artifact = Path(args.model).is_dir()
     baseline = load_model(args.baseline) if args.baseline else None
@@ -872,16 +897,6 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
             model = fix_shapes(model, shapes, batch)[0]
         return batch_of(load_data(args.data, model) if args.data else random_inputs(model, batch, 0), batch)
 
-    def baseline_contender(feeds: dict[str, np.ndarray], batch: int) -> Any:
-        names = {vi.name for vi in baseline.graph.input} - {i.name for i in baseline.graph.initializer}
-        if set(feeds) != names:
-            raise InputError(
-                f"--baseline {args.baseline} takes inputs {sorted(names)}; the model takes {sorted(feeds)}"
-            )
-        c = ort_contender("baseline", baseline, feeds, batch, threads=args.threads or 0)
-        c.info["path"] = args.baseline
-        return c
-
     if artifact:
         # The artifact has one static batch; the baseline runs on the very same inputs.
         model_c = tvm_contender(
@@ -891,7 +906,7 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
             feeds=(lambda meta: feeds_for(_model_for_inputs(meta), meta["batch"])) if args.data else None,
         )
         model_c.info["path"] = args.model
-        contenders = [baseline_contender(model_c.feeds, model_c.batch)] if baseline is not None else []
+        contenders = [_baseline_contender(args, baseline, model_c.feeds, model_c.batch)] if baseline is not None else []
         rows += _interleave([*contenders, model_c], runs)
     else:
         model = load_model(args.model)
@@ -900,13 +915,45 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
         skipped += [{"what": "model", "batch": b, "reason": why} for b in batches if b not in sizes]
         for b in sizes:
             feeds = feeds_for(model, b)
-            contenders = [baseline_contender(feeds, b)] if baseline is not None else []
+            contenders = [_baseline_contender(args, baseline, feeds, b)] if baseline is not None else []
             c = ort_contender("model", model, feeds, b, threads=args.threads or 0)
             c.info["path"] = args.model
             contenders.append(c)
             rows += _interleave(contenders, runs)
     if args.json:
         return EXIT_OK, {"results": rows, "skipped": skipped}
+    return EXIT_OK, _bench_table(rows, skipped, baseline is not None)
+
+
+def _baseline_contender(args: argparse.Namespace, baseline: Any, feeds: dict[str, np.ndarray], batch: int) -> Any:
+    """bench's --baseline in ONNX Runtime on the model's own inputs (refused if it takes others)."""
+    from graphslim.backend.bench import ort_contender
+
+    names = {vi.name for vi in baseline.graph.input} - {i.name for i in baseline.graph.initializer}
+    if set(feeds) != names:
+        raise InputError(f"--baseline {args.baseline} takes inputs {sorted(names)}; the model takes {sorted(feeds)}")
+    c = ort_contender("baseline", baseline, feeds, batch, threads=args.threads or 0)
+    c.info["path"] = args.baseline
+    return c
+
+
+def _bench_batches(args: argparse.Namespace) -> list[int]:
+    """bench's --batch sizes, after checking them and --repeat, --rounds, --warmup, --threads."""
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    except ValueError:
+        raise InputError(f"--batch: expected sizes like 1,32, got {args.batch[:80]!r}") from None
+    if not batches or min(batches) < 1 or max(batches) > 2**20:
+        raise InputError("--batch sizes must be from 1 to 1048576")
+    if args.repeat < 1 or args.warmup < 0 or args.rounds < 1:
+        raise InputError("--repeat and --rounds must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads must be >= 1")
+    return batches
+
+
+def _bench_table(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], with_baseline: bool) -> str:
+    """bench's table for people: one row per runtime and batch, then what was skipped."""
     lines = [
         f"{'what':<9} {'runtime':<18} {'thr':>3} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} "
         f"{'per s':>10} {'vs base':>8} {'+MB peak':>9}"
@@ -919,12 +966,12 @@ def _cmd_bench(args: argparse.Namespace) -> tuple[int, Any]:
             f"{r['p90_ms']:>9.4f} {r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f} {vs:>8} "
             f"{'-' if extra is None else format(extra, '.1f'):>9}"
         )
-    if baseline is not None:
+    if with_baseline:
         lines.append(
             f"vs base: median over {rows[-1]['rounds']} rounds of (model / baseline), the two alternating in each round"
         )
     lines += [f"skipped: {s['what']} at batch {s['batch']} ({s['reason']})" for s in skipped]
-    return EXIT_OK, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def _batch_sizes(model: Any, wanted: list[int]) -> tuple[list[int], str]:
@@ -1005,6 +1052,11 @@ def _bench_on_device(args: argparse.Namespace) -> tuple[int, Any]:
         r["vs_baseline"] = round(r["median_ms"] / base[r["batch"]], 4) if r["batch"] in base else None
     if args.json:
         return EXIT_OK, {"results": rows}
+    return EXIT_OK, _device_table(rows)
+
+
+def _device_table(rows: list[dict[str, Any]]) -> str:
+    """bench --rpc-*'s table for people, with each device's share of the runs."""
     lines = [f"{'what':<9} {'runtime':<28} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'runs':>6} {'vs base':>8}"]
     for r in rows:
         vs = f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] is not None else "-"
@@ -1016,7 +1068,7 @@ def _bench_on_device(args: argparse.Namespace) -> tuple[int, Any]:
             lines.append(f"{'':<9}   device {d['server']}: {d['runs']} runs, median {d['median_ms']:.4f} ms")
         if r.get("retries"):
             lines.append(f"{'':<9}   {r['retries']} share(s) timed again after a device stopped answering")
-    return EXIT_OK, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def _cmd_devices(args: argparse.Namespace) -> tuple[int, Any]:

@@ -304,6 +304,14 @@ def check_out_dir(
         raise InputError(f"{out}: is a symbolic link; graphslim does not replace links (give another folder)")
     if p.exists() and not p.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
+    _refuse_protected(out, p, inputs)
+    if p.is_dir():
+        _refuse_foreign(out, p, kind, force)
+    return p
+
+
+def _refuse_protected(out: str | os.PathLike[str], p: Path, inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse an output folder that is (or holds) the root, home or current folder, or an input."""
     for name, where in (
         ("the root folder", lambda: Path("/")),
         ("your home folder", Path.home),
@@ -329,17 +337,20 @@ def check_out_dir(
                 f"{out}: the output folder {how} {item}; graphslim never replaces an input or its folder "
                 "(choose another folder)"
             )
-    if not p.is_dir():
-        return p
+
+
+def _refuse_foreign(out: str | os.PathLike[str], p: Path, kind: str, force: bool) -> None:
+    """Refuse an existing, non-empty folder graphslim did not write as a ``kind`` output (or that
+    holds files it did not write), unless ``force``."""
     try:
         names = {e.name for e in p.iterdir()}
     except OSError as e:
         raise _os_error(out, e, "cannot read the folder") from None
     if not names:
-        return p
+        return
     marker = read_marker(p)
     if force:
-        return p
+        return
     if marker is None:
         raise InputError(
             f"{out}: exists and was not written by graphslim (no {MARKER}); refusing to replace it: "
@@ -357,7 +368,6 @@ def check_out_dir(
         raise InputError(
             f"{out}: holds files graphslim did not write ({shown}); refusing to replace it (move them, or pass --force)"
         )
-    return p
 
 
 # --------------------------------------------------------------------------- output folders

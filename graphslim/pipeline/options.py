@@ -193,36 +193,46 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return False
         raise PipelineError(f"{where}: expected true or false, got {show(value)}")
     if tp is int:
-        if isinstance(value, bool):
-            raise PipelineError(f"{where}: expected an integer, got {show(value)}")
-        if isinstance(value, int):
-            n = value
-        else:
-            try:
-                f = float(value)
-            except (TypeError, ValueError, OverflowError):
-                raise PipelineError(f"{where}: expected an integer, got {show(value)}") from None
-            if not f.is_integer():
-                raise PipelineError(f"{where}: expected an integer, got {show(value)}")
-            n = int(f)
-        if abs(n) > MAX_INT:
-            raise PipelineError(f"{where}: {show(value)} is out of range (at most {MAX_INT:,} in size)")
-        return n
+        return _coerce_int(value, where)
     if tp is float:
-        if isinstance(value, bool):
-            raise PipelineError(f"{where}: expected a number, got {show(value)}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise PipelineError(f"{where}: expected a number, got {show(value)}") from None
-        if f != f or f in (float("inf"), float("-inf")):
-            raise PipelineError(f"{where}: expected a finite number, got {show(value)}")
-        return f
+        return _coerce_float(value, where)
     if tp is str:
         if isinstance(value, list | tuple | dict):
             raise PipelineError(f"{where}: expected a string, got {show(value)}")
         return str(value)
     raise PipelineError(f"{where}: unsupported option type {tp}")
+
+
+def _coerce_int(value: Any, where: str) -> int:
+    """An integer option: an int, or a number or string with an integral value, within MAX_INT."""
+    if isinstance(value, bool):
+        raise PipelineError(f"{where}: expected an integer, got {show(value)}")
+    if isinstance(value, int):
+        n = value
+    else:
+        try:
+            f = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise PipelineError(f"{where}: expected an integer, got {show(value)}") from None
+        if not f.is_integer():
+            raise PipelineError(f"{where}: expected an integer, got {show(value)}")
+        n = int(f)
+    if abs(n) > MAX_INT:
+        raise PipelineError(f"{where}: {show(value)} is out of range (at most {MAX_INT:,} in size)")
+    return n
+
+
+def _coerce_float(value: Any, where: str) -> float:
+    """A float option: any finite number (bools refused)."""
+    if isinstance(value, bool):
+        raise PipelineError(f"{where}: expected a number, got {show(value)}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise PipelineError(f"{where}: expected a number, got {show(value)}") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise PipelineError(f"{where}: expected a finite number, got {show(value)}")
+    return f
 
 
 def coerce_options(pass_name: str, options_cls: type, raw: dict[str, Any]) -> Any:

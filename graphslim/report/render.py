@@ -92,42 +92,50 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f"{-met['drop_points']:+.2f} points",
             )
         )
+    rows += _latency_rows(report)
+    return rows
+
+
+def _latency_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The summary's latency rows: ONNX Runtime before and after, TVM compiled, the device."""
     lat = report.get("latency")
-    if lat:
-        o, n = lat["ort_original"], lat["ort_compressed"]
+    if not lat:
+        return []
+    rows = []
+    o, n = lat["ort_original"], lat["ort_compressed"]
+    rows.append(
+        (
+            f"ONNX Runtime latency, batch {o['batch']} (median ms)",
+            f"{o['median_ms']:.4g}",
+            f"{n['median_ms']:.4g}",
+            f"{n['median_ms'] / o['median_ms']:.2f}x" if o["median_ms"] else "",
+        )
+    )
+    t = lat.get("tvm_compiled")
+    if t:
+        target = (report.get("compiled") or {}).get("target", "")
         rows.append(
             (
-                f"ONNX Runtime latency, batch {o['batch']} (median ms)",
-                f"{o['median_ms']:.4g}",
-                f"{n['median_ms']:.4g}",
-                f"{n['median_ms'] / o['median_ms']:.2f}x" if o["median_ms"] else "",
+                f"TVM compiled ({target}), batch {t['batch']} (median ms)",
+                "",
+                f"{t['median_ms']:.4g}",
+                f"{t['median_ms'] / o['median_ms']:.2f}x vs ORT original" if o["median_ms"] else "",
             )
         )
-        t = lat.get("tvm_compiled")
-        if t:
-            target = (report.get("compiled") or {}).get("target", "")
-            rows.append(
-                (
-                    f"TVM compiled ({target}), batch {t['batch']} (median ms)",
-                    "",
-                    f"{t['median_ms']:.4g}",
-                    f"{t['median_ms'] / o['median_ms']:.2f}x vs ORT original" if o["median_ms"] else "",
-                )
+    d = lat.get("device")
+    if d:
+        # Timed on the device (a board of the tracker), so the ratio compares two machines
+        # when the device is not this one.
+        servers = ", ".join(x["server"] for x in d.get("devices", []))
+        rows.append(
+            (
+                f"device '{d['key']}' ({d.get('target') or ''}; {servers} via tracker {d['tracker']}), "
+                f"batch {d['batch']} (median ms, {d['runs']} runs)",
+                "",
+                f"{d['median_ms']:.4g}",
+                f"{d['median_ms'] / o['median_ms']:.2f}x vs ORT original here" if o["median_ms"] else "",
             )
-        d = lat.get("device")
-        if d:
-            # Timed on the device (a board of the tracker), so the ratio compares two machines
-            # when the device is not this one.
-            servers = ", ".join(x["server"] for x in d.get("devices", []))
-            rows.append(
-                (
-                    f"device '{d['key']}' ({d.get('target') or ''}; {servers} via tracker {d['tracker']}), "
-                    f"batch {d['batch']} (median ms, {d['runs']} runs)",
-                    "",
-                    f"{d['median_ms']:.4g}",
-                    f"{d['median_ms'] / o['median_ms']:.2f}x vs ORT original here" if o["median_ms"] else "",
-                )
-            )
+        )
     return rows
 
 
@@ -195,52 +203,17 @@ def plots(report: dict[str, Any]) -> dict[str, bytes]:
 
     rows = layer_rows(report)
     if rows:
-        fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
-        names = [r["name"] for r in rows][::-1]
-        before = [r["params_before"] or 0 for r in rows][::-1]
-        after = [r["params_after"] or 0 for r in rows][::-1]
-        y = range(len(rows))
-        ax.barh([i + 0.2 for i in y], before, height=0.4, label="before", color="#9aa5b1")
-        ax.barh([i - 0.2 for i in y], after, height=0.4, label="after", color="#2f6fb0")
-        ax.set_yticks(list(y), names, fontsize=8)
-        ax.set_xlabel("weight parameters")
-        ax.set_title("Parameters per layer")
-        ax.legend()
-        save(fig, "layers.png")
+        save(_layers_figure(plt, rows), "layers.png")
     points = _accuracy_points(report)
     if points:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs, ys, labels = zip(*points, strict=True)
-        ax.plot(xs, ys, "o-", color="#2f6fb0")
-        for x, yv, label in points:
-            ax.annotate(label, (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel("compression ratio r (parameters kept)")
-        ax.set_ylabel(_metric_name(report))
-        ax.set_title("Accuracy vs compression")
-        ax.invert_xaxis()
-        ax.grid(alpha=0.3)
-        save(fig, "accuracy.png")
+        save(_accuracy_figure(plt, report, points), "accuracy.png")
     if report.get("search"):
         fig = _pareto_figure(plt, report["search"])
         if fig is not None:
             save(fig, "pareto.png")
     lat = report.get("latency")
     if lat:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        labels = ["ORT original", "ORT compressed"]
-        vals = [lat["ort_original"]["median_ms"], lat["ort_compressed"]["median_ms"]]
-        if lat.get("tvm_compiled"):
-            labels.append("TVM compiled")
-            vals.append(lat["tvm_compiled"]["median_ms"])
-        if lat.get("device"):
-            labels.append(f"device '{lat['device']['key']}'")
-            vals.append(lat["device"]["median_ms"])
-        ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0", "#3e8e5e", "#b0662f"][: len(vals)])
-        for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=9)
-        ax.set_ylabel(f"median ms, batch {lat['ort_original']['batch']}")
-        ax.set_title("Latency")
-        save(fig, "latency.png")
+        save(_latency_figure(plt, lat), "latency.png")
     return out
 
 
@@ -249,6 +222,56 @@ _OBJECTIVE_LABEL = {"latency": "latency (ms)", "bytes": "bytes on disk", "macs":
 
 def _objective_value(sec: dict[str, Any], row: dict[str, Any]) -> Any:
     return row["latency_ms"] if sec["objective"] == "latency" else row[sec["objective"]]
+
+
+def _layers_figure(plt: Any, rows: list[dict[str, Any]]) -> Any:
+    """Bars of each weight layer's parameters before and after."""
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    names = [r["name"] for r in rows][::-1]
+    before = [r["params_before"] or 0 for r in rows][::-1]
+    after = [r["params_after"] or 0 for r in rows][::-1]
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], before, height=0.4, label="before", color="#9aa5b1")
+    ax.barh([i - 0.2 for i in y], after, height=0.4, label="after", color="#2f6fb0")
+    ax.set_yticks(list(y), names, fontsize=8)
+    ax.set_xlabel("weight parameters")
+    ax.set_title("Parameters per layer")
+    ax.legend()
+    return fig
+
+
+def _accuracy_figure(plt: Any, report: dict[str, Any], points: list[Any]) -> Any:
+    """The metric against the compression ratio, one point per step."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs, ys, labels = zip(*points, strict=True)
+    ax.plot(xs, ys, "o-", color="#2f6fb0")
+    for x, yv, label in points:
+        ax.annotate(label, (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("compression ratio r (parameters kept)")
+    ax.set_ylabel(_metric_name(report))
+    ax.set_title("Accuracy vs compression")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _latency_figure(plt: Any, lat: dict[str, Any]) -> Any:
+    """Median latency bars: ONNX Runtime before and after, TVM compiled, the device."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    labels = ["ORT original", "ORT compressed"]
+    vals = [lat["ort_original"]["median_ms"], lat["ort_compressed"]["median_ms"]]
+    if lat.get("tvm_compiled"):
+        labels.append("TVM compiled")
+        vals.append(lat["tvm_compiled"]["median_ms"])
+    if lat.get("device"):
+        labels.append(f"device '{lat['device']['key']}'")
+        vals.append(lat["device"]["median_ms"])
+    ax.bar(labels, vals, color=["#9aa5b1", "#2f6fb0", "#3e8e5e", "#b0662f"][: len(vals)])
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel(f"median ms, batch {lat['ort_original']['batch']}")
+    ax.set_title("Latency")
+    return fig
 
 
 def _pareto_figure(plt: Any, sec: dict[str, Any]) -> Any:
@@ -381,6 +404,10 @@ def _all_accuracy_points(report: dict[str, Any]) -> list[tuple[Any, Any, str]]:
 
 
 def render_markdown(report: dict[str, Any], images: dict[str, bytes] | None = None) -> str:
+    """report.md: the run's summary, passes, layers and plots as Markdown.
+
+    Long: it writes the document top to bottom, one section after another, so the code reads in
+    the order of the page it produces."""
     lines = [
         "# graphslim report",
         "",
@@ -463,6 +490,10 @@ def _table(header: list[str], rows: list[list[Any]], numeric: set[int] | None = 
 
 
 def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
+    """report.html: the same sections as report.md, with the plots embedded as PNG data.
+
+    Long: it writes the page top to bottom, one section after another, so the code reads in the
+    order of the page it produces."""
     e = html.escape
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>graphslim report</title><style>{_CSS}</style>"

@@ -361,34 +361,48 @@ def _layers(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], with_val
                 if len(dqs) == 1 and dqs[0].op_type == "DequantizeLinear":
                     nodes += [after[0], dqs[0]]
                     y = dqs[0].output[0]
-            used = {i for m in nodes for i in m.input if i in inits}
-            graph = onnx.helper.make_graph(
-                nodes,
-                "layer",
-                [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, list(shapes[x]))],
-                [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None)],
-                initializer=[inits[i] for i in sorted(used)],
-            )
-            sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
-            sub.ir_version = model.ir_version
-            desc = {
-                "ops": [m.op_type for m in nodes],
-                "attrs": [
-                    sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in m.attribute) for m in nodes
-                ],
-                "x": list(shapes[x]),
-                "w": sorted((i, list(inits[i].dims), inits[i].data_type) for i in used),
-            }
-            if with_values:  # sparse kernels: the zeros matter, not just the shapes
-                desc["zeros"] = {
-                    i: round(float(np.mean(onnx.numpy_helper.to_array(inits[i]) == 0)), 2)
-                    for i in used
-                    if len(inits[i].dims) >= 2
-                }
-            sig = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
-            what = f"{'+'.join(sorted(set(desc['ops'])))} x{list(shapes[x])}"
+            sub, sig, what = _layer_model(model, nodes, x, y, shapes[x], inits, with_values)
             out.append(_Layer(n.name or y, sig, what, sub, x, tuple(shapes[x])))
     return out
+
+
+def _layer_model(
+    model: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    x: str,
+    y: str,
+    shape: tuple[int, ...],
+    inits: dict[str, onnx.TensorProto],
+    with_values: bool,
+) -> tuple[onnx.ModelProto, str, str]:
+    """One layer's ``nodes`` as a model from ``x`` (of ``shape``) to ``y``, with its signature
+    (a hash of the ops, attributes, shapes and, ``with_values``, weight zeros: layers with the
+    same signature time the same) and a short description."""
+    used = {i for m in nodes for i in m.input if i in inits}
+    graph = onnx.helper.make_graph(
+        nodes,
+        "layer",
+        [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, list(shape))],
+        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None)],
+        initializer=[inits[i] for i in sorted(used)],
+    )
+    sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+    sub.ir_version = model.ir_version
+    desc = {
+        "ops": [m.op_type for m in nodes],
+        "attrs": [sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in m.attribute) for m in nodes],
+        "x": list(shape),
+        "w": sorted((i, list(inits[i].dims), inits[i].data_type) for i in used),
+    }
+    if with_values:  # sparse kernels: the zeros matter, not just the shapes
+        desc["zeros"] = {
+            i: round(float(np.mean(onnx.numpy_helper.to_array(inits[i]) == 0)), 2)
+            for i in used
+            if len(inits[i].dims) >= 2
+        }
+    sig = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    what = f"{'+'.join(sorted(set(desc['ops'])))} x{list(shape)}"
+    return sub, sig, what
 
 
 @dataclass(frozen=True)
@@ -1229,6 +1243,8 @@ def _row(t: Any) -> dict[str, Any]:
 def _finish(
     optuna: ModuleType, setup: _Setup, study: Any, doc: dict[str, Any], out: Path, t_start: float
 ) -> SearchResult:
+    """Pick the winner among the finished trials (timing the best candidates end to end), and write
+    it with ``optimize`` together with the report's search section and recipe.json."""
     opts = setup.opts
     space = Space.from_dict(doc["space"])
     states = optuna.trial.TrialState
@@ -1236,6 +1252,45 @@ def _finish(
     complete = [t for t in trials if t.state == states.COMPLETE]
     unique = [_row(t) for t in complete if "duplicate_of" not in t.user_attrs]
     base = doc["baseline"]
+    baseline = _baseline_row(base, space, opts)
+    # The candidates within the budgets, best (estimated) first: the first `validate` of them are
+    # timed end to end, interleaved with the original, since estimates miss what happens between
+    # layers (QDQ transitions, fusions) and drift with the machine's load.
+    feasible = sorted(
+        (r for r in unique if r["within_budget"]), key=lambda r: (r["cost"], r["drop_points"], r["trial"])
+    )
+    ev = _Evaluator(setup, space, base)
+    validated = feasible[: opts.validate]
+    if validated:
+        _measure(setup, ev, study, validated, baseline)
+    front = pareto_front([*unique, baseline], ("drop_points", "cost"))
+    chosen = _choose(opts.objective, validated, feasible, baseline)
+    if chosen is baseline:
+        log.warning("no searched candidate beat the original within the budgets: writing the canonicalized model")
+    pipe = Pipeline.parse(chosen["pipeline"])
+    recipe = _recipe(pipe, setup)
+    failed = sum(1 for t in trials if t.state == states.FAIL)
+    section = _search_section(setup, study, doc, space, failed, complete, unique, front, chosen, baseline, validated)
+    section["recipe"] = "recipe.json"
+    section["reproduce"] = recipe["reproduce"]
+    section["seconds"] = round(time.perf_counter() - t_start, 1)
+    run = RunOptions.build(opts.run, pipeline=pipe)
+    res: OptimizeResult = optimize(
+        setup.src,
+        out,
+        run,
+        report_extra={"search": section},
+        extra_files={"recipe.json": (json.dumps(recipe, indent=2) + "\n").encode()},
+    )
+    if chosen.get("sha256") and res.report["output"]["sha256"] != chosen["sha256"]:
+        log.warning(
+            "optimize rebuilt the chosen recipe into a model that differs from the trial's (trial %s)", chosen["trial"]
+        )
+    return SearchResult(res.model, res.report, out, recipe)
+
+
+def _baseline_row(base: dict[str, Any], space: Space, opts: SearchOptions) -> dict[str, Any]:
+    """The original (canonicalized) model as a row like the trials', for the front and the choice."""
     baseline = {
         "trial": None,
         "accuracy": base["metric"],
@@ -1251,45 +1306,62 @@ def _finish(
     }
     cost_key = {"latency": "latency_ms", "bytes": "bytes", "macs": "macs"}[opts.objective]
     baseline["cost"] = baseline[cost_key] if baseline[cost_key] is not None else float("inf")
-    # The candidates within the budgets, best (estimated) first: the first `validate` of them are
-    # timed end to end, interleaved with the original, since estimates miss what happens between
-    # layers (QDQ transitions, fusions) and drift with the machine's load.
-    feasible = sorted(
-        (r for r in unique if r["within_budget"]), key=lambda r: (r["cost"], r["drop_points"], r["trial"])
-    )
-    ev = _Evaluator(setup, space, base)
-    validated = feasible[: opts.validate]
-    if validated:
-        built = {r["trial"]: _rebuild(ev, study, r["trial"]) for r in validated}
-        timing = _timing(opts)
-        calls = [timing.runner(setup.canonical, setup.sample)]
-        calls += [timing.runner(built[r["trial"]].model, setup.sample) for r in validated]
-        times = timing.interleaved(calls)
-        baseline["latency_ms"], baseline["latency_source"] = times[0], "measured"
-        for r, ms in zip(validated, times[1:], strict=True):
-            if r["latency_ms"] is not None:
-                r["latency_estimate_ms"] = r["latency_ms"]
-            r["latency_ms"], r["latency_source"] = ms, "measured"
-        if opts.objective == "latency":
-            baseline["cost"] = times[0]
-            for r in validated:
-                r["cost"] = r["latency_ms"]
-    front = pareto_front([*unique, baseline], ("drop_points", "cost"))
-    if opts.objective == "latency" and validated:
+    return baseline
+
+
+def _measure(
+    setup: _Setup, ev: _Evaluator, study: Any, validated: list[dict[str, Any]], baseline: dict[str, Any]
+) -> None:
+    """Time the validated candidates end to end, interleaved with the original; their rows (and the
+    baseline's) get measured latencies, and measured costs where the objective is latency."""
+    opts = setup.opts
+    built = {r["trial"]: _rebuild(ev, study, r["trial"]) for r in validated}
+    timing = _timing(opts)
+    calls = [timing.runner(setup.canonical, setup.sample)]
+    calls += [timing.runner(built[r["trial"]].model, setup.sample) for r in validated]
+    times = timing.interleaved(calls)
+    baseline["latency_ms"], baseline["latency_source"] = times[0], "measured"
+    for r, ms in zip(validated, times[1:], strict=True):
+        if r["latency_ms"] is not None:
+            r["latency_estimate_ms"] = r["latency_ms"]
+        r["latency_ms"], r["latency_source"] = ms, "measured"
+    if opts.objective == "latency":
+        baseline["cost"] = times[0]
+        for r in validated:
+            r["cost"] = r["latency_ms"]
+
+
+def _choose(
+    objective: str, validated: list[dict[str, Any]], feasible: list[dict[str, Any]], baseline: dict[str, Any]
+) -> dict[str, Any]:
+    """The fastest measured candidate (latency), else the cheapest feasible one, else the original."""
+    if objective == "latency" and validated:
         pool = validated + ([baseline] if baseline["within_budget"] else [])
-        chosen = min(
+        return min(
             pool, key=lambda r: (r["latency_ms"], r["drop_points"], r["trial"] if r["trial"] is not None else -1)
         )
-    elif feasible:
-        chosen = feasible[0]
-    else:
-        chosen = baseline
-    if chosen is baseline:
-        log.warning("no searched candidate beat the original within the budgets: writing the canonicalized model")
-    pipe = Pipeline.parse(chosen["pipeline"])
-    recipe = _recipe(pipe, setup)
+    if feasible:
+        return feasible[0]
+    return baseline
+
+
+def _search_section(
+    setup: _Setup,
+    study: Any,
+    doc: dict[str, Any],
+    space: Space,
+    failed: int,
+    complete: list[Any],
+    unique: list[dict[str, Any]],
+    front: list[dict[str, Any]],
+    chosen: dict[str, Any],
+    baseline: dict[str, Any],
+    validated: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The report's ``search`` section, up to the recipe and timing keys the caller adds."""
+    opts = setup.opts
     all_rows = [_row(t) for t in complete]
-    section = {
+    return {
         "objective": opts.objective,
         "runtime": _timing(opts).label,
         "metric": {
@@ -1309,7 +1381,7 @@ def _finish(
         "trials": len(complete),
         "evaluations": len(unique),
         "duplicates": len(complete) - len(unique),
-        "failed": sum(1 for t in trials if t.state == states.FAIL),
+        "failed": failed,
         "seeded": sum(1 for t in complete if t.user_attrs.get("seeded")),
         "workers_seen": sorted({t.user_attrs.get("worker", "?") for t in complete}),
         "sensitivity": doc["sensitivity"],
@@ -1320,7 +1392,7 @@ def _finish(
                 {k["kind"] + ":" + k["name"] for k in doc["all_knobs"]} - {k.key for k in space.knobs}
             ),
         },
-        "latency_table": _table_section(setup, base),
+        "latency_table": _table_section(setup, doc["baseline"]),
         "front": [_public(r) for r in sorted(front, key=lambda r: r["cost"])],
         "history": [[r["trial"], r["accuracy"], r["drop_points"], r["cost"], r["within_budget"]] for r in all_rows],
         "chosen": {**_public(chosen), "why": _why(opts.objective, chosen, baseline)},
@@ -1328,23 +1400,7 @@ def _finish(
             {"trial": r["trial"], "latency_ms": r["latency_ms"], "latency_estimate_ms": r.get("latency_estimate_ms")}
             for r in validated
         ],
-        "recipe": "recipe.json",
-        "reproduce": recipe["reproduce"],
-        "seconds": round(time.perf_counter() - t_start, 1),
     }
-    run = RunOptions.build(opts.run, pipeline=pipe)
-    res: OptimizeResult = optimize(
-        setup.src,
-        out,
-        run,
-        report_extra={"search": section},
-        extra_files={"recipe.json": (json.dumps(recipe, indent=2) + "\n").encode()},
-    )
-    if chosen.get("sha256") and res.report["output"]["sha256"] != chosen["sha256"]:
-        log.warning(
-            "optimize rebuilt the chosen recipe into a model that differs from the trial's (trial %s)", chosen["trial"]
-        )
-    return SearchResult(res.model, res.report, out, recipe)
 
 
 def _why(objective: str, chosen: dict[str, Any], baseline: dict[str, Any]) -> str:

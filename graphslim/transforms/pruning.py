@@ -497,18 +497,8 @@ _OTHER_PASS = {
 }
 
 
-def prune(
-    graph: Graph,
-    an: ChannelAnalysis,
-    req: PruneRequest,
-    *,
-    data: object = None,
-    rng: np.random.Generator | None = None,
-    base: tuple[int, int] | None = None,
-) -> tuple[int, dict, list[tuple[str, str]]]:
-    """Select and remove units of the groups of ``req.kinds``. Returns (channels removed, stats,
-    skipped as (where, why) pairs)."""
-    rng = rng if rng is not None else np.random.default_rng(0)
+def _prunable_groups(an: ChannelAnalysis, req: PruneRequest) -> tuple[list[Group], list[tuple[str, str]]]:
+    """The groups of ``req.kinds`` this request may prune, and (where, why) for those it may not."""
     skipped: list[tuple[str, str]] = []
     groups: list[Group] = []
     excluded = set(req.exclude)
@@ -526,6 +516,22 @@ def prune(
             skipped.append((where, "excluded by the exclude option"))
         else:
             groups.append(g)
+    return groups, skipped
+
+
+def prune(
+    graph: Graph,
+    an: ChannelAnalysis,
+    req: PruneRequest,
+    *,
+    data: object = None,
+    rng: np.random.Generator | None = None,
+    base: tuple[int, int] | None = None,
+) -> tuple[int, dict, list[tuple[str, str]]]:
+    """Select and remove units of the groups of ``req.kinds``. Returns (channels removed, stats,
+    skipped as (where, why) pairs)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    groups, skipped = _prunable_groups(an, req)
     criterion = req.criterion
     if criterion == "auto":
         criterion = "activation" if data is not None else "l2"

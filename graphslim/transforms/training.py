@@ -280,19 +280,7 @@ def _loss_block(onnxblock: Any, plan: _LossPlan) -> Any:
                     else:
                         loss = _masked_mse(b, s, TARGET_INPUT, plan.mask, plan.rank, 1.0 / max(plan.power, 1e-12))
             if plan.layers:
-                terms = []
-                for m in plan.layers:
-                    target = f"{LAYER_INPUT}{m.index}"
-                    b.add_input(target, TensorProto.FLOAT, ["N", "S", m.width_t])
-                    x = m.student
-                    if m.projection is not None:
-                        p = f"{PROJ_PARAM}{m.index}"
-                        g.initializer.append(numpy_helper.from_array(m.projection.astype(np.float32), p))
-                        x = b.op("MatMul", [x, p])
-                    factor = plan.layer_weight / len(plan.layers) / max(m.power, 1e-12)
-                    terms.append(_masked_mse(b, x, target, plan.mask, 3, factor))
-                for t in terms:
-                    loss = b.op("Add", [loss, t])
+                loss = _add_layer_terms(b, g, plan, loss)
             return loss
 
         def _kl(self, b: _Nodes, logits: str, out_vi: onnx.ValueInfoProto) -> str:
@@ -317,6 +305,25 @@ def _loss_block(onnxblock: Any, plan: _LossPlan) -> Any:
             return b.op("Add", [b.op("Mul", [ce, b.const(alpha)]), kd])
 
     return DistillLoss()
+
+
+def _add_layer_terms(b: _Nodes, g: onnx.GraphProto, plan: _LossPlan, loss: str) -> str:
+    """``loss`` plus the matched layers' token MSE terms (through the learned projections, whose
+    initial values become initializers of ``g``)."""
+    terms = []
+    for m in plan.layers:
+        target = f"{LAYER_INPUT}{m.index}"
+        b.add_input(target, TensorProto.FLOAT, ["N", "S", m.width_t])
+        x = m.student
+        if m.projection is not None:
+            p = f"{PROJ_PARAM}{m.index}"
+            g.initializer.append(numpy_helper.from_array(m.projection.astype(np.float32), p))
+            x = b.op("MatMul", [x, p])
+        factor = plan.layer_weight / len(plan.layers) / max(m.power, 1e-12)
+        terms.append(_masked_mse(b, x, target, plan.mask, 3, factor))
+    for t in terms:
+        loss = b.op("Add", [loss, t])
+    return loss
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -414,6 +421,43 @@ def _lstsq(xs: np.ndarray, xt: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
 # --------------------------------------------------------------------------- the job
 
 
+@dataclass
+class _DistillSetup:
+    """What the training job needs, worked out from the teacher's outputs before it starts."""
+
+    ev: Evaluator
+    k: int  # index of the output the metric and the loss read
+    out_name: str
+    plan: _LossPlan
+    targets: dict[str, tuple[np.ndarray, np.ndarray]]  # input name -> (train, eval)
+    ent: dict[str, float]  # the KL term's constant per data set ("train", "eval")
+    student: onnx.ModelProto  # with the matched layers' extra outputs
+    trainable: list[str]  # the graph's trainable weights and the learned projections
+
+
+@dataclass
+class _Session:
+    """The ORT training session built from the generated artifacts."""
+
+    state: Any  # onnxruntime.training.api.CheckpointState
+    module: Any  # onnxruntime.training.api.Module
+    optimizer: Any  # onnxruntime.training.api.Optimizer
+    names: list[str]  # the training graph's inputs, in order
+
+
+@dataclass
+class _TrainRun:
+    """The training loop's outcome: scores, history and the best epoch's weights."""
+
+    before: float
+    best: float
+    best_epoch: int
+    history: list[dict[str, float]]
+    times: list[float]
+    weights: list[str]  # the graph's trained weights (no projections)
+    best_params: dict[str, np.ndarray]
+
+
 def distill_graph(
     graph: Graph,
     teacher: onnx.ModelProto,
@@ -429,16 +473,56 @@ def distill_graph(
 
     Raises ValueError (one line: why) where distillation cannot run on this model."""
     ort_training = require_training()
-    from onnxruntime.training import api, artifacts
-
-    from graphslim.core.runtime import run_model
-
     student = graph.to_model()
     student.ir_version = min(student.ir_version, MAX_IR_VERSION)
     _declare_saved_outputs(student)
     trainable, frozen, masks = trainable_parameters(graph)
     if not trainable:
         raise ValueError("the model has no float weights to train")
+    setup = _plan_distillation(graph, student, teacher, train, evalset, cfg, metric, trainable)
+    with scratch_dir("distill") as tmpd:
+        session = _training_session(ort_training, setup, frozen, cfg, tmpd, train)
+        run = _train_epochs(session, setup, masks, train, evalset, cfg, seed=seed, progress=progress)
+    by_name = graph.tensors()
+    for name, value in run.best_params.items():
+        graph.set_tensor_value(by_name[name], value)
+    layers = [
+        {
+            "student": m.student,
+            "teacher": m.teacher,
+            "width_student": m.width_s,
+            "width_teacher": m.width_t,
+            "projection": "learned (least-squares init)" if m.projection is not None else "identity",
+        }
+        for m in setup.plan.layers
+    ]
+    return DistillResult(
+        setup.ev.spec.name,
+        run.before,
+        run.best,
+        run.best_epoch,
+        run.history,
+        float(np.median(run.times)) if run.times else 0.0,
+        len(run.weights),
+        len(masks),
+        setup.plan.kind,
+        layers,
+    )
+
+
+def _plan_distillation(
+    graph: Graph,
+    student: onnx.ModelProto,
+    teacher: onnx.ModelProto,
+    train: Dataset,
+    evalset: Dataset,
+    cfg: DistillOptions,
+    metric: str,
+    trainable: list[str],
+) -> _DistillSetup:
+    """Run the teacher, choose the loss, and compute its targets (and the matched layers')."""
+    from graphslim.core.runtime import run_model
+
     teacher_eval = run_model(teacher, evalset)
     ev = Evaluator(teacher, evalset, metric=metric, reference_outputs=teacher_eval)
     k = ev.spec.output
@@ -477,10 +561,31 @@ def distill_graph(
         temperature=cfg.temperature,
         opset=graph.opset,
     )
-    targets: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # input name -> (train, eval)
-    with_labels = False
+    targets, ent = _output_targets(plan, cfg, train, evalset, teacher_train, ref_eval, masks_of)
+    if cfg.layers:
+        mask_train = input_array(train, mask_name) if mask_name else None
+        plan.layers, layer_targets = _match_layers(student, teacher, train, evalset, cfg.layers, mask_name, mask_train)
+        targets.update(layer_targets)
+        plan.layer_weight = cfg.layer_weight
+        student = _with_outputs(student, [m.student for m in plan.layers], [["N", "S", m.width_s] for m in plan.layers])
+        trainable = trainable + [f"{PROJ_PARAM}{m.index}" for m in plan.layers if m.projection is not None]
+    return _DistillSetup(ev, k, out_name, plan, targets, ent, student, trainable)
+
+
+def _output_targets(
+    plan: _LossPlan,
+    cfg: DistillOptions,
+    train: Dataset,
+    evalset: Dataset,
+    teacher_train: np.ndarray,
+    ref_eval: np.ndarray,
+    masks_of: dict[str, np.ndarray],
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, float]]:
+    """The output loss's teacher targets (input name -> (train, eval)) and the KL term's constant per
+    data set; sets the plan's alpha/with_labels (kl) or power (mse)."""
+    targets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     ent = {"train": 0.0, "eval": 0.0}
-    if kind == "kl":
+    if plan.kind == "kl":
         with_labels = train.labels is not None and evalset.labels is not None and cfg.alpha > 0
         plan.alpha, plan.with_labels = (cfg.alpha if with_labels else 0.0), with_labels
         t = cfg.temperature
@@ -496,135 +601,134 @@ def distill_graph(
         )
     else:
         targets[TARGET_INPUT] = (teacher_train.astype(np.float32), ref_eval.astype(np.float32))
-        if kind == "mse":
+        if plan.kind == "mse":
             w = masks_of["train"] if plan.mask else None
             plan.power = (
-                float(np.mean(_token_rows(teacher_train, w) ** 2)) if rank >= 3 else float(np.mean(teacher_train**2))
+                float(np.mean(_token_rows(teacher_train, w) ** 2))
+                if plan.rank >= 3
+                else float(np.mean(teacher_train**2))
             )
-    if cfg.layers:
-        mask_train = input_array(train, mask_name) if mask_name else None
-        plan.layers, layer_targets = _match_layers(student, teacher, train, evalset, cfg.layers, mask_name, mask_train)
-        targets.update(layer_targets)
-        plan.layer_weight = cfg.layer_weight
-        student = _with_outputs(student, [m.student for m in plan.layers], [["N", "S", m.width_s] for m in plan.layers])
-        trainable = trainable + [f"{PROJ_PARAM}{m.index}" for m in plan.layers if m.projection is not None]
+    return targets, ent
 
-    with scratch_dir("distill") as tmpd:
-        block = _loss_block(ort_training.onnxblock, plan)
-        optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[cfg.optimizer]
-        with _native_info_filtered():
-            artifacts.generate_artifacts(
-                student,
-                requires_grad=trainable,
-                frozen_params=frozen,
-                loss=block,
-                optimizer=optim,
-                artifact_directory=tmpd,
-                additional_output_names=[out_name],
-            )
-        for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
-            _resave(tmpd / name)
-        state = api.CheckpointState.load_checkpoint(str(tmpd / "checkpoint"))
-        module = api.Module(str(tmpd / "training_model.onnx"), state, str(tmpd / "eval_model.onnx"))
-        optimizer = api.Optimizer(str(tmpd / "optimizer_model.onnx"), module)
-        optimizer.set_learning_rate(cfg.lr)
-        names = module.input_names()
-        have = set(input_names(train))
-        unknown = [n for n in names if n not in targets and n != LABELS_INPUT and n not in have]
-        if unknown:
-            raise ValueError(f"the training graph wants inputs graphslim does not feed: {', '.join(unknown)}")
 
-        def feeds(batch: Dataset, idx: np.ndarray, which: int) -> list[np.ndarray]:
-            out = []
-            for n in names:
-                if n in targets:
-                    out.append(targets[n][which][idx])
-                elif n == LABELS_INPUT:
-                    out.append(batch.labels.astype(np.int64))
-                else:
-                    out.append(batch.inputs[n])
-            return out
+def _training_session(
+    ort_training: Any, setup: _DistillSetup, frozen: list[str], cfg: DistillOptions, tmpd: Path, train: Dataset
+) -> _Session:
+    """Generate the training artifacts into ``tmpd`` and open a training session on them."""
+    from onnxruntime.training import api, artifacts
 
-        def evaluate() -> tuple[float, float]:
-            module.eval()
-            losses, outs = [], []
-            for idx, batch in evalset.index_batches(max(cfg.batch_size, 64)):
-                loss, out = module(*feeds(batch, idx, 1))
-                losses.append(float(loss) * len(idx))
-                outs.append(out)
-            pred = [np.zeros(0)] * (k + 1)
-            pred[k] = np.concatenate(outs)
-            return float(np.sum(losses) / len(evalset)) + ent["eval"], ev.score_outputs(pred).value
+    block = _loss_block(ort_training.onnxblock, setup.plan)
+    optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[cfg.optimizer]
+    with _native_info_filtered():
+        artifacts.generate_artifacts(
+            setup.student,
+            requires_grad=setup.trainable,
+            frozen_params=frozen,
+            loss=block,
+            optimizer=optim,
+            artifact_directory=tmpd,
+            additional_output_names=[setup.out_name],
+        )
+    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+        _resave(tmpd / name)
+    state = api.CheckpointState.load_checkpoint(str(tmpd / "checkpoint"))
+    module = api.Module(str(tmpd / "training_model.onnx"), state, str(tmpd / "eval_model.onnx"))
+    optimizer = api.Optimizer(str(tmpd / "optimizer_model.onnx"), module)
+    optimizer.set_learning_rate(cfg.lr)
+    names = module.input_names()
+    have = set(input_names(train))
+    unknown = [n for n in names if n not in setup.targets and n != LABELS_INPUT and n not in have]
+    if unknown:
+        raise ValueError(f"the training graph wants inputs graphslim does not feed: {', '.join(unknown)}")
+    return _Session(state, module, optimizer, names)
 
-        loss0, before = evaluate()
-        best, best_epoch, stale = before, 0, 0
-        weights = [n for n in trainable if not n.startswith(PROJ_PARAM)]
-        best_params = {n: state.parameters[n].data.copy() for n in weights}
-        key = f"eval_{ev.spec.name}"
-        history = [{"epoch": 0, "eval_loss": round(loss0, 6), key: round(before, 6)}]
-        times = []
-        from tqdm import tqdm
 
-        bar = tqdm(total=cfg.epochs, desc=f"distill ({kind})", unit="epoch", disable=not progress, leave=False)
-        for epoch in range(1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            module.train()
-            train_losses = []
-            for idx, batch in train.index_batches(cfg.batch_size, shuffle=True, seed=seed * 100003 + epoch):
-                loss, _ = module(*feeds(batch, idx, 0))
-                optimizer.step()
-                module.lazy_reset_grad()
-                for name, mask in masks.items():
-                    param = state.parameters[name]
-                    param.data = param.data * mask
-                train_losses.append(float(loss))
-            times.append(time.perf_counter() - t0)
-            loss_e, score = evaluate()
-            history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": round(float(np.mean(train_losses)) + ent["train"], 6),
-                    "eval_loss": round(loss_e, 6),
-                    key: round(score, 6),
-                    "seconds": round(times[-1], 4),
-                }
-            )
-            bar.set_postfix(loss=f"{loss_e:.4f}", **{ev.spec.name: f"{score:.4f}"})
-            bar.update(1)
-            log.info("distill epoch %d: eval loss %.4f, %s %.4f", epoch, loss_e, ev.spec.name, score)
-            if score > best:
-                best, best_epoch, stale = score, epoch, 0
-                best_params = {n: state.parameters[n].data.copy() for n in weights}
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
-        bar.close()
-    by_name = graph.tensors()
-    for name, value in best_params.items():
-        graph.set_tensor_value(by_name[name], value)
-    layers = [
-        {
-            "student": m.student,
-            "teacher": m.teacher,
-            "width_student": m.width_s,
-            "width_teacher": m.width_t,
-            "projection": "learned (least-squares init)" if m.projection is not None else "identity",
-        }
-        for m in plan.layers
-    ]
-    return DistillResult(
-        ev.spec.name,
-        before,
-        best,
-        best_epoch,
-        history,
-        float(np.median(times)) if times else 0.0,
-        len(weights),
-        len(masks),
-        kind,
-        layers,
-    )
+def _feeds(session: _Session, setup: _DistillSetup, batch: Dataset, idx: np.ndarray, which: int) -> list[np.ndarray]:
+    """The training graph's inputs for one batch; ``which`` picks the targets (0 train, 1 eval)."""
+    out = []
+    for n in session.names:
+        if n in setup.targets:
+            out.append(setup.targets[n][which][idx])
+        elif n == LABELS_INPUT:
+            out.append(batch.labels.astype(np.int64))
+        else:
+            out.append(batch.inputs[n])
+    return out
+
+
+def _evaluate(session: _Session, setup: _DistillSetup, evalset: Dataset, cfg: DistillOptions) -> tuple[float, float]:
+    """(eval loss, eval score) of the session's current weights."""
+    session.module.eval()
+    losses, outs = [], []
+    for idx, batch in evalset.index_batches(max(cfg.batch_size, 64)):
+        loss, out = session.module(*_feeds(session, setup, batch, idx, 1))
+        losses.append(float(loss) * len(idx))
+        outs.append(out)
+    pred = [np.zeros(0)] * (setup.k + 1)
+    pred[setup.k] = np.concatenate(outs)
+    return float(np.sum(losses) / len(evalset)) + setup.ent["eval"], setup.ev.score_outputs(pred).value
+
+
+def _train_epochs(
+    session: _Session,
+    setup: _DistillSetup,
+    masks: dict[str, np.ndarray],
+    train: Dataset,
+    evalset: Dataset,
+    cfg: DistillOptions,
+    *,
+    seed: int,
+    progress: bool,
+) -> _TrainRun:
+    """Train epoch by epoch, keeping the best-scoring weights, until ``cfg.patience`` epochs bring
+    no improvement or ``cfg.epochs`` have run."""
+    state, module, optimizer = session.state, session.module, session.optimizer
+    ev = setup.ev
+    loss0, before = _evaluate(session, setup, evalset, cfg)
+    best, best_epoch, stale = before, 0, 0
+    weights = [n for n in setup.trainable if not n.startswith(PROJ_PARAM)]
+    best_params = {n: state.parameters[n].data.copy() for n in weights}
+    key = f"eval_{ev.spec.name}"
+    history = [{"epoch": 0, "eval_loss": round(loss0, 6), key: round(before, 6)}]
+    times = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.epochs, desc=f"distill ({setup.plan.kind})", unit="epoch", disable=not progress, leave=False)
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        module.train()
+        train_losses = []
+        for idx, batch in train.index_batches(cfg.batch_size, shuffle=True, seed=seed * 100003 + epoch):
+            loss, _ = module(*_feeds(session, setup, batch, idx, 0))
+            optimizer.step()
+            module.lazy_reset_grad()
+            for name, mask in masks.items():
+                param = state.parameters[name]
+                param.data = param.data * mask
+            train_losses.append(float(loss))
+        times.append(time.perf_counter() - t0)
+        loss_e, score = _evaluate(session, setup, evalset, cfg)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": round(float(np.mean(train_losses)) + setup.ent["train"], 6),
+                "eval_loss": round(loss_e, 6),
+                key: round(score, 6),
+                "seconds": round(times[-1], 4),
+            }
+        )
+        bar.set_postfix(loss=f"{loss_e:.4f}", **{ev.spec.name: f"{score:.4f}"})
+        bar.update(1)
+        log.info("distill epoch %d: eval loss %.4f, %s %.4f", epoch, loss_e, ev.spec.name, score)
+        if score > best:
+            best, best_epoch, stale = score, epoch, 0
+            best_params = {n: state.parameters[n].data.copy() for n in weights}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    bar.close()
+    return _TrainRun(before, best, best_epoch, history, times, weights, best_params)
 
 
 def _match_layers(
