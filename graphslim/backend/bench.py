@@ -190,8 +190,9 @@ def tvm_contender(
     """A compiled artifact (at its static batch) on ``feeds(meta)`` (default: seeded random
     inputs of its shapes); ``info["memory"]`` is what loading it and ``warm`` runs added (the TVM
     import excluded)."""
-    from graphslim.backend.driver import load_artifact, require_tvm
+    from graphslim.backend.driver import artifact_meta, load_artifact, require_tvm
 
+    artifact_meta(folder)  # a bad artifact.json is named before TVM is needed
     require_tvm()
     with PeakMemory() as mem:
         runner = load_artifact(folder, threads=threads)

@@ -39,7 +39,17 @@ import onnx
 from graphslim.backend.threads import resolve_threads, use_threads
 from graphslim.core.errors import GraphslimError, InputError
 
-__all__ = ["TARGETS", "Artifact", "build", "compile_model", "host_cpu_flags", "load_artifact", "require_tvm"]
+__all__ = [
+    "TARGETS",
+    "Artifact",
+    "artifact_library",
+    "artifact_meta",
+    "build",
+    "compile_model",
+    "host_cpu_flags",
+    "load_artifact",
+    "require_tvm",
+]
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +471,23 @@ def load_artifact(folder: str | Path, threads: int | None = None) -> _Runner:
             f"{folder}: compiled for {mcpu}, but this CPU has no {', '.join(missing)}; "
             "compile with --target x86 on this machine"
         )
+    data = artifact_library(folder, meta)
+    if threads is not None and threads < 1:
+        raise InputError("--threads must be >= 1")
+    return _Runner(folder, meta, data, threads)
+
+
+def artifact_meta(folder: str | Path) -> dict[str, Any]:
+    """``artifact.json`` of a compiled folder with every field checked (no TVM needed): an
+    :class:`InputError` naming a bad field, or a folder that is not an artifact."""
+    return _artifact_meta(Path(folder))
+
+
+def artifact_library(folder: str | Path, meta: dict[str, Any]) -> bytes:
+    """The bytes of the artifact's library (the file ``meta`` names inside ``folder``), only while
+    their sha256 is the one recorded at compile time; whoever loads or uploads a library loads
+    or uploads these bytes, so the file cannot be swapped after the check."""
+    folder = Path(folder)
     library = folder / meta["library"]
     if library.is_symlink() or not library.is_file():
         raise InputError(f"{folder}: the library '{meta['library']}' is missing or not a regular file")
@@ -470,9 +497,7 @@ def load_artifact(folder: str | Path, threads: int | None = None) -> _Runner:
             f"{folder}: '{meta['library']}' does not match the sha256 recorded when it was compiled "
             "(truncated or changed); compile it again"
         )
-    if threads is not None and threads < 1:
-        raise InputError("--threads must be >= 1")
-    return _Runner(folder, meta, data, threads)
+    return data
 
 
 _MAX_ELEMENTS = 2**31

@@ -291,7 +291,11 @@ class RemoteArtifact:
         tvm = _tvm()
         from tvm import relax
 
-        self._call("uploading the library", session.rpc.upload, str(library), library.name)
+        from graphslim.backend.driver import artifact_library
+
+        # the bytes whose sha256 matches the one recorded at compile time (never a swapped file)
+        data = bytearray(artifact_library(folder, self.meta))
+        self._call("uploading the library", session.rpc.upload, data, library.name)
         try:
             lib = session.rpc.load_module(library.name)
         except Exception as e:  # noqa: BLE001
@@ -367,15 +371,11 @@ def _flatten(out: Any) -> list[Any]:
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / "artifact.json").read_text())
-        meta["library"], meta["inputs"]  # noqa: B018 - a KeyError for an incomplete artifact.json
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{folder}: not a graphslim artifact ({e})") from None
-    if not (folder / meta["library"]).is_file():
-        raise InputError(f"{folder}: {meta['library']} is missing")
-    return meta
+    """``artifact.json`` with every field checked, as for a local run
+    (:func:`graphslim.backend.driver.artifact_meta`)."""
+    from graphslim.backend.driver import artifact_meta
+
+    return artifact_meta(folder)
 
 
 def _feeds(meta: dict[str, Any], data: Any) -> dict[str, np.ndarray]:
