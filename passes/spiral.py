@@ -137,6 +137,7 @@ class _Scorer:
     """Scores a model against the teacher on the held-out data and makes the curve's points."""
 
     def __init__(self, ctx: PassContext, evalset: Dataset) -> None:
+        self.ctx = ctx
         self.original = cost_model(Graph.from_model(ctx.teacher))
         self.ev = Evaluator(ctx.teacher, evalset, metric=ctx.metric)
         self.metric_name = self.ev.spec.name
@@ -145,7 +146,7 @@ class _Scorer:
     def point(self, step: int, g: Graph) -> dict:
         """The curve's point for ``g`` after ``step`` steps: size ratios, metric, drop in points."""
         m = self.ev.score(g.to_model()).value
-        c = cost_model(g)
+        c = self.ctx.analysis(cost_model, g)  # the inner passes (prune-channels) may have it already
         return {
             "step": step,
             "r_params": round(c.params / self.original.params, 6),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -50,25 +51,28 @@ class PassContext:
     progress: bool = False
     shapes: dict[str, tuple[int, ...]] | None = None  # --shape bindings of symbolic input dims
     metric: str = "auto"  # how passes judge outputs (graphslim.core.metrics.METRICS)
-    _cache: dict[tuple[Any, int], tuple[int, Any]] = field(default_factory=dict, repr=False)
+    # (analysis, id(graph)) -> (graph version, result, weak reference to the graph): the reference
+    # tells a live graph from a dead one whose id Python gave to a new graph.
+    _cache: dict[tuple[Any, int], tuple[int, Any, Any]] = field(default_factory=dict, repr=False)
 
     def analysis(self, fn: Callable[[Graph, PassContext], T], graph: Graph) -> T:
         """``fn(graph, self)``, computed once per graph version and reused until the graph changes
         (or, for analyses a pass preserved, beyond)."""
         key = (fn, id(graph))
         hit = self._cache.get(key)
-        if hit is not None and hit[0] == graph.version:
+        if hit is not None and hit[0] == graph.version and hit[2]() is graph:
             return hit[1]
         result = fn(graph, self)
-        self._cache[key] = (graph.version, result)
+        self._cache[key] = (graph.version, result, weakref.ref(graph))
         return result
 
     def invalidate(self, graph: Graph, preserved: tuple[Any, ...] = ()) -> None:
         """After a change to ``graph``: drop its cached analyses except ``preserved`` ones, which
         stay valid for the graph as it is now."""
-        for key in [k for k in self._cache if k[1] == id(graph)]:
-            if key[0] in preserved:
-                self._cache[key] = (graph.version, self._cache[key][1])
+        for key in [k for k, v in self._cache.items() if k[1] == id(graph)]:
+            _, result, ref = self._cache[key]
+            if key[0] in preserved and ref() is graph:
+                self._cache[key] = (graph.version, result, ref)
             else:
                 del self._cache[key]
 

@@ -177,14 +177,14 @@ def _optimize(
             return hit
     graph = Graph.from_model(original)
     graph.infer_shapes()
-    before = cost_model(graph)
+    ctx = _context(original, roles, opts)
+    before = ctx.analysis(cost_model, graph)  # through the context's cache: the first pass may reuse it
     t0 = time.perf_counter()
-    records = PassManager(pipe).run(graph, _context(original, roles, opts))
+    records = PassManager(pipe).run(graph, ctx)
     seconds = time.perf_counter() - t0
     result = graph.to_model()
-    report = _report(
-        src, model_hash, original, result, pipe, records, seconds, before.to_dict(), cost_model(graph).to_dict(), opts
-    )
+    after = ctx.analysis(cost_model, graph)
+    report = _report(src, model_hash, original, result, pipe, records, seconds, before.to_dict(), after.to_dict(), opts)
     report["data"] = roles.describe()
     report.update(
         _quality(
