@@ -981,7 +981,13 @@ def test_library_prints_and_onnxruntime_warnings_show_with_verbose(canary):
         "from graphslim.core.runtime import require_onnxruntime;"
         "ort = require_onnxruntime(); ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])"
     )
-    quiet = subprocess.run([sys.executable, "-c", snippet, str(path), "30"], capture_output=True, text=True)
-    loud = subprocess.run([sys.executable, "-c", snippet, str(path), "20"], capture_output=True, text=True)
+    # This snippet is not graphslim (whose commands keep their temporaries in a scratch folder):
+    # onnxruntime >= 1.2x writes a .ses file into TMPDIR when imported; give it its own.
+    scratch = canary.root / "snippet-tmp"
+    canary.allow(scratch)
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    quiet = subprocess.run([sys.executable, "-c", snippet, str(path), "30"], capture_output=True, text=True, env=env)
+    loud = subprocess.run([sys.executable, "-c", snippet, str(path), "20"], capture_output=True, text=True, env=env)
     assert quiet.returncode == loud.returncode == 0
     assert "onnxruntime" not in quiet.stderr and "Removing initializer 'unused'" in loud.stderr
