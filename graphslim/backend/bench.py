@@ -21,6 +21,7 @@ import onnx
 from graphslim.core.data import Dataset
 
 __all__ = [
+    "summarize_times",
     "Contender",
     "PeakMemory",
     "measure_callable",
@@ -81,7 +82,9 @@ def time_runs(fn: Callable[[], Any], runs: int, max_seconds: float = float("inf"
     return times
 
 
-def _summary(times: list[float], batch: int) -> dict[str, Any]:
+def summarize_times(times: list[float], batch: int) -> dict[str, Any]:
+    """The statistics every latency figure reports, from single-call times in ms (local or on a
+    device): batch, runs, median, p90, p99 and throughput."""
     arr = np.asarray(times)
     median = float(np.median(arr))
     return {
@@ -90,7 +93,7 @@ def _summary(times: list[float], batch: int) -> dict[str, Any]:
         "median_ms": round(median, 4),
         "p90_ms": round(float(np.percentile(arr, 90)), 4),
         "p99_ms": round(float(np.percentile(arr, 99)), 4),
-        "throughput_per_s": round(batch / (median / 1e3), 2),
+        "throughput_per_s": round(batch / (max(median, 1e-6) / 1e3), 2),
     }
 
 
@@ -99,7 +102,7 @@ def measure_callable(fn: Any, batch: int, warmup: int, repeat: int, max_seconds:
     ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    return _summary(time_runs(fn, repeat, max_seconds), batch)
+    return summarize_times(time_runs(fn, repeat, max_seconds), batch)
 
 
 @dataclass
@@ -146,7 +149,11 @@ def measure_interleaved(
             medians[c.label].append(float(np.median(block)))
     results = []
     for c in contenders:
-        r = {**c.info, **_summary(times[c.label], c.batch), "round_medians_ms": [round(m, 4) for m in medians[c.label]]}
+        r = {
+            **c.info,
+            **summarize_times(times[c.label], c.batch),
+            "round_medians_ms": [round(m, 4) for m in medians[c.label]],
+        }
         if baseline is not None and baseline in medians:
             ratios = [m / b for m, b in zip(medians[c.label], medians[baseline], strict=True)]
             r["round_ratios"] = [round(x, 4) for x in ratios]

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from graphslim.backend.bench import summarize_times
 from graphslim.core.errors import GraphslimError, InputError
 
 __all__ = [
@@ -387,19 +388,6 @@ def _feeds(meta: dict[str, Any], data: Any) -> dict[str, np.ndarray]:
     return {k: v[idx] for k, v in head.inputs.items()}
 
 
-def _stats(times: list[float], batch: int) -> dict[str, Any]:
-    arr = np.asarray(times)
-    median = float(np.median(arr))
-    return {
-        "batch": batch,
-        "runs": len(times),
-        "median_ms": round(median, 4),
-        "p90_ms": round(float(np.percentile(arr, 90)), 4),
-        "p99_ms": round(float(np.percentile(arr, 99)), 4),
-        "throughput_per_s": round(batch / (max(median, 1e-6) / 1e3), 2),
-    }
-
-
 def _on_a_device(rpc: tuple[str, str], wait_s: float, work: Any, what: str) -> tuple[Any, bool]:
     """``work(session)`` on a device of the key; when that device stops answering, once more on
     another one. Returns (result, whether it was retried). Errors that are not the device's
@@ -472,7 +460,7 @@ def measure_artifact(
         "key": rpc[1],
         "tracker": str(Tracker.parse(rpc[0])),
         "target": meta.get("target"),
-        **_stats(times, int(meta["batch"])),
+        **summarize_times(times, int(meta["batch"])),
         "devices": [
             {"server": r["server"], "runs": len(r["times"]), "median_ms": round(float(np.median(r["times"])), 4)}
             for r in done
