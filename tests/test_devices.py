@@ -652,3 +652,26 @@ def test_device_error_is_a_graphslim_error():
     from graphslim.core.errors import GraphslimError
 
     assert issubclass(DeviceError, GraphslimError) and DeviceError.exit_code == 1
+
+
+def test_a_slow_first_run_does_not_cut_the_timed_runs_short():
+    """The number of timed runs comes from the fastest warm-up run: a fresh VM's first run (here
+    200x a steady one) must not shrink ``max_seconds`` of runs to a handful."""
+    from graphslim.backend.remote import RemoteArtifact
+
+    asked: list[int] = []
+
+    class VM:
+        def time_evaluator(self, name, device, number, repeat):
+            asked.append(repeat)
+            warm = [0.2, 0.001][:repeat]  # seconds: the first run is slow
+
+            def timer(fn):
+                return type("R", (), {"results": warm if len(asked) == 1 else [0.001] * repeat})()
+
+            return timer
+
+    art = object.__new__(RemoteArtifact)
+    art.vm, art.device, art.session = VM(), None, None
+    times = art.time(warmup=2, repeat=10**6, max_seconds=6)
+    assert asked == [2, 6000] and len(times) == 6000 and times[0] == pytest.approx(1.0)

@@ -353,7 +353,9 @@ class RemoteArtifact:
             max(1, warmup),
         )
         warm = list(self._call("warming up", timer, "main").results)
-        estimate = float(np.median(warm)) if warm else 0.0
+        # the fastest warm-up run: the first run of a fresh VM (allocation, thread-pool start) can
+        # take 100x a steady one, and would cut the timed runs to a fraction of max_seconds
+        estimate = float(min(warm)) if warm else 0.0
         runs = repeat if estimate <= 0 else max(min(3, repeat), min(repeat, int(max_seconds / estimate)))
         timer = self._call("timing the model", self.vm.time_evaluator, "invoke_stateful", self.device, 1, runs)
         return [s * 1e3 for s in self._call("timing the model", timer, "main").results]
