@@ -20,7 +20,9 @@ Next to every speed figure: fidelity, the mask-pooled cosine between the contend
 token ids, the last sample padded; ``--eval`` sequences). The weights are random, so there is no
 task accuracy; what a compressed model needs before deployment is a distillation fine-tune
 against the original (``distill``), which these numbers do not include. Memory: the peak resident
-memory that creating the session / loading the artifact and one run added to the process.
+memory that creating the session / loading the artifact and one run added to a fresh process
+(one child process per contender and batch: in the benchmark's own process, memory freed by
+compiling and by earlier contenders is reused and hides part of the cost).
 
     pip install -e ".[ort,tvm]"
     python benchmarks/transformer_speed.py [--batches 1,16] [--threads 1] [--repeat 21] [--out FILE]
@@ -29,6 +31,7 @@ memory that creating the session / loading the artifact and one run added to the
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -70,7 +73,9 @@ def build_models(folder: Path) -> dict[str, Path]:
     return paths
 
 
-_MODEL = tm.bert_like(tm.make_config("bert", **CONFIG))
+@functools.cache
+def _model() -> onnx.ModelProto:
+    return tm.bert_like(tm.make_config("bert", **CONFIG))
 
 
 def fidelity(run, batch: int, samples: int, reference) -> float:
@@ -78,13 +83,45 @@ def fidelity(run, batch: int, samples: int, reference) -> float:
     sequences (seeds 1000+), averaged over batches."""
     scores = []
     for i in range(max(1, samples // batch)):
-        feeds = tm.sample_inputs_for(_MODEL, batch=batch, seq=SEQ, seed=1000 + i)
+        feeds = tm.sample_inputs_for(_model(), batch=batch, seq=SEQ, seed=1000 + i)
         scores.append(tm.pooled_cosine(run(feeds)[0], reference(feeds)[0], feeds["attention_mask"]))
     return float(np.mean(scores))
 
 
+def fresh_memory(kind: str, path: Path, feeds: Path, threads: int | None) -> dict:
+    """What creating ``kind`` ("ort": an ONNX Runtime session from the file, as a deployment
+    creates it; "tvm": loading the artifact) on ``path`` and one run on ``feeds`` (an .npz) add
+    to a new process that has done nothing else."""
+    import json
+    import subprocess
+
+    argv = [sys.executable, __file__, "--memory-of", kind, str(path), str(feeds), "--threads", str(threads or 0)]
+    r = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(kind: str, path: str, feeds_path: str, threads: int | None) -> None:
+    import json
+
+    from graphslim.backend.bench import PeakMemory, tvm_contender
+
+    feeds = dict(np.load(feeds_path))
+    if kind == "ort":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = threads or 0
+        with PeakMemory() as mem:
+            ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+        print(json.dumps(mem.result()))
+    else:
+        c = tvm_contender(kind, Path(path), threads=threads, feeds=lambda meta: feeds)
+        print(json.dumps(c.info["memory"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--memory-of", nargs=3, metavar=("KIND", "PATH", "FEEDS"), help=argparse.SUPPRESS)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--threads", type=int, default=1, help="threads for every contender (ORT and TVM); 0: defaults")
     ap.add_argument("--repeat", type=int, default=21, help="timed runs per contender and batch")
@@ -93,6 +130,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="keep models and artifacts here (default: a temporary folder)")
     ap.add_argument("--out", type=Path, help="also write the tables (Markdown) here")
     args = ap.parse_args()
+    if args.memory_of:
+        _memory_child(*args.memory_of, args.threads or None)
+        return
     from graphslim.backend import compile_model
     from graphslim.backend.bench import measure_interleaved, ort_contender, tvm_contender
     from graphslim.core.runtime import ort_session
@@ -143,7 +183,7 @@ def main() -> None:
             f"{threads or 'defaults (ORT its own, TVM graphslim policy)'}"
         )
         for b in batches:
-            feeds = tm.sample_inputs_for(_MODEL, batch=b, seq=SEQ, seed=0)
+            feeds = tm.sample_inputs_for(_model(), batch=b, seq=SEQ, seed=0)
             contenders = [
                 ort_contender("ort_fp32", onnx.load(str(paths["original"])), feeds, b, threads=threads or 0),
                 ort_contender("ort_int8", onnx.load(str(paths["ort_int8"])), feeds, b, threads=threads or 0),
@@ -181,16 +221,23 @@ def main() -> None:
             say()
             say(
                 "| contender | threads | median ms | p90 ms | speed-up vs ORT fp32 | vs ORT quantize_dynamic | "
-                "fidelity (pooled cosine vs original) | +MB peak |"
+                "fidelity (pooled cosine vs original) | +MB peak (fresh process) |"
             )
             say("|---|---:|---:|---:|---:|---:|---:|---:|")
+            np.savez(folder / f"feeds_b{b}.npz", **feeds)
+            fresh = folder / f"feeds_b{b}.npz"
+            memory = {
+                "ort_fp32": fresh_memory("ort", paths["original"], fresh, threads),
+                "ort_int8": fresh_memory("ort", paths["ort_int8"], fresh, threads),
+            }
+            memory |= {name: fresh_memory("tvm", artifacts[name, b], fresh, threads) for name in compiled}
             for c in contenders:
                 r = by[c.label]
                 speed = 1.0 / r["vs_baseline"] if r.get("vs_baseline") else 1.0
                 say(
                     f"| {labels[c.label]} | {r.get('threads') or c.info.get('threads') or 'default'} | "
                     f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {speed:.2f}x | {vs_int8[c.label]:.2f}x | "
-                    f"{fid[c.label]:.4f} | {r.get('memory', {}).get('extra_mb', '-')} |"
+                    f"{fid[c.label]:.4f} | {memory[c.label]['extra_mb']} |"
                 )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,9 @@ unscheduled. This one, for LLVM targets:
 3. applies a MetaSchedule database when tuning (``tune`` trials, ``tuning_db`` folder);
 4. schedules every kernel left with graphslim's default rules
    (:mod:`graphslim.kernels.schedules`); anything they do not cover keeps TVM's default;
-5. lowers as TVM does.
+5. optionally lifts the weights out of the library into parameters of ``main``
+   (:mod:`graphslim.kernels.params`);
+6. lowers as TVM does.
 """
 
 from __future__ import annotations
@@ -57,11 +59,14 @@ def cpu_pipeline(
     rewrites: Mapping[str, Any] | None = None,
     spec: dict[str, Any] | None = None,
     rewrites_applied: list[str] | None = None,
+    lifted_params: list[Any] | None = None,
 ) -> Any:
     """A module pass compiling a Relax module (from the ONNX frontend) for an LLVM ``target``.
     ``schedule_report`` (a dict) receives which rule scheduled each kernel (see
     :func:`apply_schedule_rules`) and ``tuning_report`` what tuning did; tuning measures on
-    ``measure_threads`` threads (local runs)."""
+    ``measure_threads`` threads (local runs). With ``lifted_params`` (a list), the weights leave
+    the library: ``main`` takes them after its inputs, and the list receives their values
+    (:func:`graphslim.kernels.params.lift_constants`, once every rewrite and fold is done)."""
     import tvm
     from graphslim.kernels import import_stage
     from graphslim.kernels.schedules import default_cpu_rules
@@ -100,6 +105,11 @@ def cpu_pipeline(
                 with database:
                     mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             mod = apply_schedule_rules(mod, target, default_cpu_rules(), schedule_report)
+            if lifted_params is not None:
+                from graphslim.kernels.params import lift_constants
+
+                mod, values = lift_constants(mod)
+                lifted_params.extend(values)
             mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
         return mod
 

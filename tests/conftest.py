@@ -64,8 +64,17 @@ sys.path.insert(0, sys.argv[4])
 import numpy as np
 import tvm
 from tvm import relax
-vm = relax.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
-out = vm["main"](tvm.runtime.tensor(np.load(sys.argv[2])))
+import json, pathlib
+lib = pathlib.Path(sys.argv[1])
+meta = json.loads((lib.parent / "artifact.json").read_text())
+weights = []
+if "params" in meta:  # the weights beside the library (graphslim.kernels.params), after the inputs
+    raw = np.fromfile(lib.parent / meta["params"]["file"], dtype=np.uint8)
+    for t in meta["params"]["tensors"]:
+        n = int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
+        weights.append(np.ascontiguousarray(raw[t["offset"] : t["offset"] + n].view(t["dtype"]).reshape(t["shape"])))
+vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+out = vm["main"](*[tvm.runtime.tensor(v) for v in [np.load(sys.argv[2]), *weights]])
 np.save(sys.argv[3], out.numpy() if hasattr(out, "numpy") else out[0].numpy())
 """
 

@@ -46,7 +46,8 @@ def test_compile_and_run_commands_on_the_example(tmp_path, capsys):
         )
         == 0
     )
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".graphslim.json", "artifact.json", "model.so"]
+    files = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert files == [".graphslim.json", "artifact.json", "model.so", "params.bin"]
     assert (
         main(
             [
@@ -177,10 +178,62 @@ def test_bench_compares_artifact_with_baseline(tmp_path, capsys):
         assert r["memory"]["peak_rss_mb"] > 10 and 0 <= r["memory"]["extra_mb"] <= r["memory"]["peak_rss_mb"]
 
 
+_LOAD_AND_RUN = """
+import json, sys
+import numpy as np
+import tvm  # imported before measuring: the library is not the model
+from graphslim.backend import load_artifact
+from graphslim.backend.bench import PeakMemory
+with PeakMemory() as mem:
+    runner = load_artifact(sys.argv[1], threads=1)
+    out = runner({"x": np.ones((8, 1024), np.float32)})
+print(json.dumps({**mem.result(), "sum": float(out[0].sum())}))
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="measures through /proc")
+def test_weights_sit_beside_the_library_and_load_once(tmp_path):
+    """16 MB of weights: the library holds code only, params.bin the weights (which ``main``
+    takes after the input), and loading plus a first run add them to a fresh process about once
+    (a library with embedded weights added about four times their size at the peak)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    ws = [(rng.standard_normal((1024, 1024)) / 32).astype(np.float32) for _ in range(4)]
+    nodes, x = [], "x"
+    for i in range(4):
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]))
+        x = f"h{i}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 1024])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [8, 1024])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    art = compile_model(model, "x86", tmp_path / "art")
+    params = art.meta["params"]
+    assert len(params["tensors"]) == 4 and params["bytes"] >= 16 * 2**20
+    assert (tmp_path / "art" / "model.so").stat().st_size < 2**20
+    r = subprocess.run(
+        [__import__("sys").executable, "-c", _LOAD_AND_RUN, str(tmp_path / "art")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    got = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    expect = np.ones((8, 1024), np.float32)
+    for w in ws:
+        expect = expect @ w
+    assert got["sum"] == pytest.approx(float(expect.sum()), rel=1e-3, abs=1e-2)
+    assert got["extra_mb"] < 1.4 * params["bytes"] / 2**20, got
+
+
 def test_compiled_artifact_is_byte_identical_and_cached(tmp_path):
     for d in ("a", "b"):
         compile_model(onnx.load(str(EXAMPLE / "model.onnx")), "x86", tmp_path / d)
-    for name in ("model.so", "artifact.json"):
+    for name in ("model.so", "params.bin", "artifact.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     args = [
         "optimize",
@@ -196,9 +249,8 @@ def test_compiled_artifact_is_byte_identical_and_cached(tmp_path):
     ]
     assert main([*args, "-o", str(tmp_path / "o1")]) == 0
     assert main([*args, "-o", str(tmp_path / "o2")]) == 0  # from the cache, compiled artifact included
-    assert (tmp_path / "o1" / "compiled" / "model.so").read_bytes() == (
-        tmp_path / "o2" / "compiled" / "model.so"
-    ).read_bytes()
+    for name in ("model.so", "params.bin"):
+        assert (tmp_path / "o1" / "compiled" / name).read_bytes() == (tmp_path / "o2" / "compiled" / name).read_bytes()
     import json
 
     assert json.loads((tmp_path / "o2" / "report.json").read_text())["cache"]["hit"] is True

@@ -154,6 +154,26 @@ def test_truncated_compiled_library_is_an_input_error_not_a_crash(canary, compil
     refused(r.returncode, r.stderr, "truncated or changed")
 
 
+def test_changed_or_truncated_weights_are_refused(canary, compiled):
+    """The weights beside the library (params.bin) are checked against their recorded sha256
+    before anything runs: a flipped byte or a cut file is one line, exit 2."""
+    assert json.loads((compiled / "artifact.json").read_text())["params"]["file"] == "params.bin"
+    flipped = _artifact(canary, compiled, "flipped")
+    data = bytearray((flipped / "params.bin").read_bytes())
+    data[len(data) // 2] ^= 0x40
+    (flipped / "params.bin").write_bytes(bytes(data))
+    cut = _artifact(canary, compiled, "cut")
+    (cut / "params.bin").write_bytes(data[: len(data) // 2])
+    canary.rebase()
+    for art, message in ((flipped, "does not match the sha256"), (cut, "truncated")):
+        for argv in (["run", str(art), "--data", str(DATA)], ["bench", str(art), "--repeat", "1", "--warmup", "0"]):
+            r = cli(*argv)
+            refused(r.returncode, r.stderr, message)
+
+
+_PARAMS = {"file": "params.bin", "bytes": 128, "sha256": "0" * 64, "tensors": []}
+
+
 @pytest.mark.parametrize(
     "change, field",
     [
@@ -172,6 +192,12 @@ def test_truncated_compiled_library_is_an_input_error_not_a_crash(canary, compil
         ({"library": ".."}, "library"),
         ({"library_sha256": "12"}, "library_sha256"),
         ({"tvm_target": "llvm"}, "tvm_target"),
+        ({"params": {"file": "../w.bin"}}, "params"),
+        ({"params": _PARAMS | {"sha256": "ab"}}, "params"),
+        ({"params": _PARAMS | {"tensors": [{"dtype": "object", "shape": [4], "offset": 0}]}}, "params"),
+        ({"params": _PARAMS | {"tensors": [{"dtype": "float32", "shape": [4], "offset": 3}]}}, "params"),
+        ({"params": _PARAMS | {"tensors": [{"dtype": "float32", "shape": [64], "offset": 0}]}}, "params"),
+        ({"params": _PARAMS | {"tensors": [{"dtype": "float32", "shape": [-4], "offset": 0}]}}, "params"),
     ],
 )
 def test_bad_artifact_json_field_is_named(canary, capsys, change, field):

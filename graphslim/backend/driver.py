@@ -57,6 +57,7 @@ TARGETS = ("x86", "x86-avx2", "x86-avx512", "x86-avx512-vnni", "arm", "arm64-neo
 ARM_TARGETS = ("arm", "arm64-neon", "arm64-dot")
 ARM_CC = "aarch64-linux-gnu-gcc"
 CUDA_ARCH = "sm_80"
+PARAMS_FILE = "params.bin"
 
 
 def require_tvm() -> Any:
@@ -214,7 +215,7 @@ def build(
         use_threads(measure_threads)  # graphslim's default schedules are measured in this thread
     tuning_meta: dict[str, Any] = {}
     schedule_meta: dict[str, Any] = {}
-    ex, applied = _compile(
+    ex, applied, params = _compile(
         tvm,
         static,
         spec,
@@ -250,7 +251,7 @@ def build(
         "model_sha256": model_sha256,
         "options_sha256": hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest(),
     }
-    return _exporter(ex, meta, target, tuning_db), meta
+    return _exporter(ex, meta, target, tuning_db, params), meta
 
 
 def _check_tuning(
@@ -281,10 +282,12 @@ def _compile(
     measure_threads: int,
     tuning_meta: dict[str, Any],
     schedule_meta: dict[str, Any],
-) -> tuple[Any, list[str]]:
+) -> tuple[Any, list[str], list[np.ndarray]]:
     """Import the static model into Relax and compile it: graphslim's CPU pipeline (schedules,
     tuning) on llvm targets, the rewrites and TVM's default pipeline elsewhere. Returns (the
-    executable, the rewrites that changed the module); fills ``tuning_meta`` / ``schedule_meta``."""
+    executable, the rewrites that changed the module, the weights lifted out of the library:
+    ``main`` takes them after the inputs; llvm targets only, GPU libraries keep theirs); fills
+    ``tuning_meta`` / ``schedule_meta``."""
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -296,6 +299,7 @@ def _compile(
         raise GraphslimError(f"TVM's ONNX frontend cannot import the model: {type(e).__name__}: {e}") from None
     mod = relax.transform.DecomposeOpsForInference()(mod)
     applied: list[str] = []
+    params: list[np.ndarray] = []
     tgt = tvm.target.Target(spec)
     with tgt:
         if spec["kind"] == "llvm":
@@ -313,6 +317,7 @@ def _compile(
                 rewrites=REWRITES,
                 spec=spec,
                 rewrites_applied=applied,
+                lifted_params=params,
             )(mod)
             ex = tvm.compile(mod, tgt)
         else:
@@ -321,7 +326,7 @@ def _compile(
                 if changed:
                     applied.append(name)
             ex = tvm.compile(mod, tgt, relax_pipeline=relax.get_default_pipeline(tgt))
-    return ex, applied
+    return ex, applied, params
 
 
 def _input_specs(static: onnx.ModelProto) -> list[dict[str, Any]]:
@@ -338,11 +343,24 @@ def _input_specs(static: onnx.ModelProto) -> list[dict[str, Any]]:
     ]
 
 
-def _exporter(ex: Any, meta: dict[str, Any], target: str, tuning_db: str | Path | None) -> Callable[[Path], None]:
+def _exporter(
+    ex: Any, meta: dict[str, Any], target: str, tuning_db: str | Path | None, params: list[np.ndarray]
+) -> Callable[[Path], None]:
     """The function that writes the library, its side files and artifact.json into a folder
     (completing ``meta`` with what it wrote)."""
 
     def export(folder: Path) -> None:
+        if params:
+            from graphslim.kernels.params import pack
+
+            data, tensors = pack(params)
+            (folder / PARAMS_FILE).write_bytes(data)
+            meta["params"] = {
+                "file": PARAMS_FILE,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "tensors": tensors,
+            }
         if target in ARM_TARGETS:
             if shutil.which(ARM_CC):
                 from tvm.support import cc
@@ -410,7 +428,15 @@ class _Runner:
     copy (made once), and outputs are read through DLPack: creating TVM tensors per call cost
     60 us here, as much as a small model's whole inference."""
 
-    def __init__(self, folder: Path, meta: dict[str, Any], library: bytes, threads: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        meta: dict[str, Any],
+        library: bytes,
+        threads: int | None = None,
+        params: list[np.ndarray] | None = None,
+    ):
+        params = params or []
         tvm = require_tvm()
         from tvm import relax
 
@@ -428,7 +454,9 @@ class _Runner:
         self.vm = relax.VirtualMachine(lib, tvm.cpu())
         self._main = self.vm["main"]
         self._buffers = [_aligned(i["shape"], i["dtype"]) for i in meta["inputs"]]
-        self._tensors = [tvm.runtime.from_dlpack(b) for b in self._buffers]
+        # the weights (when they are outside the library) follow the inputs: views of one
+        # aligned buffer, which TVM uses in place
+        self._tensors = [tvm.runtime.from_dlpack(b) for b in self._buffers + params]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         for info, buf in zip(self.meta["inputs"], self._buffers, strict=True):
@@ -471,10 +499,11 @@ def load_artifact(folder: str | Path, threads: int | None = None) -> _Runner:
             f"{folder}: compiled for {mcpu}, but this CPU has no {', '.join(missing)}; "
             "compile with --target x86 on this machine"
         )
-    data = artifact_library(folder, meta)
     if threads is not None and threads < 1:
         raise InputError("--threads must be >= 1")
-    return _Runner(folder, meta, data, threads)
+    data = artifact_library(folder, meta)
+    params = artifact_params(folder, meta)
+    return _Runner(folder, meta, data, threads, params)
 
 
 def artifact_meta(folder: str | Path) -> dict[str, Any]:
@@ -553,7 +582,64 @@ def _artifact_meta(folder: Path) -> dict[str, Any]:
         raise bad("outputs", "expected a list of output names")
     if not isinstance(meta.get("tvm_target", {}), dict):
         raise bad("tvm_target", "expected an object")
+    if "params" in meta:
+        _check_params(meta["params"], bad)
     return meta
+
+
+def _check_params(params: Any, bad: Callable[[str, str], InputError]) -> None:
+    """artifact.json's ``params`` (the weights file beside the library): every tensor a known
+    dtype and shape, aligned, and inside the file's recorded size."""
+    from graphslim.kernels.params import ALIGN, LIFTED_DTYPES
+
+    if not isinstance(params, dict) or params.get("file") != PARAMS_FILE:
+        raise bad("params", f"expected an object naming '{PARAMS_FILE}'")
+    digest, size, tensors = params.get("sha256"), params.get("bytes"), params.get("tensors")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise bad("params", "'sha256' is missing or not a sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= 2**40:
+        raise bad("params", "'bytes' is not a size")
+    if not isinstance(tensors, list) or len(tensors) > 2**20:
+        raise bad("params", "'tensors' is not a list")
+    for i, t in enumerate(tensors):
+        shape, offset = (t.get("shape"), t.get("offset")) if isinstance(t, dict) else (None, None)
+        ok = (
+            isinstance(t, dict)
+            and t.get("dtype") in LIFTED_DTYPES
+            and isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            and isinstance(offset, int)
+            and not isinstance(offset, bool)
+            and offset >= 0
+            and offset % ALIGN == 0
+        )
+        if not ok or offset + int(np.prod(shape, dtype=np.float64)) * np.dtype(t["dtype"]).itemsize > size:
+            raise bad("params", f"tensor {i} is not a dtype, shape and aligned offset inside the file")
+
+
+def artifact_params(folder: str | Path, meta: dict[str, Any]) -> list[np.ndarray]:
+    """The weights ``main`` takes after the inputs (an artifact compiled with them outside the
+    library; none for one that embeds them), read once into one aligned buffer and returned as
+    views of it, only while the file's sha256 is the one recorded at compile time."""
+    if "params" not in meta:
+        return []
+    from graphslim.kernels.params import aligned_buffer, views
+
+    folder = Path(folder)
+    info = meta["params"]
+    path = folder / info["file"]
+    if path.is_symlink() or not path.is_file() or path.stat().st_size != info["bytes"]:
+        raise InputError(f"{folder}: the weights file '{info['file']}' is missing, not a regular file or truncated")
+    buffer = aligned_buffer(info["bytes"])
+    with open(path, "rb") as f:
+        if f.readinto(memoryview(buffer)) != info["bytes"]:
+            raise InputError(f"{folder}: the weights file '{info['file']}' changed while it was read")
+    if hashlib.sha256(buffer).hexdigest() != info["sha256"]:
+        raise InputError(
+            f"{folder}: '{info['file']}' does not match the sha256 recorded when it was compiled "
+            "(truncated or changed); compile it again"
+        )
+    return views(buffer, info["tensors"])
 
 
 #: LLVM feature -> /proc/cpuinfo flag, for the instruction sets graphslim's kernels use.

@@ -292,7 +292,7 @@ class RemoteArtifact:
         tvm = _tvm()
         from tvm import relax
 
-        from graphslim.backend.driver import artifact_library
+        from graphslim.backend.driver import artifact_library, artifact_params
 
         # the bytes whose sha256 matches the one recorded at compile time (never a swapped file)
         data = bytearray(artifact_library(folder, self.meta))
@@ -310,6 +310,11 @@ class RemoteArtifact:
         self.device = session.rpc.cuda(0) if self.meta.get("target") == "cuda" else session.rpc.cpu(0)
         self.vm = self._call("creating the Relax VM", relax.VirtualMachine, lib, self.device)
         self._tvm = tvm
+        # the weights, when they are outside the library: sent once, passed after the inputs
+        self._params = [
+            self._call("receiving the weights", tvm.runtime.tensor, v, self.device)
+            for v in artifact_params(folder, self.meta)
+        ]
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         try:
@@ -332,7 +337,7 @@ class RemoteArtifact:
                 )
             values.append(value)
         remote = [self._call("receiving the inputs", self._tvm.runtime.tensor, v, self.device) for v in values]
-        self._call("receiving the inputs", self.vm.set_input, "main", *remote)
+        self._call("receiving the inputs", self.vm.set_input, "main", *remote, *self._params)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.set_inputs(feeds)

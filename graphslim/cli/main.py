@@ -206,7 +206,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="static batch size: symbolic leading dimensions (default: as --shape gives them, else 1)",
     )
-    k.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model.so (or .tar) and artifact.json")
+    k.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT_DIR",
+        help="model.so (or .tar), params.bin (the weights) and artifact.json",
+    )
     k.add_argument("--force", action="store_true", help=FORCE_HELP)
     _add_shape(k)
     _add_tuning(k)
