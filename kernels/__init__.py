@@ -9,7 +9,8 @@
 * :mod:`graphslim.kernels.binary`: dense and conv kernels on 1-bit packed weights (binary layers);
 * :mod:`graphslim.kernels.rewrite`: the shared rewrite of constant-weight matmul/conv2d to a kernel;
 * :mod:`graphslim.kernels.dense`: fp32 matmuls with constant weights on packed weight panels;
-* :mod:`graphslim.kernels.rows`: softmax and LayerNorm over the last axis as row kernels.
+* :mod:`graphslim.kernels.rows`: softmax and LayerNorm over the last axis as row kernels;
+* :mod:`graphslim.kernels.params`: the weights lifted out of the library into ``params.bin``.
 
 A rewrite is ``f(mod, target_spec) -> (mod, changed)``. :data:`IMPORT_REWRITES` and
 :data:`FOLDED_REWRITES` list them, as (name, rewrite) pairs in the order they run, by stage: the
