@@ -35,7 +35,7 @@ from onnx import numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from transformer_models import bert_like, sample_inputs_for  # noqa: E402
+from transformer_models import bert_like, sample_inputs_for, token_feeds  # noqa: E402
 
 import graphslim  # noqa: E402
 from graphslim.core.data import Dataset  # noqa: E402
@@ -49,13 +49,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def token_data(model: onnx.ModelProto, n: int, seq: int, seed: int) -> Dataset:
-    feeds = sample_inputs_for(model, n, seq, seed=seed)
-    rng = np.random.default_rng(seed)
-    mask = np.zeros((n, seq), np.int64)
-    for i, length in enumerate(rng.integers(seq // 4, seq + 1, n)):
-        mask[i, :length] = 1
-    feeds["attention_mask"] = mask
-    return Dataset(feeds)
+    return Dataset(token_feeds(model, n, seq, seed))
 
 
 def encoder(a: argparse.Namespace) -> onnx.ModelProto:

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from conftest import apply
 from onnx import TensorProto, helper, numpy_helper
-from transformer_models import bert_like, sample_inputs_for
+from transformer_models import bert_like, token_feeds
 
 from graphslim.core.data import Dataset
 from graphslim.core.ir import model_bytes
@@ -20,14 +20,8 @@ from graphslim.transforms.quantization import PER_CHANNEL_GAIN, entropy_range, p
 
 
 def token_data(model: onnx.ModelProto, n: int, seq: int, seed: int) -> Dataset:
-    """Unlabelled text-like data: random token ids and attention masks padded at random lengths."""
-    feeds = sample_inputs_for(model, n, seq, seed=seed)
-    rng = np.random.default_rng(seed)
-    mask = np.zeros((n, seq), np.int64)
-    for i, length in enumerate(rng.integers(seq // 4, seq + 1, n)):
-        mask[i, :length] = 1
-    feeds["attention_mask"] = mask
-    return Dataset(feeds)
+    """Unlabelled text-like data (:func:`transformer_models.token_feeds`)."""
+    return Dataset(token_feeds(model, n, seq, seed))
 
 
 def with_pooler(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:

@@ -818,6 +818,18 @@ def sample_inputs_for(model: onnx.ModelProto, batch: int = 2, seq: int = 16, see
     return feeds
 
 
+def token_feeds(model: onnx.ModelProto, n: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    """Unlabelled text-like feeds: random token ids (:func:`sample_inputs_for`) and attention masks
+    padded at random lengths (a quarter to all of ``seq`` tokens kept)."""
+    feeds = sample_inputs_for(model, n, seq, seed=seed)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((n, seq), np.int64)
+    for i, length in enumerate(rng.integers(seq // 4, seq + 1, n)):
+        mask[i, :length] = 1
+    feeds["attention_mask"] = mask
+    return feeds
+
+
 def pooled_cosine(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     """How encoders are judged: mean over the batch of the cosine between the mask-weighted
     means over the sequence of ``a`` and ``b`` ([B, S, H]); no mask means plain means."""
