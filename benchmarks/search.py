@@ -221,7 +221,8 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--fresh", action="store_true", help="start a new study (remove the old folder)")
     args = ap.parse_args()
-    tag = f"{args.model}_b{args.batch}" + (f"_{args.target}" if args.target else "") + f"_{args.clock}"
+    size = f"{args.hidden}" if args.model == "encoder" and args.hidden != 128 else ""  # the larger encoder
+    tag = f"{args.model}{size}_b{args.batch}" + (f"_{args.target}" if args.target else "") + f"_{args.clock}"
     folder = RESULTS / f"search_{tag}"
     if args.fresh:
         shutil.rmtree(folder, ignore_errors=True)
