@@ -481,7 +481,8 @@ def load_artifact(folder: str | Path, threads: int | None = None) -> _Runner:
 
     Only the library named in ``artifact.json`` inside the artifact folder is loaded (a plain file
     name, no path), and only while its sha256 matches the one recorded when it was compiled: a
-    truncated, changed or foreign library is refused, never executed."""
+    truncated, changed or foreign library is refused, never executed. The same holds for the
+    weights beside it (``params.bin``, :func:`artifact_params`), read once and used in place."""
     folder = Path(folder)
     meta = _artifact_meta(folder)
     target = meta["target"]
