@@ -230,6 +230,56 @@ def test_weights_sit_beside_the_library_and_load_once(tmp_path):
     assert got["extra_mb"] < 1.4 * params["bytes"] / 2**20, got
 
 
+def test_params_file_round_trips_aligned_tensors_of_every_lifted_dtype():
+    from graphslim.kernels.params import ALIGN, aligned_buffer, pack, views
+
+    rng = np.random.default_rng(0)
+    values = [
+        rng.integers(-128, 128, 7).astype(np.int8),
+        rng.standard_normal((3, 5)).astype(np.float16),
+        np.array([2**40, -3], np.int64),
+        rng.standard_normal((4, 4)).astype(np.float32),
+        rng.integers(0, 256, (2, 3, 1)).astype(np.uint8),
+    ]
+    data, entries = pack(values)
+    assert all(e["offset"] % ALIGN == 0 for e in entries) and len(data) == entries[-1]["offset"] + 6
+    buffer = aligned_buffer(len(data))
+    buffer[:] = np.frombuffer(data, np.uint8)
+    got = views(buffer, entries)
+    for v, g in zip(values, got, strict=True):
+        assert g.dtype == v.dtype and g.shape == v.shape and np.array_equal(g, v)
+        assert g.ctypes.data % ALIGN == 0 and np.shares_memory(g, buffer)
+
+
+def test_lift_constants_makes_large_constants_parameters_and_keeps_small_ones():
+    import tvm
+    from graphslim.kernels.params import lift_constants
+    from tvm import relax
+
+    big = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    small = np.array([1.0, 2.0], np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(big)))
+            y = bb.emit(relax.op.add(y, relax.const(big[:2])))  # 512 bytes: stays
+            y = bb.emit(relax.op.add(y, relax.op.reshape(relax.const(small), (2, 1))))
+            out = bb.emit_output(relax.op.matmul(y, relax.const(big)))  # another constant object
+        bb.emit_func_output(out)
+    before = bb.get()
+    after, values = lift_constants(before)
+    assert [len(before["main"].params), len(after["main"].params)] == [1, 1 + len(values)]
+    assert len(values) == 2 and all(np.array_equal(v, big) for v in values)  # the 512 and 8 bytes stay
+    data = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    host = tvm.target.Target({"kind": "llvm"})
+    run_before = relax.VirtualMachine(tvm.compile(before, host), tvm.cpu())["main"]
+    run_after = relax.VirtualMachine(tvm.compile(after, host), tvm.cpu())["main"]
+    want = run_before(tvm.runtime.tensor(data)).numpy()
+    got = run_after(*[tvm.runtime.tensor(v) for v in (data, *values)]).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_compiled_artifact_is_byte_identical_and_cached(tmp_path):
     for d in ("a", "b"):
         compile_model(onnx.load(str(EXAMPLE / "model.onnx")), "x86", tmp_path / d)
