@@ -35,6 +35,7 @@ from graphslim.run.search import (  # noqa: E402 - after the importorskip
     Space,
     Timing,
     discover_knobs,
+    estimate_latency,
     pareto_front,
     quantize_pass,
     search,
@@ -138,6 +139,19 @@ def test_latency_table_is_cached_by_layer_signature(tmp_path):
     PassManager('prune-channels{ratio=0.0,layer_ratios=["fc1=0.5"]}').run(pruned, PassContext())
     again.layer_times(pruned.to_model(), sample)
     assert again.timed == 2  # fc1 (fewer outputs) and fc2 (fewer inputs)
+
+
+def test_latency_estimate_scales_the_original_by_its_layers():
+    """The original maps to its measured latency, a model without layers to the empty call, and
+    in between the estimate is linear in the layers' sum (so it ranks candidates as that sum
+    does); a study whose baseline predates the empty-call cost keeps the additive estimate."""
+    base = {"latency_ms": 3.0, "layers_ms": 1.5, "overhead_ms": 0.02}
+    assert estimate_latency(base, 1.5) == 3.0
+    assert estimate_latency(base, 0.0) == 0.02
+    assert estimate_latency(base, 0.375) == pytest.approx(0.02 + 2.98 / 4)
+    assert estimate_latency({**base, "layers_ms": 0.0}, 0.0) == 3.0
+    old = {"latency_ms": 3.0, "layers_ms": 1.5}
+    assert estimate_latency(old, 0.375) == pytest.approx(1.875)
 
 
 # --------------------------------------------------------------------------- the command
