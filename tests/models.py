@@ -387,6 +387,22 @@ def sample_inputs(model: onnx.ModelProto, n: int = 4, seed: int = 1) -> dict[str
     return feeds
 
 
+def mlp_with_data(folder, n_train: int, n_eval: int):
+    """The MLP saved as ``folder/mlp.onnx`` with unlabelled standard-normal train and eval sets
+    (``train.npz``, ``eval.npz``, seeded); returns the three paths."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    model = ARCHITECTURES["mlp"]()
+    path = folder / "mlp.onnx"
+    onnx.save(model, str(path))
+    rng = np.random.default_rng(0)
+    k = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    np.savez(folder / "train.npz", input=rng.standard_normal((n_train, k)).astype(np.float32))
+    np.savez(folder / "eval.npz", input=rng.standard_normal((n_eval, k)).astype(np.float32))
+    return path, folder / "train.npz", folder / "eval.npz"
+
+
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 

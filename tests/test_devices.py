@@ -401,17 +401,12 @@ def test_search_times_its_candidates_on_the_device(cluster, tmp_path, capsys):
     latency table and the end-to-end validation are timed on devices of the key (the report says
     which), and the chosen model's report carries the device latency."""
     pytest.importorskip("optuna", reason="search needs optuna (the search extra)")
-    from models import ARCHITECTURES
+    from models import mlp_with_data
 
-    model = ARCHITECTURES["mlp"]()
-    path = tmp_path / "mlp.onnx"
-    onnx.save(model, str(path))
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "train.npz", input=rng.standard_normal((64, 32)).astype(np.float32))
-    np.savez(tmp_path / "eval.npz", input=rng.standard_normal((64, 32)).astype(np.float32))
+    path, train, held = mlp_with_data(tmp_path, 64, 64)
     rpc = ["--rpc-tracker", cluster.address, "--rpc-key", "loopback"]
-    argv = ["search", str(path), "-o", str(tmp_path / "out"), "--train-data", str(tmp_path / "train.npz")]
-    argv += ["--eval-data", str(tmp_path / "eval.npz"), "--objective", "latency", "--target", "x86", *rpc]
+    argv = ["search", str(path), "-o", str(tmp_path / "out"), "--train-data", str(train)]
+    argv += ["--eval-data", str(held), "--objective", "latency", "--target", "x86", *rpc]
     argv += ["--trials", "2", "--techniques", "prune", "--sensitivity-samples", "32", "--validate", "1", "--json"]
     argv += ["--max-accuracy-drop", "60"]  # random weights: agreement falls fast; candidates must pass
     assert main(["search", str(path), "-o", str(tmp_path / "x"), "--objective", "latency", *rpc]) == 2

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 from graphslim.passes import DEFAULT_PIPELINE
-from models import ARCHITECTURES
+from models import mlp_with_data
 
 from graphslim.cli import main
 from graphslim.core.data import Dataset
@@ -283,13 +283,8 @@ def test_mlp_without_labels_is_judged_by_agreement_and_a_failing_candidate_fails
         return measure(self, cand, judge)
 
     monkeypatch.setattr(search_mod._Evaluator, "measure", flaky)
-    model = ARCHITECTURES["mlp"]()
-    path = tmp_path / "mlp.onnx"
-    onnx.save(model, str(path))
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "train.npz", input=rng.standard_normal((128, 32)).astype(np.float32))
-    np.savez(tmp_path / "eval.npz", input=rng.standard_normal((200, 32)).astype(np.float32))
-    opts = _opts(tmp_path / "train.npz", tmp_path / "eval.npz", objective="bytes", trials=4, techniques=("int8", "svd"))
+    path, train, held = mlp_with_data(tmp_path, 128, 200)
+    opts = _opts(train, held, objective="bytes", trials=4, techniques=("int8", "svd"))
     opts = replace(opts, run=RunOptions.build(opts.run, max_accuracy_drop=2.0))
     res = search(path, tmp_path / "out", opts)
     sec = res.report["search"]
