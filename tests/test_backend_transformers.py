@@ -372,6 +372,48 @@ def test_qdq_3d_matmuls_run_on_the_int8_kernel(batch, tmp_path):
     np.testing.assert_allclose(got, ref, rtol=0, atol=float(out_scale) * 1.01)
 
 
+@needs_tvm
+@pytest.mark.parametrize(
+    "options, avx2_kernel",
+    [
+        ("activations=per_tensor", "avx2"),  # full-range int8 weights: vpmaddwd on int16
+        ("activations=per_token", "avx2"),
+        ("activations=per_tensor,reduce_range=true", "avx2u8s8"),  # 7-bit weights: vpmaddubsw
+    ],
+)
+def test_dynamic_int8_3d_matmuls_run_on_the_int8_kernel(options, avx2_kernel, tmp_path):
+    """``quantize-int8{mode=dynamic}`` on [B, S, K] layers (ONNX MatMulInteger after
+    DynamicQuantizeLinear, or the per-token form): every MatMulInteger on graphslim's int8 kernel
+    (``int8-integer``), the byte path where the weights are 7-bit, and the outputs equal to ONNX
+    Runtime's up to float rounding (the int32 products are exact in both)."""
+    from conftest import apply
+    from onnx.reference import ReferenceEvaluator
+
+    from graphslim.backend import host_cpu_flags
+
+    rng = np.random.default_rng(0)
+    b = _Block()
+    h = b.op("Relu", b.linear("x", 64, 128))
+    model = b.model(
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 64])],
+        b.linear(h, 128, 32),
+        ["batch", 6, 32],
+    )
+    qmodel, _ = apply(model, f"quantize-int8{{mode=dynamic,{options}}}")
+    assert [n.op_type for n in qmodel.graph.node].count("MatMulInteger") == 2
+    feeds = {"x": rng.standard_normal((3, 6, 64)).astype(np.float32)}
+    (got,), meta = _compile_and_run(qmodel, feeds, tmp_path)
+    assert "int8-integer" in meta["rewrites"]
+    kernels = [k for k, v in meta["kernel_schedules"].items() if v == "kernel:int8_dense"]
+    flavor = "vnni" if "avx512_vnni" in host_cpu_flags() else avx2_kernel
+    assert len(kernels) == 2 and all(k.startswith(f"int8_dense_{flavor}") for k in kernels), kernels
+    # reference: ONNX's own evaluator, whose MatMulInteger is exact (ORT's AVX2 byte kernel sums
+    # pairs of full-range products in saturating int16, so ORT differs by up to 4% here)
+    ref = ReferenceEvaluator(qmodel).run(None, feeds)[0]
+    assert _max_rel(ref, got) < 1e-5
+    assert _max_rel(_ort(model, feeds)[0], got) < 0.05  # and it is still the float model, roughly
+
+
 # ---------------------------------------------------------------- Hugging Face exports (torch)
 
 HF_MODELS = ["bert", "vit", "gpt2", "llama"]

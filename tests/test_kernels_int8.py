@@ -1,4 +1,4 @@
-"""The int8 (AVX2 vpmaddwd) dense kernel against numpy, and the QDQ rewrite end to end against
+"""The int8 dense and conv kernels (AVX2 vpmaddwd and vpmaddubsw, VNNI, AArch64 sdot) against numpy, and the QDQ rewrite end to end against
 ONNX Runtime (skipped without the tvm extra or on a host without AVX2)."""
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ pytest.importorskip("tvm", reason="needs the tvm extra (apache-tvm)")
 import tvm  # noqa: E402
 from graphslim.kernels.int8 import (  # noqa: E402
     AVX2,
+    AVX2_U8S8,
     NEON_DOT,
     conv_tile,
     dense_tile,
     has_vnni,
     isa_for,
+    isa_for_weights,
     pack_conv_weights,
     pack_weights,
     qconv2d_func,
@@ -39,18 +41,32 @@ SHAPES = [(1, 64, 16), (3, 130, 48), (8, 256, 32), (32, 64, 64), (5, 7, 64), (2,
 
 
 def _isa(name: str):
-    return (VNNI_ISA, VNNI, "vpdpbusd") if name == "vnni" else (AVX2, HOST, "vpmaddwd")
+    return {
+        "vnni": (VNNI_ISA, VNNI, "vpdpbusd"),
+        "avx2": (AVX2, HOST, "vpmaddwd"),
+        "avx2u8s8": (AVX2_U8S8, HOST, "vpmaddubsw"),
+    }[name]
+
+
+def _weights(rng, shape, isa):
+    """int8 weights over the range the instruction set sums exactly: the full int8 range (-128
+    included), or +-64 for the saturating AVX2 byte path (where +-65 could saturate)."""
+    if isa is AVX2_U8S8:
+        return rng.integers(-64, 65, shape).astype(np.int8)
+    return rng.integers(-128, 128, shape).astype(np.int8)
 
 
 @pytest.mark.parametrize("qdtype", ["uint8", "int8"])
-@pytest.mark.parametrize("isa_name", ["avx2", pytest.param("vnni", marks=needs_vnni)])
+@pytest.mark.parametrize("isa_name", ["avx2", "avx2u8s8", pytest.param("vnni", marks=needs_vnni)])
 @pytest.mark.parametrize("m, k, n", SHAPES)
 def test_int8_kernel_is_exact_against_numpy(isa_name, qdtype, m, k, n):
     isa, target, insn = _isa(isa_name)
     rng = np.random.default_rng(m + k + n)
     info = np.iinfo(qdtype)
     q = rng.integers(info.min, info.max + 1, (m, k)).astype(qdtype)
-    w = rng.integers(-128, 128, (n, k)).astype(np.int8)  # includes -128: the full int8 range
+    w = _weights(rng, (n, k), isa)
+    if isa is AVX2_U8S8:  # the worst case: every byte product at its extreme, in every pair
+        q[0], w[0] = info.max, -64
     scale = rng.uniform(0.001, 0.1, n).astype(np.float32)
     offset = rng.standard_normal(n).astype(np.float32)
     # exact integer reference, relative to the zero point the kernel uses (int8 read as uint8 q + 128
@@ -85,6 +101,25 @@ def test_vnni_is_detected_from_the_target_cpu():
     assert not has_vnni(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}))
     assert isa_for(VNNI) is VNNI_ISA and isa_for(HOST) is AVX2 and isa_for(ARM_DOT) is NEON_DOT
     assert isa_for(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})) is None
+
+
+def test_avx2_takes_the_byte_path_only_for_weights_it_sums_exactly():
+    """vpmaddubsw sums two uint8 x int8 products in saturating int16: exact while |w| <= 64
+    (255 * 64 * 2 = 32640); a single weight of 65 (or -65) keeps the layer on vpmaddwd."""
+    w = np.full((16, 8), 64, np.int8)
+    assert isa_for_weights(AVX2, w) is AVX2_U8S8 and isa_for_weights(AVX2, -w) is AVX2_U8S8
+    for bad in (65, -65, 127, -128):
+        w[3, 5] = bad
+        assert isa_for_weights(AVX2, w) is AVX2
+    assert isa_for_weights(VNNI_ISA, w) is VNNI_ISA and isa_for_weights(NEON_DOT, w) is NEON_DOT
+    # past the bound the byte path really saturates: the check is what keeps results exact
+    q = np.full((1, 2), 255, np.uint8)
+    wb = np.full((16, 2), 127, np.int8)
+    lib = tvm.tirx.build(qdense_func(1, 2, 16, "uint8", AVX2_U8S8).with_attr("global_symbol", "main"), target=HOST)
+    y = tvm.runtime.tensor(np.zeros((1, 16), np.float32))
+    ones, zeros = np.ones(16, np.float32), np.zeros(16, np.float32)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (q, pack_weights(wb, 16, AVX2_U8S8), ones, zeros, zeros)), y)
+    assert y.numpy()[0, 0] == 32767 and 255 * 127 * 2 != 32767
 
 
 def qdq_mlp(batch: int = 4):
@@ -133,7 +168,7 @@ def test_arm_target_keeps_qdq_on_the_float_path(tmp_path):
     assert "kernel:int8_dense" not in art.meta["kernel_schedules"].values()
 
 
-@pytest.mark.parametrize("isa_name", ["avx2", pytest.param("vnni", marks=needs_vnni)])
+@pytest.mark.parametrize("isa_name", ["avx2", "avx2u8s8", pytest.param("vnni", marks=needs_vnni)])
 @pytest.mark.parametrize("qdtype, zp", [("uint8", 128), ("int8", -3)])
 @pytest.mark.parametrize(
     "shape, kernel, stride, pads, k",
@@ -151,7 +186,7 @@ def test_int8_conv_kernel_is_exact_against_numpy(isa_name, qdtype, zp, shape, ke
     rng = np.random.default_rng(sum(shape) + k)
     info = np.iinfo(qdtype)
     q = rng.integers(info.min, info.max + 1, shape).astype(qdtype)
-    w = rng.integers(-128, 128, (k, shape[1], *kernel)).astype(np.int8)
+    w = _weights(rng, (k, shape[1], *kernel), isa)
     scale = rng.uniform(0.001, 0.1, k).astype(np.float32)
     offset = rng.standard_normal(k).astype(np.float32)
     lanes, g = conv_tile(k, isa)
