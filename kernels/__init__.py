@@ -10,6 +10,7 @@
 * :mod:`graphslim.kernels.rewrite`: the shared rewrite of constant-weight matmul/conv2d to a kernel;
 * :mod:`graphslim.kernels.dense`: fp32 matmuls with constant weights on packed weight panels;
 * :mod:`graphslim.kernels.rows`: softmax and LayerNorm over the last axis as row kernels;
+* :mod:`graphslim.kernels.attention`: attention (``softmax(Q K^T * scale + mask) V``) as one kernel;
 * :mod:`graphslim.kernels.params`: the weights lifted out of the library into ``params.bin``.
 
 A rewrite is ``f(mod, target_spec) -> (mod, changed)``. :data:`IMPORT_REWRITES` and
@@ -71,6 +72,12 @@ def _int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     return rewrite_int8_conv(mod, spec)
 
 
+def _attention(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    from graphslim.kernels.attention import rewrite_attention
+
+    return rewrite_attention(mod, spec)
+
+
 def _row_kernels(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     from graphslim.kernels.rows import rewrite_row_ops
 
@@ -107,6 +114,8 @@ FOLDED_REWRITES: tuple[tuple[str, Rewrite], ...] = (
     # folding, because the bias it moves into a kernel is a constant only then (QDQ models
     # dequantize it from int32)
     ("int8-requantize", _int8_requantize),
+    # before the row kernels: it takes the softmax between attention's two matmuls with them
+    ("attention", _attention),
     ("row-kernels", _row_kernels),  # softmax, LayerNorm, reductions: no other rewrite takes them
     # last: the fp32 matmuls with constant weights that no compression-aware kernel took
     ("packed-dense", _packed_dense),

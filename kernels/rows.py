@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fast_exp", "layer_norm_func", "reduce_rows_func", "rewrite_row_ops", "softmax_func"]
+__all__ = ["fast_exp", "fold_partials", "layer_norm_func", "reduce_rows_func", "rewrite_row_ops", "softmax_func"]
 
 ACC = 4  # independent vector accumulators per reduction (hides the add / max latency)
 
@@ -53,7 +53,7 @@ def fast_exp(x: Any) -> Any:
     return T.max(T.reinterpret("float32", T.shift_left(T.Cast("int32", n + T.float32(127.0)), 23)) * y, x)
 
 
-def _fold(acc: int, lanes: int, combine: Any) -> Any:
+def fold_partials(acc: int, lanes: int, combine: Any) -> Any:
     """Macro ``fold(part, dst, i)``: ``dst[i]`` = ``combine`` over the ``(acc, lanes)`` partials, as a
     tree of vector steps (the accumulators into the first, then its lanes halved, log2(lanes)
     steps). Folding the lanes one scalar at a time was a chain of ``acc * lanes`` dependent
@@ -105,7 +105,7 @@ def softmax_func(rows: int, cols: int, lanes: int) -> Any:
     loop = _row_loop(rows, cols)
     chunks = cols // lanes
     acc = ACC if chunks % ACC == 0 else (2 if chunks % 2 == 0 else 1)
-    fold_max, fold_sum = _fold(acc, lanes, T.max), _fold(acc, lanes, lambda a, b: a + b)
+    fold_max, fold_sum = fold_partials(acc, lanes, T.max), fold_partials(acc, lanes, lambda a, b: a + b)
 
     @T.prim_func(private=True, s_tir=True)
     def softmax(x: T.Buffer((rows, cols), "float32"), y: T.Buffer((rows, cols), "float32")):
@@ -148,7 +148,7 @@ def layer_norm_func(rows: int, cols: int, lanes: int, eps: float) -> Any:
     chunks = cols // lanes
     acc = ACC if chunks % ACC == 0 else (2 if chunks % 2 == 0 else 1)
     inv_n = 1.0 / cols
-    fold_sum = _fold(acc, lanes, lambda a, b: a + b)
+    fold_sum = fold_partials(acc, lanes, lambda a, b: a + b)
 
     @T.prim_func(private=True, s_tir=True)
     def layer_norm(
@@ -204,7 +204,7 @@ def reduce_rows_func(rows: int, cols: int, lanes: int, op: str) -> Any:
     acc = ACC if chunks % ACC == 0 else (2 if chunks % 2 == 0 else 1)
     init = _REDUCE_INIT[op]
     combine = {"max": T.max, "min": T.min, "sum": lambda a, b: a + b}[op]
-    fold = _fold(acc, lanes, combine)
+    fold = fold_partials(acc, lanes, combine)
 
     @T.prim_func(private=True, s_tir=True)
     def reduce_rows(x: T.Buffer((rows, cols), "float32"), y: T.Buffer((rows,), "float32")):
