@@ -250,34 +250,17 @@ def rewrite_attention(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     if spec.get("kind") != "llvm":
         return mod, False
     import tvm
-    from graphslim.kernels.pipeline import visit_relax_functions
+    from graphslim.kernels.pipeline import rewrite_calls
     from graphslim.kernels.schedules import vector_lanes
-    from tvm import relax
 
     lanes = vector_lanes(tvm.target.Target(spec))
     ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("matmul", "nn.softmax", "add", "multiply", "divide")}
-    changed = [0]
 
-    @relax.expr_functor.mutator
-    class Rewriter(relax.PyExprMutator):
-        def bound(self, expr: Any) -> Any:
-            return self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+    def rewrite(builder: Any, call: Any, bound: Any) -> Any:
+        if _f32_shape(call) is None:
+            return None
+        found = _attention_operands(call, bound, ops)
+        match = None if found is None else _check_attention(*found, lanes)
+        return None if match is None else _attention_call(builder, match, lanes)
 
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if call.op != ops["matmul"] or _f32_shape(call) is None:
-                return call
-            try:
-                found = _attention_operands(call, self.bound, ops)
-            except (AttributeError, TypeError, ValueError):  # not the pattern
-                found = None
-            match = None if found is None else _check_attention(*found, lanes)
-            if match is None:
-                return call
-            changed[0] += 1
-            return _attention_call(self.builder_, match, lanes)
-
-    new = visit_relax_functions(Rewriter(mod), mod)
-    if not changed[0]:
-        return mod, False
-    return relax.transform.DeadCodeElimination()(new), True
+    return rewrite_calls(mod, [ops["matmul"]], rewrite)

@@ -485,44 +485,23 @@ def _qdq_contraction(call: Any, bound: Any, ops: dict[str, Any]) -> tuple[Any, .
 
 
 def _int8_rewrite(mod: Any, spec: dict[str, Any], op: str, build: Any) -> tuple[Any, bool]:
-    """Run ``build(self, call, isa, *operands) -> new expr | None`` on every ``relax.<op>`` call whose
-    operands match :func:`_qdq_contraction`. Targets with an int8 instruction set only
+    """Run ``build(builder, call, isa, *operands) -> new expr | None`` on every ``relax.<op>`` call
+    whose operands match :func:`_qdq_contraction`. Targets with an int8 instruction set only
     (:func:`isa_for`)."""
     import tvm
-    from tvm import relax
 
     isa = isa_for(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else None
     if isa is None:
         return mod, False
+    from graphslim.kernels.pipeline import rewrite_calls
+
     ops = _relax_ops("matmul", "dequantize", "permute_dims")
-    target_op = tvm.ir.Op.get(f"relax.{op}")
-    changed: list[str] = []
 
-    @relax.expr_functor.mutator
-    class Rewriter(relax.PyExprMutator):
-        def bound(self, expr: Any) -> Any:
-            return self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+    def rewrite(builder: Any, call: Any, bound: Any) -> Any:
+        operands = _qdq_contraction(call, bound, ops)
+        return None if operands is None else build(builder, call, isa, *operands)
 
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if call.op != target_op:
-                return call
-            try:
-                operands = _qdq_contraction(call, self.bound, ops)
-                new = None if operands is None else build(self, call, isa, *operands)
-            except (AttributeError, TypeError, ValueError):  # not the pattern
-                new = None
-            if new is None:
-                return call
-            changed.append(op)
-            return new
-
-    from graphslim.kernels.pipeline import visit_relax_functions
-
-    new = visit_relax_functions(Rewriter(mod), mod)
-    if not changed:
-        return mod, False
-    return relax.transform.DeadCodeElimination()(new), True
+    return rewrite_calls(mod, [tvm.ir.Op.get(f"relax.{op}")], rewrite)
 
 
 def _scale_offset(s_x: np.ndarray, zp_x: np.ndarray, s_w: np.ndarray, wsum: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -542,7 +521,7 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     from tvm import relax
 
     def build(
-        self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool
+        builder: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool
     ) -> Any:
         xs = [int(d) for d in q.ty.shape]
         if w.ndim != 2 or len(xs) < 2:
@@ -563,8 +542,8 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
         zp = isa.zero_point(zp_x.astype(np.int64), qdtype)
         scale, offset = _scale_offset(s_x, zp, s_w, wn.astype(np.int64).sum(axis=1))
         args = {"op": "dense", "m": xs[0], "k": k, "n": n, "qdtype": qdtype, "isa": isa.name}
-        gv = self.builder_.add_func(_tagged(qdense_func(xs[0], k, n, qdtype, isa), args), f"int8_dense_{isa.name}")
-        rows = q if len(lead) == 1 else self.builder_.emit(relax.op.reshape(q, xs))
+        gv = builder.add_func(_tagged(qdense_func(xs[0], k, n, qdtype, isa), args), f"int8_dense_{isa.name}")
+        rows = q if len(lead) == 1 else builder.emit(relax.op.reshape(q, xs))
         out = relax.call_tir(
             gv,
             [
@@ -576,7 +555,7 @@ def rewrite_int8_dense(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
             ],
             relax.TensorType((xs[0], n), "float32"),
         )
-        return out if len(lead) == 1 else relax.op.reshape(self.builder_.emit(out), (*lead, n))
+        return out if len(lead) == 1 else relax.op.reshape(builder.emit(out), (*lead, n))
 
     return _int8_rewrite(mod, spec, "matmul", build)
 
@@ -591,7 +570,7 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     from tvm import relax
 
     def build(
-        self: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool
+        builder: Any, call: Any, isa: Isa, q: Any, s_x: Any, zp_x: Any, w: Any, s_w: Any, axis: int, transposed: bool
     ) -> Any:
         a = call.attrs
         if (
@@ -619,11 +598,11 @@ def rewrite_int8_conv(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
         scale, offset = _scale_offset(
             s_x, np.asarray(isa.zero_point(zp, qdtype)), s_w, w.reshape(k, -1).astype(np.int64).sum(axis=1)
         )
-        gv = self.builder_.add_func(func, f"int8_conv2d_{isa.name}")
+        gv = builder.add_func(func, f"int8_conv2d_{isa.name}")
         out = [int(d) for d in call.ty.shape]  # N, K, Ho, Wo
         # NHWC in and out; the pipeline's transpose sinking cancels these between layers
-        q_nhwc = self.builder_.emit(relax.op.permute_dims(q, [0, 2, 3, 1]))
-        nhwc = self.builder_.emit(
+        q_nhwc = builder.emit(relax.op.permute_dims(q, [0, 2, 3, 1]))
+        nhwc = builder.emit(
             relax.call_tir(
                 gv,
                 [
@@ -770,39 +749,22 @@ def rewrite_int8_integer(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     with an int8 instruction set (:func:`isa_for`). Pattern :func:`_integer_operands`, check
     :func:`_check_integer`, rewrite :func:`_integer_call`."""
     import tvm
-    from tvm import relax
 
     isa = isa_for(tvm.target.Target(spec)) if spec.get("kind") == "llvm" else None
     if isa is None:
         return mod, False
+    from graphslim.kernels.pipeline import rewrite_calls
+
     ops = _relax_ops("matmul", "astype", "subtract", "expand_dims")
-    changed = [0]
 
-    @relax.expr_functor.mutator
-    class Rewriter(relax.PyExprMutator):
-        def bound(self, expr: Any) -> Any:
-            return self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+    def rewrite(builder: Any, call: Any, bound: Any) -> Any:
+        if str(call.ty.dtype) != "int32":
+            return None
+        found = _integer_operands(call, bound, ops)
+        match = None if found is None else _check_integer(*found)
+        return None if match is None else _integer_call(builder, match, isa)
 
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if call.op != ops["matmul"] or str(call.ty.dtype) != "int32":
-                return call
-            try:
-                found = _integer_operands(call, self.bound, ops)
-            except (AttributeError, TypeError, ValueError):  # not the pattern
-                found = None
-            match = None if found is None else _check_integer(*found)
-            if match is None:
-                return call
-            changed[0] += 1
-            return _integer_call(self.builder_, match, isa)
-
-    from graphslim.kernels.pipeline import visit_relax_functions
-
-    new = visit_relax_functions(Rewriter(mod), mod)
-    if not changed[0]:
-        return mod, False
-    return relax.transform.DeadCodeElimination()(new), True
+    return rewrite_calls(mod, [ops["matmul"]], rewrite)
 
 
 _ISAS = {isa.name: isa for isa in (VNNI, AVX2, AVX2_U8S8, NEON_DOT)}

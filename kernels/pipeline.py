@@ -35,6 +35,7 @@ __all__ = [
     "convert_layout",
     "cpu_pipeline",
     "has_op",
+    "rewrite_calls",
     "sink_transposes",
     "unstack_reductions",
     "visit_relax_functions",
@@ -457,3 +458,37 @@ def visit_relax_functions(mutator: Any, mod: Any) -> Any:
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
+
+
+def rewrite_calls(mod: Any, ops: Sequence[Any], rewrite: Any) -> tuple[Any, bool]:
+    """The common driver of graphslim's call rewrites: ``rewrite(builder, call, bound)`` on every
+    call to one of ``ops`` in every Relax function of ``mod``, operands first (``bound(expr)``
+    gives the value a variable is bound to, or ``expr``). It returns the replacement, or None to
+    keep the call; an AttributeError, TypeError or ValueError while it inspects the call means
+    "not the pattern" and keeps it too. Returns ``(module, changed)``, dead bindings removed."""
+    from tvm import relax
+
+    changed = [0]
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def bound(self, expr: Any) -> Any:
+            return self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not any(call.op == op for op in ops):
+                return call
+            try:
+                new = rewrite(self.builder_, call, self.bound)
+            except (AttributeError, TypeError, ValueError):  # not the pattern
+                new = None
+            if new is None:
+                return call
+            changed[0] += 1
+            return new
+
+    new = visit_relax_functions(Rewriter(mod), mod)
+    if not changed[0]:
+        return mod, False
+    return relax.transform.DeadCodeElimination()(new), True

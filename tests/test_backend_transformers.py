@@ -338,6 +338,17 @@ def test_binary_3d_matmul_runs_on_the_binary_kernel(tmp_path):
     assert _max_rel(_ort(model, feeds)[0], got) < 1e-5
 
 
+def _mlp_3d() -> onnx.ModelProto:
+    """Two linear layers on [batch, 6, 64] (ReLU between): 3-D MatMuls with constant weights."""
+    b = _Block()
+    h = b.op("Relu", b.linear("x", 64, 128))
+    return b.model(
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 64])],
+        b.linear(h, 128, 32),
+        ["batch", 6, 32],
+    )
+
+
 @needs_tvm
 @pytest.mark.parametrize("batch", [1, 4])
 def test_qdq_3d_matmuls_run_on_the_int8_kernel(batch, tmp_path):
@@ -351,13 +362,7 @@ def test_qdq_3d_matmuls_run_on_the_int8_kernel(batch, tmp_path):
     from graphslim.core.data import Dataset
 
     rng = np.random.default_rng(0)
-    b = _Block()
-    h = b.op("Relu", b.linear("x", 64, 128))
-    model = b.model(
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 64])],
-        b.linear(h, 128, 32),
-        ["batch", 6, 32],
-    )
+    model = _mlp_3d()
     qmodel, _ = apply(model, "quantize-int8", data=Dataset({"x": rng.standard_normal((32, 6, 64)).astype(np.float32)}))
     feeds = {"x": rng.standard_normal((batch, 6, 64)).astype(np.float32)}
     (got,), meta = _compile_and_run(qmodel, feeds, tmp_path)
@@ -392,13 +397,7 @@ def test_dynamic_int8_3d_matmuls_run_on_the_int8_kernel(options, avx2_kernel, tm
     from graphslim.backend import host_cpu_flags
 
     rng = np.random.default_rng(0)
-    b = _Block()
-    h = b.op("Relu", b.linear("x", 64, 128))
-    model = b.model(
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 64])],
-        b.linear(h, 128, 32),
-        ["batch", 6, 32],
-    )
+    model = _mlp_3d()
     qmodel, _ = apply(model, f"quantize-int8{{mode=dynamic,{options}}}")
     assert [n.op_type for n in qmodel.graph.node].count("MatMulInteger") == 2
     feeds = {"x": rng.standard_normal((3, 6, 64)).astype(np.float32)}
