@@ -18,7 +18,7 @@ registers, normalized by ``1 / sum`` as it is stored. Nothing of size ``S x T`` 
 Matched (CPU targets, float32, static shapes, rank-4 ``[B, H, S, D]`` operands with the same
 ``B, H``): ``matmul(P, V)`` where ``P = softmax(X, axis=-1)`` and ``X`` is ``matmul(Q, KT)``
 followed by any of ``multiply`` / ``divide`` by a scalar constant and ``add`` of a mask that
-broadcasts to ``[B, H, S, T]`` with ``T`` whole; ``T``, ``Dv`` multiples of the vector width.
+broadcasts to ``[B, H, S, T]`` with ``T`` whole; ``Dv`` a multiple of the vector width.
 Anything else (a causal mask by ``where``, an attention-probabilities output...) keeps the
 three kernels; a matched softmax that something else also reads is computed twice, never wrong.
 """
@@ -49,8 +49,8 @@ def attention_func(
 ) -> Any:
     """PrimFunc ``(q[B,H,S,D], kt[B,H,D,T], v[B,H,T,Dv], mask[mb,mh,ms,T], y[B,H,S,Dv])`` with
     ``shape = (B, H, S, T, D, Dv)``: ``y = softmax(q @ kt * scale + mask) @ v`` over the last axis,
-    the mask broadcast over any of its first three axes of size 1. ``T`` and ``Dv`` multiples of
-    ``lanes``.
+    the mask broadcast over any of its first three axes of size 1. ``Dv`` a multiple of ``lanes``;
+    any ``T`` (whole vectors of keys, then the rest one at a time).
 
     Long: one TVMScript kernel (scores tile, row softmax, output tile) that reads as one piece."""
     from graphslim.kernels.rows import fast_exp, fold_partials
@@ -62,8 +62,9 @@ def attention_func(
     rows = _rows(s, dv // lanes)
     # the scores tile: rows x (g vectors); 8+ independent accumulators hide the FMA latency
     # (4 were latency-bound: 19 against 31 GMAC/s for the kernel at 4 heads x 128 x 128 x 32)
-    tv = lanes * max(g for g in (8, 4, 3, 2, 1) if t % (lanes * g) == 0 and rows * g <= _OUT_REGISTERS)
-    chunks = t // lanes
+    chunks = t // lanes  # whole vectors of keys; the rest (``tail``) one at a time
+    tail = t - chunks * lanes
+    tv = lanes * max(g for g in (8, 4, 3, 2, 1) if chunks % g == 0 and rows * g <= _OUT_REGISTERS)
     loop = T.parallel if b * h * s * t * (d + dv) >= PARALLEL_MIN_MACS else T.serial
     fold_max, fold_sum = fold_partials(1, lanes, T.max), fold_partials(1, lanes, lambda x, y: x + y)
     # the mask's index on an axis it broadcasts over is 0
@@ -107,6 +108,17 @@ def attention_func(
                                     acc[r, j] * T.float32(scale)
                                     + mask[pick_b(bh // h), pick_h(bh % h), pick_s(sb * rows + r), to * tv + j]
                                 )
+                    for r, j in T.grid(rows, tail):  # keys past the last whole vector (ViT: 197)
+                        sc[r, chunks * lanes + j] = T.float32(0)
+                        for k in range(d):
+                            sc[r, chunks * lanes + j] = (
+                                sc[r, chunks * lanes + j]
+                                + q[bh // h, bh % h, sb * rows + r, k] * kt[bh // h, bh % h, k, chunks * lanes + j]
+                            )
+                        sc[r, chunks * lanes + j] = (
+                            sc[r, chunks * lanes + j] * T.float32(scale)
+                            + mask[pick_b(bh // h), pick_h(bh % h), pick_s(sb * rows + r), chunks * lanes + j]
+                        )
                     # each row's softmax, left unnormalized (1 / sum applied to the output)
                     for r in range(rows):
                         for j in T.vectorized(lanes):
@@ -115,6 +127,8 @@ def attention_func(
                             for j in T.vectorized(lanes):
                                 part[0, j] = T.max(part[0, j], sc[r, c * lanes + j])
                         fold_max(part, red, r * 2)
+                        for j in range(tail):
+                            red[r * 2] = T.max(red[r * 2], sc[r, chunks * lanes + j])
                         for j in T.vectorized(lanes):
                             part[0, j] = T.float32(0)
                         for c in range(chunks):
@@ -122,6 +136,9 @@ def attention_func(
                                 sc[r, c * lanes + j] = fast_exp(sc[r, c * lanes + j] - red[r * 2])
                                 part[0, j] = part[0, j] + sc[r, c * lanes + j]
                         fold_sum(part, red, r * 2 + 1)
+                        for j in range(tail):
+                            sc[r, chunks * lanes + j] = fast_exp(sc[r, chunks * lanes + j] - red[r * 2])
+                            red[r * 2 + 1] = red[r * 2 + 1] + sc[r, chunks * lanes + j]
                     # P V: rows x dv accumulators
                     for r in T.unroll(rows):
                         for j in T.vectorized(dv):
@@ -209,13 +226,13 @@ def _attention_operands(call: Any, bound: Any, ops: dict[str, Any]) -> tuple[Any
 
 
 def _check_attention(q: Any, kt: Any, v: Any, mask: Any, scale: float, lanes: int) -> _Attention | None:
-    """Check: float32 rank-4 operands with equal ``[B, H]``, ``T`` and ``Dv`` whole vectors, a mask
+    """Check: float32 rank-4 operands with equal ``[B, H]``, ``Dv`` whole vectors, a mask
     that broadcasts to ``[B, H, S, T]`` with its last axis ``T``."""
     qs, ks, vs = _f32_shape(q), _f32_shape(kt), _f32_shape(v)
     if qs is None or ks is None or vs is None or not len(qs) == len(ks) == len(vs) == 4:
         return None
     (b, h, s, d), (_, _, d2, t), (_, _, t2, dv) = qs, ks, vs
-    if qs[:2] != ks[:2] or qs[:2] != vs[:2] or d != d2 or t != t2 or t % lanes or dv % lanes:
+    if qs[:2] != ks[:2] or qs[:2] != vs[:2] or d != d2 or t != t2 or dv % lanes:
         return None
     if mask is not None:
         ms = _f32_shape(mask)

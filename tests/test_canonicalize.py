@@ -53,6 +53,18 @@ def test_eliminate_identity_and_dropout():
     assert_same_outputs(model, out)
 
 
+def test_eliminate_identity_removes_casts_to_the_same_type_only():
+    b = ModelBuilder("cast", (1, 8))
+    x = b.node("Cast", ["input"], (1, 8), to=TensorProto.FLOAT)  # float -> float: a no-op
+    x = b.node("Softmax", [x], (1, 8), axis=-1)
+    x = b.node("Cast", [x], (1, 8), to=TensorProto.FLOAT16)  # real casts stay
+    model = b.build(b.node("Cast", [x], (1, 8), to=TensorProto.FLOAT))
+    out, recs = apply(model, "eliminate-identity")
+    assert op_types(out) == ["Softmax", "Cast", "Cast"]
+    assert recs[0].stats["nodes_removed"] == 1 and not recs[0].skipped
+    assert_same_outputs(model, out)
+
+
 def test_eliminate_identity_refuses_input_to_output_and_dropout_mask():
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
