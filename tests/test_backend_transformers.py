@@ -438,4 +438,6 @@ def test_hugging_face_exports_compile_and_match_onnx_runtime(kind, batch, hf_mod
     feeds = tm.sample_inputs_for(model, batch=batch, seq=8)
     (got,), meta = _compile_and_run(model, feeds, tmp_path)
     assert meta["batch"] == batch
-    assert _max_rel(_ort(model, feeds)[0], got) < 1e-3
+    assert "attention" in meta["rewrites"]  # every family's attention on the fused kernel
+    # measured 1.9e-7 to 4.2e-7 at batch 1
+    assert _max_rel(_ort(model, feeds)[0], got) < 1e-5
