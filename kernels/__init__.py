@@ -13,6 +13,13 @@
 * :mod:`graphslim.kernels.attention`: attention (``softmax(Q K^T * scale + mask) V``) as one kernel;
 * :mod:`graphslim.kernels.params`: the weights lifted out of the library into ``params.bin``.
 
+The hand-written kernels keep their register tiles and per-row partials in small ``global``-scope
+buffers declared inside their parallel loops: TVM lowers a constant-size ``global`` allocation
+under 1 KB to a stack slot, which LLVM keeps in registers, but a ``local`` one to a
+``TVMBackendAllocWorkspace`` call per iteration of the parallel loop whose partials stay in
+memory (measured, same process, one thread: softmax 512 x 128 134 -> 74 us; BSR 1x4 at batch 32
+1.21x, other BSR and int8 shapes 1.01-1.06x).
+
 A rewrite is ``f(mod, target_spec) -> (mod, changed)``. :data:`IMPORT_REWRITES` and
 :data:`FOLDED_REWRITES` list them, as (name, rewrite) pairs in the order they run, by stage: the
 first see the module as imported from ONNX (e.g. QDQ weights still int8), the others run on CPU

@@ -162,11 +162,11 @@ def binary_dense_func(m: int, k: int, n: int, groups: int, relu: bool = False, l
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "binary_dense"})
         for io in loop(n // gl):
-            acc = T.alloc_buffer((rt, gl), "float32", scope="local")
+            acc = T.alloc_buffer((rt, gl), "float32", scope="global")
             for ro in range(m // rt):
                 row_tile(x, bits, decode, alpha, bias, y, acc, rt, ro * rt, io)
             if tail > 0:
-                acc_t = T.alloc_buffer((tt, gl), "float32", scope="local")
+                acc_t = T.alloc_buffer((tt, gl), "float32", scope="global")
                 row_tile(x, bits, decode, alpha, bias, y, acc_t, tail, tail_at, io)
 
     return binary_dense
@@ -211,7 +211,7 @@ def binary_conv2d_func(
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "binary_conv2d"})
         for fused in loop(k // gl * n * ho):
-            acc = T.alloc_buffer((wt, gl), "float32", scope="local")
+            acc = T.alloc_buffer((wt, gl), "float32", scope="global")
             for wo_o in range(wo // wt):
                 for t in T.unroll(wt):
                     for j in T.vectorized(gl):

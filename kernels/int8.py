@@ -311,7 +311,7 @@ def qdense_func(
         words = T.alloc_buffer((m, kw_), "int32")
         pack_words(q, words)
         for jo in loop(n // tile):
-            acc = T.alloc_buffer((rt, tile), "int32", scope="local")
+            acc = T.alloc_buffer((rt, tile), "int32", scope="global")
             for ro in range(m // rt):
                 accumulate(words, w, acc, ro, jo)
                 for r in T.unroll(rt):
@@ -333,7 +333,7 @@ def qdense_func(
         words = T.alloc_buffer((m, kw_), "int32")
         pack_words(q, words)
         for jo in loop(n // tile):
-            acc = T.alloc_buffer((rt, tile), "int32", scope="local")
+            acc = T.alloc_buffer((rt, tile), "int32", scope="global")
             for ro in range(m // rt):
                 accumulate(words, w, acc, ro, jo)
                 for r in T.unroll(rt):
@@ -419,7 +419,7 @@ def qconv2d_func(
                         b * isa.bits,
                     )
         for fused in loop(k // tile * n * ho):
-            acc = T.alloc_buffer((wt, tile), "int32", scope="local")
+            acc = T.alloc_buffer((wt, tile), "int32", scope="global")
             for wo_o in range(wo // wt):
                 for t in T.unroll(wt):
                     for j in T.vectorized(tile):

@@ -144,7 +144,7 @@ def bsr_dense_func(
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
         for io in loop(nb):
-            acc = T.alloc_buffer((rt, br), dtype, scope="local")
+            acc = T.alloc_buffer((rt, br), dtype, scope="global")
             for ro in range(m // rt):
                 for r in T.unroll(rt):
                     for j in T.vectorized(br):
@@ -180,7 +180,7 @@ def _bsr_dense_inputs(m: int, k: int, n: int, bc: int, nnz: int, rt: int, dtype:
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_dense"})
         for io in loop(nb):
-            acc = T.alloc_buffer((rt, bc), dtype, scope="local")
+            acc = T.alloc_buffer((rt, bc), dtype, scope="global")
             for ro in range(m // rt):
                 for r in T.unroll(rt):
                     for c in T.vectorized(bc):
@@ -227,7 +227,7 @@ def _bsr_dense_rows(m: int, k: int, n: int, bc: int, nnz: int, lanes: int, dtype
                 for ki in T.unroll(strip):
                     xt[ko * strip + ki, r] = x[r, ko * strip + ki]
         for io in loop(n):
-            acc = T.alloc_buffer((bc, rt), dtype, scope="local")
+            acc = T.alloc_buffer((bc, rt), dtype, scope="global")
             for ro in range(m // rt):
                 for c in T.unroll(bc):
                     for j in T.vectorized(rt):
@@ -308,7 +308,7 @@ def bsr_conv2d_func(
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "bsr_conv2d"})
         xf = T.decl_buffer((n * hp * wp * c,), dtype, data=x.data)
         for fused in loop(nb * n * ho):
-            acc = T.alloc_buffer((wt, br), dtype, scope="local")
+            acc = T.alloc_buffer((wt, br), dtype, scope="global")
             for wo_o in range(wo // wt):
                 for t in T.unroll(wt):
                     for j in T.vectorized(br):
