@@ -52,7 +52,9 @@ def attention_func(
     the mask broadcast over any of its first three axes of size 1. ``Dv`` a multiple of ``lanes``;
     any ``T`` (whole vectors of keys, then the rest one at a time).
 
-    Long: one TVMScript kernel (scores tile, row softmax, output tile) that reads as one piece."""
+    Long: one TVMScript kernel definition, three macros per block of query rows (``scores``,
+    ``softmax_rows``, ``weighted_values``) and the loop that calls them, sharing the tile geometry
+    they close over, so it reads as one piece."""
     from graphslim.kernels.rows import fast_exp, fold_partials
     from graphslim.kernels.schedules import PARALLEL_MIN_MACS
     from tvm.script import tirx as T
@@ -60,10 +62,9 @@ def attention_func(
     b, h, s, t, d, dv = shape
     mb, mh, ms, _ = mask_shape
     rows = _rows(s, dv // lanes)
-    # the scores tile: rows x (g vectors); 8+ independent accumulators hide the FMA latency
-    # (4 were latency-bound: 19 against 31 GMAC/s for the kernel at 4 heads x 128 x 128 x 32)
     chunks = t // lanes  # whole vectors of keys; the rest (``tail``) one at a time
     tail = t - chunks * lanes
+    # the scores tile: rows x g vectors, up to 12 accumulators (independent FMA chains)
     tv = lanes * max(g for g in (8, 4, 3, 2, 1) if chunks % g == 0 and rows * g <= _OUT_REGISTERS)
     loop = T.parallel if b * h * s * t * (d + dv) >= PARALLEL_MIN_MACS else T.serial
     fold_max, fold_sum = fold_partials(1, lanes, T.max), fold_partials(1, lanes, lambda x, y: x + y)
@@ -71,6 +72,71 @@ def attention_func(
     pick_b = (lambda i: i) if mb > 1 else (lambda i: 0)
     pick_h = (lambda i: i) if mh > 1 else (lambda i: 0)
     pick_s = (lambda i: i) if ms > 1 else (lambda i: 0)
+
+    @T.macro
+    def scores(q, kt, mask, sc, acc, bh, sb):  # sc = q kt * scale + mask for the block's rows
+        for to in range(chunks * lanes // tv):  # rows x tv register tiles
+            for r in T.unroll(rows):
+                for j in T.vectorized(tv):
+                    acc[r, j] = T.float32(0)
+            for k in range(d):
+                for r in T.unroll(rows):
+                    for j in T.vectorized(tv):
+                        acc[r, j] = (
+                            acc[r, j] + q[bh // h, bh % h, sb * rows + r, k] * kt[bh // h, bh % h, k, to * tv + j]
+                        )
+            for r in T.unroll(rows):
+                for j in T.vectorized(tv):
+                    sc[r, to * tv + j] = (
+                        acc[r, j] * T.float32(scale)
+                        + mask[pick_b(bh // h), pick_h(bh % h), pick_s(sb * rows + r), to * tv + j]
+                    )
+        for r, j in T.grid(rows, tail):  # keys past the last whole vector (ViT: 197)
+            sc[r, chunks * lanes + j] = T.float32(0)
+            for k in range(d):
+                sc[r, chunks * lanes + j] = (
+                    sc[r, chunks * lanes + j]
+                    + q[bh // h, bh % h, sb * rows + r, k] * kt[bh // h, bh % h, k, chunks * lanes + j]
+                )
+            sc[r, chunks * lanes + j] = (
+                sc[r, chunks * lanes + j] * T.float32(scale)
+                + mask[pick_b(bh // h), pick_h(bh % h), pick_s(sb * rows + r), chunks * lanes + j]
+            )
+
+    @T.macro
+    def softmax_rows(sc, part, red):  # exp(sc - max) in place; red = (max, sum) per row
+        for r in range(rows):
+            for j in T.vectorized(lanes):
+                part[0, j] = T.float32(-3.4028234663852886e38)
+            for c in range(chunks):
+                for j in T.vectorized(lanes):
+                    part[0, j] = T.max(part[0, j], sc[r, c * lanes + j])
+            fold_max(part, red, r * 2)
+            for j in range(tail):
+                red[r * 2] = T.max(red[r * 2], sc[r, chunks * lanes + j])
+            for j in T.vectorized(lanes):
+                part[0, j] = T.float32(0)
+            for c in range(chunks):
+                for j in T.vectorized(lanes):
+                    sc[r, c * lanes + j] = fast_exp(sc[r, c * lanes + j] - red[r * 2])
+                    part[0, j] = part[0, j] + sc[r, c * lanes + j]
+            fold_sum(part, red, r * 2 + 1)
+            for j in range(tail):
+                sc[r, chunks * lanes + j] = fast_exp(sc[r, chunks * lanes + j] - red[r * 2])
+                red[r * 2 + 1] = red[r * 2 + 1] + sc[r, chunks * lanes + j]
+
+    @T.macro
+    def weighted_values(v, y, sc, out, red, bh, sb):  # y = (sc v) / sum: rows x dv accumulators
+        for r in T.unroll(rows):
+            for j in T.vectorized(dv):
+                out[r, j] = T.float32(0)
+        for k in range(t):
+            for r in T.unroll(rows):
+                for j in T.vectorized(dv):
+                    out[r, j] = out[r, j] + sc[r, k] * v[bh // h, bh % h, k, j]
+        for r in T.unroll(rows):
+            for j in T.vectorized(dv):
+                y[bh // h, bh % h, sb * rows + r, j] = out[r, j] * (T.float32(1) / red[r * 2 + 1])
 
     @T.prim_func(private=True, s_tir=True)
     def attention(
@@ -83,73 +149,16 @@ def attention_func(
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphslim.kernel": "attention"})
         with T.sblock("root"):
             for bh in loop(b * h):
-                # global scope: small constant-size buffers become stack slots (see rows.py)
+                # global scope: small constant-size buffers are stack slots (kernels/__init__.py)
                 sc = T.alloc_buffer((rows, t), "float32", scope="global")
                 acc = T.alloc_buffer((rows, tv), "float32", scope="global")
                 out = T.alloc_buffer((rows, dv), "float32", scope="global")
                 part = T.alloc_buffer((1, lanes), "float32", scope="global")
                 red = T.alloc_buffer((rows * 2,), "float32", scope="global")  # max, sum
                 for sb in range(s // rows):
-                    # scores of the block: rows x tv register tiles
-                    for to in range(t // tv):
-                        for r in T.unroll(rows):
-                            for j in T.vectorized(tv):
-                                acc[r, j] = T.float32(0)
-                        for k in range(d):
-                            for r in T.unroll(rows):
-                                for j in T.vectorized(tv):
-                                    acc[r, j] = (
-                                        acc[r, j]
-                                        + q[bh // h, bh % h, sb * rows + r, k] * kt[bh // h, bh % h, k, to * tv + j]
-                                    )
-                        for r in T.unroll(rows):
-                            for j in T.vectorized(tv):
-                                sc[r, to * tv + j] = (
-                                    acc[r, j] * T.float32(scale)
-                                    + mask[pick_b(bh // h), pick_h(bh % h), pick_s(sb * rows + r), to * tv + j]
-                                )
-                    for r, j in T.grid(rows, tail):  # keys past the last whole vector (ViT: 197)
-                        sc[r, chunks * lanes + j] = T.float32(0)
-                        for k in range(d):
-                            sc[r, chunks * lanes + j] = (
-                                sc[r, chunks * lanes + j]
-                                + q[bh // h, bh % h, sb * rows + r, k] * kt[bh // h, bh % h, k, chunks * lanes + j]
-                            )
-                        sc[r, chunks * lanes + j] = (
-                            sc[r, chunks * lanes + j] * T.float32(scale)
-                            + mask[pick_b(bh // h), pick_h(bh % h), pick_s(sb * rows + r), chunks * lanes + j]
-                        )
-                    # each row's softmax, left unnormalized (1 / sum applied to the output)
-                    for r in range(rows):
-                        for j in T.vectorized(lanes):
-                            part[0, j] = T.float32(-3.4028234663852886e38)
-                        for c in range(chunks):
-                            for j in T.vectorized(lanes):
-                                part[0, j] = T.max(part[0, j], sc[r, c * lanes + j])
-                        fold_max(part, red, r * 2)
-                        for j in range(tail):
-                            red[r * 2] = T.max(red[r * 2], sc[r, chunks * lanes + j])
-                        for j in T.vectorized(lanes):
-                            part[0, j] = T.float32(0)
-                        for c in range(chunks):
-                            for j in T.vectorized(lanes):
-                                sc[r, c * lanes + j] = fast_exp(sc[r, c * lanes + j] - red[r * 2])
-                                part[0, j] = part[0, j] + sc[r, c * lanes + j]
-                        fold_sum(part, red, r * 2 + 1)
-                        for j in range(tail):
-                            sc[r, chunks * lanes + j] = fast_exp(sc[r, chunks * lanes + j] - red[r * 2])
-                            red[r * 2 + 1] = red[r * 2 + 1] + sc[r, chunks * lanes + j]
-                    # P V: rows x dv accumulators
-                    for r in T.unroll(rows):
-                        for j in T.vectorized(dv):
-                            out[r, j] = T.float32(0)
-                    for k in range(t):
-                        for r in T.unroll(rows):
-                            for j in T.vectorized(dv):
-                                out[r, j] = out[r, j] + sc[r, k] * v[bh // h, bh % h, k, j]
-                    for r in T.unroll(rows):
-                        for j in T.vectorized(dv):
-                            y[bh // h, bh % h, sb * rows + r, j] = out[r, j] * (T.float32(1) / red[r * 2 + 1])
+                    scores(q, kt, mask, sc, acc, bh, sb)
+                    softmax_rows(sc, part, red)
+                    weighted_values(v, y, sc, out, red, bh, sb)
 
     return attention
 
