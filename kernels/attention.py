@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from graphslim.kernels.pipeline import static_shape
 
 __all__ = ["attention_func", "rewrite_attention"]
 
@@ -185,13 +186,6 @@ def _scalar(expr: Any) -> float | None:
     return float(value.reshape(())) if value.size == 1 and value.dtype == np.float32 else None
 
 
-def _f32_shape(expr: Any) -> list[int] | None:
-    try:
-        return [int(x) for x in expr.ty.shape] if str(expr.ty.dtype) == "float32" else None
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
 def _attention_operands(call: Any, bound: Any, ops: dict[str, Any]) -> tuple[Any, Any, Any, Any, float] | None:
     """Pattern: (q, kt, v, mask or None, scale) of ``matmul(softmax(X, -1), v)`` with ``X`` =
     ``matmul(q, kt)``, an optional ``multiply`` / ``divide`` by a scalar constant, then an optional
@@ -218,7 +212,7 @@ def _attention_operands(call: Any, bound: Any, ops: dict[str, Any]) -> tuple[Any
         return (x, scale) if is_call(x, "matmul") else None
 
     p, v = bound(call.args[0]), call.args[1]
-    if not is_call(p, "nn.softmax") or int(p.attrs.axis) not in (-1, len(_f32_shape(p) or []) - 1):
+    if not is_call(p, "nn.softmax") or int(p.attrs.axis) not in (-1, len(static_shape(p, "float32") or []) - 1):
         return None
     x = bound(p.args[0])
     mask, found = None, scores(x)
@@ -237,14 +231,14 @@ def _attention_operands(call: Any, bound: Any, ops: dict[str, Any]) -> tuple[Any
 def _check_attention(q: Any, kt: Any, v: Any, mask: Any, scale: float, lanes: int) -> _Attention | None:
     """Check: float32 rank-4 operands with equal ``[B, H]``, ``Dv`` whole vectors, a mask
     that broadcasts to ``[B, H, S, T]`` with its last axis ``T``."""
-    qs, ks, vs = _f32_shape(q), _f32_shape(kt), _f32_shape(v)
+    qs, ks, vs = static_shape(q, "float32"), static_shape(kt, "float32"), static_shape(v, "float32")
     if qs is None or ks is None or vs is None or not len(qs) == len(ks) == len(vs) == 4:
         return None
     (b, h, s, d), (_, _, d2, t), (_, _, t2, dv) = qs, ks, vs
     if qs[:2] != ks[:2] or qs[:2] != vs[:2] or d != d2 or t != t2 or dv % lanes:
         return None
     if mask is not None:
-        ms = _f32_shape(mask)
+        ms = static_shape(mask, "float32")
         if ms is None or len(ms) > 4 or not ms or ms[-1] != t:
             return None
         ms = [1] * (4 - len(ms)) + ms
@@ -261,7 +255,7 @@ def _attention_call(builder: Any, match: _Attention, lanes: int) -> Any:
     if match.mask is None:
         mask, mask_shape = relax.const(np.zeros((1, 1, 1, t), np.float32)), (1, 1, 1, t)
     else:
-        ms = _f32_shape(match.mask)
+        ms = static_shape(match.mask, "float32")
         mask_shape = tuple([1] * (4 - len(ms)) + ms)
         mask = match.mask if len(ms) == 4 else builder.emit(relax.op.reshape(match.mask, mask_shape))
     gv = builder.add_func(attention_func(match.shape, mask_shape, match.scale, lanes), "attention")
@@ -283,7 +277,7 @@ def rewrite_attention(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("matmul", "nn.softmax", "add", "multiply", "divide")}
 
     def rewrite(builder: Any, call: Any, bound: Any) -> Any:
-        if _f32_shape(call) is None:
+        if static_shape(call, "float32") is None:
             return None
         found = _attention_operands(call, bound, ops)
         match = None if found is None else _check_attention(*found, lanes)

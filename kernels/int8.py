@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from graphslim.kernels.pipeline import static_shape
 from graphslim.kernels.schedules import PARALLEL_MIN_MACS
 
 __all__ = [
@@ -641,13 +642,6 @@ class _IntegerMatmul:
         return str(self.q.ty.dtype)
 
 
-def _static_shape(expr: Any) -> list[int] | None:
-    try:
-        return [int(d) for d in expr.ty.shape]
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
 def _is_call(expr: Any, op: Any) -> bool:
     from tvm import relax
 
@@ -688,12 +682,12 @@ def _integer_operands(call: Any, bound: Any, ops: dict[str, Any]) -> tuple[Any, 
 def _check_integer(q: Any, zp: Any, w: np.ndarray) -> _IntegerMatmul | None:
     """Check: ``q`` of static rank >= 2 matching ``w``, N a multiple of 16, byte activations,
     and a zero point per tensor or per row."""
-    xs = _static_shape(q)
+    xs = static_shape(q)
     k, n = w.shape
     if xs is None or len(xs) < 2 or xs[-1] != k or n % 16 or str(q.ty.dtype) not in ("uint8", "int8"):
         return None
     lead, m = xs[:-1], int(np.prod(xs[:-1]))
-    zs = [] if zp is None else _static_shape(zp)
+    zs = [] if zp is None else static_shape(zp)
     if zs is None:
         return None
     if int(np.prod(zs, dtype=np.int64)) == 1:

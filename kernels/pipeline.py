@@ -36,6 +36,7 @@ __all__ = [
     "cpu_pipeline",
     "has_op",
     "rewrite_calls",
+    "static_shape",
     "sink_transposes",
     "unstack_reductions",
     "visit_relax_functions",
@@ -458,6 +459,17 @@ def visit_relax_functions(mutator: Any, mod: Any) -> Any:
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
+
+
+def static_shape(expr: Any, dtype: str | None = None) -> list[int] | None:
+    """The static shape of a Relax ``expr`` (whose element type is ``dtype``, when given), else
+    None: the check every kernel rewrite makes on its operands."""
+    try:
+        if dtype is not None and str(expr.ty.dtype) != dtype:
+            return None
+        return [int(d) for d in expr.ty.shape]
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def rewrite_calls(mod: Any, ops: Sequence[Any], rewrite: Any) -> tuple[Any, bool]:

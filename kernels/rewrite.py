@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from graphslim.kernels.pipeline import visit_relax_functions
+from graphslim.kernels.pipeline import static_shape, visit_relax_functions
 
 __all__ = ["ConvShape", "KernelCall", "rewrite_contractions"]
 
@@ -61,13 +61,6 @@ DenseChooser = Callable[[int, np.ndarray], "KernelCall | None"]  # (rows M, W [N
 ConvChooser = Callable[[ConvShape, np.ndarray], "KernelCall | None"]  # (shape, W HWIO) -> call
 
 
-def _static_shape(expr: Any) -> list[int] | None:
-    try:
-        return [int(d) for d in expr.ty.shape]
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
 def _dense_operands(call: Any) -> tuple[list[int], np.ndarray] | None:
     """Pattern: (x's static shape [..., K], the constant float32 weight [K, N]) of a ``matmul``
     ``call`` with float32 ``x`` of rank >= 2, else None."""
@@ -76,7 +69,7 @@ def _dense_operands(call: Any) -> tuple[list[int], np.ndarray] | None:
     if not isinstance(call.args[1], Constant):
         return None
     x = call.args[0]
-    xs, ws = _static_shape(x), _static_shape(call.args[1])
+    xs, ws = static_shape(x), static_shape(call.args[1])
     if xs is None or ws is None or len(xs) < 2 or len(ws) != 2 or str(x.ty.dtype) != "float32":
         return None
     w = call.args[1].value.numpy()
@@ -97,7 +90,7 @@ def _conv_operands(call: Any) -> tuple[ConvShape, np.ndarray, tuple[int, ...]] |
         return None
     if int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation):
         return None
-    xs, w = _static_shape(call.args[0]), call.args[1].value.numpy()
+    xs, w = static_shape(call.args[0]), call.args[1].value.numpy()
     if xs is None or w.dtype != np.float32:
         return None
     kh, kw, _, kout = w.shape
@@ -221,7 +214,7 @@ def _fuse_epilogues(mod: Any, kernels: dict[str, Callable[..., Any]]) -> Any:
             if isinstance(inner, relax.Call) and inner.op == reshape and isinstance(inner.args[0], relax.Var):
                 after = inner
                 inner = self.lookup_binding(inner.args[0])
-                shapes = [_static_shape(after), _static_shape(after.args[0])]
+                shapes = [static_shape(after), static_shape(after.args[0])]
                 if None in shapes or shapes[0][-1] != shapes[1][-1]:
                     return None
             if not isinstance(inner, relax.Call) or inner.op != call_tir:

@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from graphslim.kernels.pipeline import static_shape
 
 __all__ = ["fast_exp", "fold_partials", "layer_norm_func", "reduce_rows_func", "rewrite_row_ops", "softmax_func"]
 
@@ -224,18 +225,10 @@ def reduce_rows_func(rows: int, cols: int, lanes: int, op: str) -> Any:
     return reduce_rows
 
 
-def _float32_shape(expr: Any) -> list[int] | None:
-    """The static shape of a float32 ``expr``, else None."""
-    try:
-        return [int(d) for d in expr.ty.shape] if str(expr.ty.dtype) == "float32" else None
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
 def _reduction_rows(call: Any, lanes: int) -> tuple[int, int] | None:
     """(rows, cols) of a max / min / sum ``call`` over the last axis or over all axes (dynamic
     quantization's ranges: per token or per tensor) with whole vectors per row, else None."""
-    xs, out = _float32_shape(call.args[0]), _float32_shape(call)
+    xs, out = static_shape(call.args[0], "float32"), static_shape(call, "float32")
     if not xs or out is None or xs[-1] % lanes:
         return None
     axes = None if call.attrs.axis is None else sorted(int(a) % len(xs) for a in call.attrs.axis)
@@ -253,7 +246,7 @@ def _reduction_rows(call: Any, lanes: int) -> tuple[int, int] | None:
 def _row_kernel(call: Any, is_softmax: bool, lanes: int) -> tuple[Any, list[Any], list[int]] | None:
     """(kernel PrimFunc, its inputs, the input's shape) for a last-axis ``softmax`` or
     ``layer_norm`` (with ``center`` and ``scale``) ``call`` with whole vectors per row, else None."""
-    xs = _float32_shape(call.args[0])
+    xs = static_shape(call.args[0], "float32")
     if not xs or xs[-1] % lanes:
         return None
     rank, cols = len(xs), xs[-1]
@@ -265,7 +258,7 @@ def _row_kernel(call: Any, is_softmax: bool, lanes: int) -> tuple[Any, list[Any]
     a = call.attrs
     if [int(x) % rank for x in a.axes] != [rank - 1] or not (bool(a.center) and bool(a.scale)):
         return None
-    if _float32_shape(call.args[1]) != [cols] or _float32_shape(call.args[2]) != [cols]:
+    if static_shape(call.args[1], "float32") != [cols] or static_shape(call.args[2], "float32") != [cols]:
         return None
     return layer_norm_func(rows, cols, lanes, float(a.epsilon)), [call.args[0], call.args[1], call.args[2]], xs
 
@@ -298,7 +291,7 @@ def rewrite_row_ops(mod: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
             flat = self.builder_.emit(relax.op.reshape(call.args[0], (rows, cols)))
             res = self.builder_.emit(relax.call_tir(gv, [flat], relax.TensorType((rows,), "float32")))
             changed[0] += 1
-            return relax.op.reshape(res, _float32_shape(call))
+            return relax.op.reshape(res, static_shape(call, "float32"))
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
